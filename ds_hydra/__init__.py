@@ -1,0 +1,24 @@
+"""ds_hydra: DeepSpeed-style memory-efficient training of PyTorch models, configured with Hydra.
+
+Names are imported lazily, so ``import ds_hydra`` (and composing configs) does not import torch.
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "cli_main": "ds_hydra.cli",
+    "train": "ds_hydra.training.trainer",
+    "checkpoint_activations": "ds_hydra.activation_checkpointing.apply",
+    "GPT": "ds_hydra.models.gpt",
+    "register_configs": "ds_hydra.config_store",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ds_hydra' has no attribute {name!r}")
+    return getattr(import_module(module), name)

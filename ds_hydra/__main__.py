@@ -1,0 +1,4 @@
+from ds_hydra.cli import cli_main
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,94 @@
+"""The command line: compose the config with Hydra, validate it, dispatch on ``task``.
+
+``cli_main`` is both ``python -m ds_hydra`` and the ``ds-hydra`` console script. Problems the user
+can fix (bad keys, values, files) are printed as one line per problem with exit code 2; a full
+traceback is shown only with ``HYDRA_FULL_ERROR=1``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ds_hydra.errors import EXIT_USAGE, UserError, describe_exception
+
+log = logging.getLogger("ds_hydra")
+
+
+def config_dir() -> str:
+    """The installed ``pkg://ds_hydra.conf``, else the checkout's top-level ``conf/``."""
+    if find_spec("ds_hydra.conf") is not None:
+        return "pkg://ds_hydra.conf"
+    return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+# A user error of a single (non-sweep) run, handed from the task function to ``cli_main``: raising it
+# through Hydra would add Hydra's own "Error executing job" line to our one-line message.
+_run_error: Optional[UserError] = None
+
+
+def run_task(cfg) -> Optional[Dict[str, Any]]:
+    """Hydra's task function: in a sweep, errors propagate so the sweep records the job as failed."""
+    global _run_error
+    try:
+        return dispatch(cfg)
+    except UserError as exc:
+        if _in_multirun():
+            raise
+        _run_error = exc
+        return None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def dispatch(cfg) -> Dict[str, Any]:
+    """Validate a composed config and run its task; returns the task's metrics (for sweepers)."""
+    from ds_hydra.validation import validate_config
+
+    validate_config(cfg)
+    task = cfg.task.value
+    log.info("task=%s", task)
+    if task == "train":
+        from ds_hydra.training.trainer import train
+
+        return train(cfg)
+    raise UserError(f"task={task}: not implemented")
+
+
+def cli_main() -> None:
+    from ds_hydra.config_store import register_configs
+
+    register_configs()
+    import hydra
+
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    # Let composition errors reach us as exceptions so each is reported as one clear line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    main = hydra.main(version_base=None, config_path=config_dir(), config_name="config")(run_task)
+    try:
+        main()
+        if _run_error is not None:
+            raise _run_error
+    except (UserError, *_composition_errors()) as exc:
+        if full_error:
+            raise
+        print(f"ds_hydra: error: {describe_exception(exc)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("ds_hydra: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _composition_errors():
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return (HydraException, OmegaConfBaseException)

@@ -1,0 +1,90 @@
+"""The top-level config schema and its registration in Hydra's ConfigStore (torch-free).
+
+The YAML files in conf/ pick options and override values; the dataclasses registered here own the
+types, so a misspelt key or a value of the wrong type fails at composition, naming the full key.
+Group options extend their schema through their defaults list (``- /schema/<group>/<name>@_here_``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from ds_hydra.activation_checkpointing.config import CkptConfig
+from ds_hydra.data.config import CharCorpusConfig, SyntheticConfig
+from ds_hydra.engine.config import EngineConfig
+from ds_hydra.inference.config import InferenceConfig
+from ds_hydra.models.config import GPTConfig
+from ds_hydra.optim.config import (
+    AdamConfig,
+    AdamWConfig,
+    ConstantSchedulerConfig,
+    CosineSchedulerConfig,
+    SGDConfig,
+)
+from ds_hydra.training.config import LoggerConfig, TrainerConfig
+
+
+class Task(Enum):
+    train = "train"
+
+
+@dataclass
+class DSHydraConfig:
+    """The whole run: one field per config group, plus what to do with it."""
+
+    task: Task = Task.train
+    """What to do with the composed config."""
+    model: GPTConfig = MISSING
+    data: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    allowed_targets: List[str] = field(default_factory=list)
+    """Extra module prefixes whose callables configs may instantiate via _target_."""
+    name: Optional[str] = None
+    """Optional label of the run (shown in logs and sweep reports)."""
+
+
+# (group, name, schema): the option YAMLs name these in their defaults lists.
+SCHEMAS = [
+    ("model", "gpt", GPTConfig),
+    ("data", "char_corpus", CharCorpusConfig),
+    ("data", "synthetic", SyntheticConfig),
+    ("optimizer", "adam", AdamConfig),
+    ("optimizer", "adamw", AdamWConfig),
+    ("optimizer", "sgd", SGDConfig),
+    ("scheduler", "constant", ConstantSchedulerConfig),
+    ("scheduler", "cosine", CosineSchedulerConfig),
+    ("ckpt", "ckpt", CkptConfig),
+    ("trainer", "trainer", TrainerConfig),
+    ("logger", "logger", LoggerConfig),
+    ("inference", "inference", InferenceConfig),
+    ("engine", "engine", EngineConfig),
+]
+
+
+def fraction_of(fraction: float, total: int) -> int:
+    """``${ds_hydra.fraction:0.05,${trainer.max_steps}}``: a step count that scales with the run."""
+    return int(round(float(fraction) * int(total)))
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("ds_hydra.fraction"):
+        OmegaConf.register_new_resolver("ds_hydra.fraction", fraction_of)
+
+
+def register_configs() -> None:
+    """Store the top-level schema and every group schema; cheap, imports no torch."""
+    register_resolvers()
+    cs = ConfigStore.instance()
+    cs.store(name="ds_hydra_schema", node=DSHydraConfig)
+    for group, name, node in SCHEMAS:
+        cs.store(group=f"schema/{group}", name=name, node=node)

@@ -1,0 +1,1 @@
+"""Optimizers, param groups and learning-rate schedules (imported lazily: they need torch)."""

@@ -1,0 +1,65 @@
+"""Closed-form learning-rate schedules as ``LRScheduler`` subclasses.
+
+Each ``lr_factor(step)`` is the multiplier of every group's base lr for the optimizer step with
+index ``step`` (0-based): the scheduler is stepped once after each optimizer step.
+"""
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+
+class FactorSchedule(LRScheduler):
+    """Base: lr of each group = its initial lr times ``lr_factor(last_epoch)``."""
+
+    def lr_factor(self, step: int) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def get_lr(self):
+        factor = self.lr_factor(self.last_epoch)
+        return [base_lr * factor for base_lr in self.base_lrs]
+
+
+class ConstantLR(FactorSchedule):
+    """The optimizer's own lr, every step."""
+
+    def __init__(self, optimizer: Optimizer, last_epoch: int = -1):
+        super().__init__(optimizer, last_epoch)
+
+    def lr_factor(self, step: int) -> float:
+        return 1.0
+
+
+class WarmupCosineDecay(FactorSchedule):
+    """nanoGPT's schedule, as numbered cases of the step:
+
+    1. step < warmup_steps: linear warmup, factor (step + 1) / (warmup_steps + 1);
+    2. step > total_steps: hold the floor, factor min_lr_ratio;
+    3. otherwise cosine from 1 down to min_lr_ratio over [warmup_steps, total_steps].
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int = 100,
+        total_steps: int = 2000,
+        min_lr_ratio: float = 0.1,
+        last_epoch: int = -1,
+    ):
+        if warmup_steps < 0 or total_steps <= warmup_steps:
+            raise ValueError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}")
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_lr_ratio = min_lr_ratio
+        super().__init__(optimizer, last_epoch)
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if step > self.total_steps:
+            return self.min_lr_ratio
+        progress = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + cosine * (1.0 - self.min_lr_ratio)

@@ -1,0 +1,69 @@
+"""Schemas of the ``trainer`` and ``logger`` config groups (torch-free)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import List, Optional
+
+
+class Precision(Enum):
+    auto = "auto"  # bf16 autocast on CUDA, fp32 elsewhere
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast to bfloat16; parameters and optimizer state stay fp32
+    fp16 = "fp16"  # autocast to float16 with a gradient scaler (CUDA only)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 2000
+    """Optimizer steps to train for."""
+    batch_size: int = 12
+    """Sequences per micro-batch (per process)."""
+    grad_accum_steps: int = 1
+    """Micro-batches whose gradients are summed before each optimizer step."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value before each step (0 disables clipping)."""
+    eval_interval: int = 250
+    """Estimate train and validation loss every this many steps (and at the end; 0: only at the end)."""
+    eval_batches: int = 50
+    """Batches averaged for each loss estimate."""
+    log_interval: int = 10
+    """Log loss, lr and throughput every this many steps."""
+    seed: int = 1337
+    """Seeds parameter init, dropout and the batch sampler: same seed, same run."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+    precision: Precision = Precision.auto
+    """auto, fp32, bf16 or fp16."""
+    compile: Optional[bool] = None
+    """torch.compile each block; null: on for CUDA, off for CPU."""
+    save_every: int = 0
+    """Write a resumable checkpoint every this many steps (0: only the final one)."""
+    keep_last: int = 2
+    """Resumable checkpoints kept on disk (older ones are deleted once a newer one is safely written)."""
+    progress: bool = True
+    """Show a progress bar on a terminal (plain log lines otherwise)."""
+
+
+@dataclass
+class LoggerConfig:
+    """metrics.jsonl and a loss-curve PNG are always written; TensorBoard events optionally."""
+
+    tensorboard: bool = False
+    """Also write TensorBoard event files into <run dir>/tensorboard (needs the tensorboard package)."""
+
+
+def validate_trainer(cfg, prefix: str = "trainer") -> List[str]:
+    problems = []
+    for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_batches", "log_interval", "keep_last"):
+        if cfg[key] < 1:
+            problems.append(f"{prefix}.{key}={cfg[key]}: must be >= 1")
+    for key in ("eval_interval", "save_every"):
+        if cfg[key] < 0:
+            problems.append(f"{prefix}.{key}={cfg[key]}: must be >= 0 (0 disables it)")
+    if cfg.grad_clip < 0:
+        problems.append(f"{prefix}.grad_clip={cfg.grad_clip}: must be >= 0 (0 disables clipping)")
+    device = cfg.device
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        problems.append(f"{prefix}.device={device}: allowed values: auto, cpu, cuda, cuda:N")
+    return problems

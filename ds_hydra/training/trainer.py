@@ -1,0 +1,283 @@
+"""The training loop: an explicit loop over optimizer steps, no hook hierarchy.
+
+``train(cfg)`` builds data, model, optimizer and scheduler from the config, applies the model
+transforms in one place (``prepare_model``), trains for ``trainer.max_steps`` steps with gradient
+accumulation and clipping, evaluates periodically, and writes into the run directory:
+``metrics.jsonl``, ``loss_curve.png``, ``config_resolved.yaml`` and resumable checkpoints.
+It returns the final metrics (what Hydra sweepers read).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from ds_hydra.activation_checkpointing import checkpoint_activations
+from ds_hydra.data.batches import RandomBlocks
+from ds_hydra.errors import UserError
+from ds_hydra.instantiate import instantiate
+from ds_hydra.optim.build import build_optimizer, build_scheduler
+from ds_hydra.training import state as state_io
+from ds_hydra.training.metrics import LOSS_CURVE_FILE, MetricsLogger, plot_loss_curve
+from ds_hydra.training.run_dir import resolve_run_dir, write_resolved_config
+
+log = logging.getLogger(__name__)
+
+TRAIN_STREAM, VAL_STREAM = 0, 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name}: CUDA is not available on this machine (use auto or cpu)")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for plain fp32."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("trainer.precision=fp16: needs CUDA (use fp32 or bf16 on CPU)")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def build_corpus(cfg):
+    return instantiate(cfg.data)
+
+
+def build_model(cfg, vocab_size: int) -> nn.Module:
+    """The model from ``cfg.model``; a null ``vocab_size`` takes the corpus's."""
+    return instantiate(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size)
+
+
+def prepare_model(model: nn.Module, cfg, device: torch.device) -> nn.Module:
+    """Every model transform, in the only order that composes:
+
+    1. activation checkpointing wraps blocks (compile must see the checkpoint boundaries);
+    2. torch.compile each block in place (parameter names and the state dict stay unchanged);
+    3. a distributed wrapper last, around everything, once the engines provide one.
+    """
+    model.to(device)
+    checkpoint_activations(model, **OmegaConf.to_container(cfg.ckpt, resolve=True))
+    if _compile_enabled(cfg.trainer.compile, device):
+        for block in model.blocks:
+            block.compile()
+    return model
+
+
+def _compile_enabled(option: Optional[bool], device: torch.device) -> bool:
+    return device.type == "cuda" if option is None else option
+
+
+class Trainer:
+    """One training run's live state and its step, eval and save operations."""
+
+    def __init__(self, cfg, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        tcfg = cfg.trainer
+        self.device = resolve_device(tcfg.device)
+        self.autocast_dtype = resolve_precision(tcfg.precision.value, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        torch.manual_seed(tcfg.seed)
+
+        self.corpus = build_corpus(cfg)
+        model = build_model(cfg, self.corpus.vocab_size)
+        if model.block_size >= len(self.corpus.val):
+            raise UserError(
+                f"model.block_size={model.block_size}: the validation split has only {len(self.corpus.val)} tokens"
+            )
+        self.model = prepare_model(model, cfg, self.device)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model, self.device)
+        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer)
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.train_batches = RandomBlocks(
+            self.corpus.train, model.block_size, tcfg.batch_size, tcfg.seed, stream=TRAIN_STREAM
+        )
+        self.step = 0
+        self.tokens_per_step = tcfg.batch_size * model.block_size * tcfg.grad_accum_steps
+
+    # -- one step -------------------------------------------------------------------------------
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self) -> torch.Tensor:
+        """Accumulate gradients over the micro-batches, clip, step; returns the mean loss (on device)."""
+        self.model.train()
+        accum = self.cfg.trainer.grad_accum_steps
+        total = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            x, y = self.train_batches.next_batch(self.device)
+            with self.autocast():
+                _, loss = self.model(x, y)
+            loss = loss / accum  # the sum of micro-batch gradients equals the full batch's mean
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            total += loss.detach()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.trainer.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Mean loss over ``eval_batches`` batches of each split.
+
+        The batches are the same at every evaluation (a fresh generator per call), so the curve
+        shows the model changing, not the sample; and evaluation never disturbs training's RNG.
+        """
+        self.model.eval()
+        tcfg = self.cfg.trainer
+        result = {}
+        for name, tokens, stream in (("train_loss", self.corpus.train, TRAIN_STREAM + 2), ("val_loss", self.corpus.val, VAL_STREAM)):
+            batches = RandomBlocks(tokens, self.model.block_size, tcfg.batch_size, tcfg.seed, stream=stream)
+            losses = torch.zeros(tcfg.eval_batches)
+            for i in range(tcfg.eval_batches):
+                x, y = batches.next_batch(self.device)
+                with self.autocast():
+                    _, loss = self.model(x, y)
+                losses[i] = loss.item()
+            result[name] = losses.mean().item()
+        self.model.train()
+        return result
+
+    # -- resumable state ------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "format": "ds_hydra.train_state.v1",
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "data": self.train_batches.state_dict(),
+            "rng": state_io.rng_state(),
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.train_batches.load_state_dict(state["data"])
+        state_io.set_rng_state(state["rng"])
+        self.step = state["step"]
+
+    def save(self) -> Path:
+        path = state_io.checkpoint_path(self.run_dir, self.step)
+        state_io.atomic_torch_save(self.state_dict(), path)
+        state_io.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
+        return path
+
+
+def train(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """Train from a composed config; returns the final metrics dict."""
+    started = time.perf_counter()
+    run_dir = resolve_run_dir(run_dir)
+    write_resolved_config(cfg, run_dir)
+    trainer = Trainer(cfg, run_dir)
+    n_params = trainer.model.num_params() if hasattr(trainer.model, "num_params") else sum(
+        p.numel() for p in trainer.model.parameters()
+    )
+    log.info(
+        "model: %.2fM parameters on %s (%s); data: %s, vocab %d, %d train / %d val tokens",
+        n_params / 1e6, trainer.device, trainer.autocast_dtype or torch.float32,
+        trainer.corpus.source, trainer.corpus.vocab_size, len(trainer.corpus.train), len(trainer.corpus.val),
+    )
+    log.info("run dir: %s", run_dir)
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.logger.tensorboard)
+    try:
+        final = _fit(trainer, metrics)
+    finally:
+        metrics.close()
+    final["wall_s"] = time.perf_counter() - started
+    final["run_dir"] = str(run_dir)
+    plot_loss_curve(metrics.records, run_dir / LOSS_CURVE_FILE, title=str(run_dir.name))
+    log.info(
+        "done: step %d, train loss %.4f, val loss %.4f, %.0f tokens/s, %.1f s",
+        final["step"], final["train_loss"], final["val_loss"], final["tokens_per_s"], final["wall_s"],
+    )
+    return final
+
+
+def _fit(trainer: Trainer, metrics: MetricsLogger) -> Dict[str, Any]:
+    tcfg = trainer.cfg.trainer
+    progress = _progress_bar(tcfg, start=trainer.step)
+    window_start, window_steps, window_loss = time.perf_counter(), 0, None
+    tokens_per_s = 0.0
+    evals: Dict[str, float] = {}
+    while trainer.step < tcfg.max_steps:
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        loss = trainer.train_step()
+        window_loss = loss if window_loss is None else window_loss + loss
+        window_steps += 1
+        step = trainer.step
+        if step % tcfg.log_interval == 0 or step == tcfg.max_steps:
+            mean_loss = (window_loss / window_steps).item()  # the only host sync of the window
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = trainer.tokens_per_step * window_steps / elapsed
+            if not math.isfinite(mean_loss):
+                raise UserError(f"loss became {mean_loss} at step {step}: lower optimizer.lr or set trainer.grad_clip")
+            metrics.log(step, loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s)
+            _report_progress(progress, step, tcfg.max_steps, mean_loss, tokens_per_s)
+            window_start, window_steps, window_loss = time.perf_counter(), 0, None
+        if (tcfg.eval_interval and step % tcfg.eval_interval == 0) or step == tcfg.max_steps:
+            evals = trainer.evaluate()
+            metrics.log(step, **evals)
+            log.info("step %d: train loss %.4f, val loss %.4f", step, evals["train_loss"], evals["val_loss"])
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+        if tcfg.save_every and step % tcfg.save_every == 0 and step < tcfg.max_steps:
+            trainer.save()
+    if progress is not None:
+        progress.close()
+    if not evals:  # resumed at the end: still report the model's losses
+        evals = trainer.evaluate()
+    path = trainer.save()
+    log.info("saved %s", path)
+    return {"step": trainer.step, **evals, "tokens_per_s": tokens_per_s, "checkpoint": str(path)}
+
+
+def _progress_bar(tcfg, start: int):
+    if not (tcfg.progress and sys.stderr.isatty()):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=tcfg.max_steps, initial=start, unit="step", dynamic_ncols=True)
+
+
+def _report_progress(progress, step: int, max_steps: int, loss: float, tokens_per_s: float) -> None:
+    if progress is not None:
+        progress.n = step
+        progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        return
+    log.info("step %d/%d: loss %.4f, %.0f tokens/s", step, max_steps, loss, tokens_per_s)
