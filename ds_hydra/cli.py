@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -49,18 +50,21 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+# task -> "module:function"; each function takes the composed config and returns a metrics dict.
+TASKS = {
+    "train": "ds_hydra.training.trainer:train",
+}
+
+
 def dispatch(cfg) -> Dict[str, Any]:
     """Validate a composed config and run its task; returns the task's metrics (for sweepers)."""
     from ds_hydra.validation import validate_config
 
     validate_config(cfg)
     task = cfg.task.value
+    module, _, function = TASKS[task].partition(":")
     log.info("task=%s", task)
-    if task == "train":
-        from ds_hydra.training.trainer import train
-
-        return train(cfg)
-    raise UserError(f"task={task}: not implemented")
+    return getattr(import_module(module), function)(cfg)
 
 
 def cli_main() -> None:

@@ -1,0 +1,70 @@
+"""Shared test helpers: compose the real shipped configs, run the real CLI in a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Overrides that make any run take a second or two on a CPU.
+TINY = [
+    "model=gpt_tiny",
+    "trainer.max_steps=6",
+    "trainer.batch_size=4",
+    "trainer.eval_interval=3",
+    "trainer.eval_batches=2",
+    "trainer.log_interval=2",
+    "trainer.device=cpu",
+    "trainer.progress=false",
+]
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config"):
+    """Compose the shipped config (as ``python -m ds_hydra`` would) without running anything."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ds_hydra.cli import config_dir
+    from ds_hydra.config_store import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    path = config_dir()
+    if path.startswith("pkg://"):
+        from hydra import initialize_config_module
+
+        ctx = initialize_config_module(config_module=path[len("pkg://"):], version_base=None)
+    else:
+        ctx = initialize_config_dir(config_dir=path, version_base=None)
+    with ctx:
+        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)
+
+
+def run_cli(args: Sequence[str], cwd: Path = None, env: dict = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m ds_hydra ARGS`` in a subprocess; returns the completed process (text output)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH", "")]))
+    return subprocess.run(
+        [sys.executable, "-m", "ds_hydra", *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def tiny_run_args(run_dir: Path, *extra: str) -> List[str]:
+    return [*TINY, f"hydra.run.dir={run_dir}", *extra]
+
+
+@pytest.fixture
+def tiny_overrides() -> List[str]:
+    return list(TINY)
