@@ -18,7 +18,8 @@ def config_problems(cfg) -> List[str]:
     problems += validate_data(cfg.data)
     problems += validate_trainer(cfg.trainer)
     problems += validate_optimizer(cfg.optimizer)
-    problems += validate_scheduler(cfg.scheduler, max_steps=cfg.trainer.max_steps)
+    if cfg.trainer.max_steps >= 1:  # else schedule lengths interpolated from it would only echo that problem
+        problems += validate_scheduler(cfg.scheduler, max_steps=cfg.trainer.max_steps)
     problems += validate_ckpt(cfg.ckpt, n_blocks=cfg.model.n_layer)
     return problems
 

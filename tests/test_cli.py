@@ -1,0 +1,82 @@
+"""The real command line: a short run end to end, and one clear line for each kind of bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_cli, tiny_run_args
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_run_learns_and_writes_everything(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(tiny_run_args(run_dir, "trainer.max_steps=40", "trainer.eval_interval=20", "trainer.log_interval=10"))
+    assert proc.returncode == 0, proc.stderr
+    records = read_metrics(run_dir)
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] - 0.3, losses  # from ln(65) ~ 4.17 downwards
+    assert (run_dir / "loss_curve.png").stat().st_size > 1000
+    resolved = (run_dir / "config_resolved.yaml").read_text()
+    assert "${" not in resolved and "n_layer: 4" in resolved
+    from ds_hydra.training.state import latest_checkpoint, safe_torch_load
+
+    state = safe_torch_load(latest_checkpoint(run_dir))
+    assert state["step"] == 40 and set(state) >= {"model", "optimizer", "scheduler", "rng", "data", "config"}
+
+
+def test_readme_command_with_segments(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(["optimizer=adam", "ckpt.segments=4", "trainer.max_steps=3", "model=gpt_tiny", f"hydra.run.dir={run_dir}", "trainer.eval_batches=2"])
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("optimizer.lrr=0.1", ["optimizer.lrr", "unknown key", "did you mean 'lr'", "allowed keys:"]),
+        ("trainer.max_stepz=3", ["trainer.max_stepz", "unknown key", "max_steps"]),
+        ("trainer.max_steps=abc", ["trainer.max_steps", "abc"]),
+        ("model=gpt_huge", ["model=gpt_huge", "no such config option", "gpt_small", "gpt_tiny"]),
+        ("ckpt.segments=9", ["ckpt.segments=9", "must be 0..4"]),
+        ("ckpt.segments=-1", ["ckpt.segments=-1", "must be >= 0"]),
+        ("trainer.max_steps=0", ["trainer.max_steps=0", "must be >= 1"]),
+        ("trainer.precision=fp8", ["trainer.precision", "fp8", "allowed values", "bf16"]),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, override, expected):
+    run_dir = tmp_path / "run"
+    proc = run_cli(["model=gpt_tiny", f"hydra.run.dir={run_dir}", override])
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ds_hydra: error: ")
+    for fragment in expected:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in proc.stderr
+
+
+def test_several_problems_are_reported_together(tmp_path):
+    proc = run_cli(["model=gpt_tiny", f"hydra.run.dir={tmp_path}", "trainer.max_steps=0", "optimizer.lr=-1", "model.dropout=1.5"])
+    assert proc.returncode == 2
+    for fragment in ("3 config problems", "trainer.max_steps=0", "optimizer.lr=-1", "model.dropout=1.5"):
+        assert fragment in proc.stderr
+
+
+def test_printing_the_config_does_not_import_torch():
+    code = (
+        "import sys; from ds_hydra.cli import cli_main; sys.argv = ['ds-hydra', '--cfg', 'job'];\n"
+        "try:\n    cli_main()\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "n_layer: 4" in proc.stdout
