@@ -1,0 +1,151 @@
+"""Training benchmarks, printed side by side in one run (machines are noisy: compare ratios, not times).
+
+    python bench/train.py               # all three
+    python bench/train.py --only step   # ds_hydra step vs a plain PyTorch loop
+    python bench/train.py --only nanogpt --only startup
+
+1. step: the ds_hydra train step against a hand-written PyTorch loop over the same model, batch and
+   optimizer (target ratio <= 1.02), rounds interleaved so drift hits both alike.
+2. nanogpt: `python -m ds_hydra experiment=nanogpt_cpu` end to end: final val loss vs nanoGPT's
+   published 1.88, and wall time (nanoGPT itself took about 70 s on this kind of machine).
+3. startup: `python -m ds_hydra --cfg job` against `python -c "import torch"` (target <= 1.25x).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def plain_pytorch_step_fn(cfg, corpus):
+    """The loop a user would write by hand: same model class, AdamW, clip, cosine lr set per step."""
+    import torch
+
+    from ds_hydra.models.gpt import GPT
+
+    torch.manual_seed(cfg.trainer.seed)
+    m = cfg.model
+    model = GPT(corpus.vocab_size, m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99)
+    )
+    gen = torch.Generator().manual_seed(0)
+    data, T, B = corpus.train, m.block_size, cfg.trainer.batch_size
+    it = [0]
+
+    def step():
+        lr = 1e-3 * min(1.0, (it[0] + 1) / 101)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        ix = torch.randint(len(data) - T, (B,), generator=gen)
+        x = torch.stack([data[i : i + T] for i in ix])
+        y = torch.stack([data[i + 1 : i + 1 + T] for i in ix])
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        it[0] += 1
+        return loss.detach()
+
+    return step
+
+
+def bench_step(rounds: int, steps: int) -> dict:
+    import torch
+
+    from conftest import compose
+    from ds_hydra.training.trainer import Trainer
+
+    torch.set_num_threads(torch.get_num_threads())
+    cfg = compose(["experiment=nanogpt_cpu", "trainer.progress=false"])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(tmp))
+        plain = plain_pytorch_step_fn(cfg, trainer.corpus)
+        ours = trainer.train_step
+        for fn in (ours, plain):  # warm-up: allocator, kernels, optimizer state
+            for _ in range(5):
+                fn().item()
+        times = {"ds_hydra": [], "plain": []}
+        for _ in range(rounds):
+            for name, fn in (("ds_hydra", ours), ("plain", plain)):
+                start = time.perf_counter()
+                for _ in range(steps):
+                    loss = fn()
+                loss.item()
+                times[name].append((time.perf_counter() - start) / steps)
+    ours_ms = statistics.median(times["ds_hydra"]) * 1e3
+    plain_ms = statistics.median(times["plain"]) * 1e3
+    return {"ds_hydra_ms": ours_ms, "plain_ms": plain_ms, "ratio": ours_ms / plain_ms}
+
+
+def bench_nanogpt() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "ds_hydra", "experiment=nanogpt_cpu", f"hydra.run.dir={tmp}/run", "trainer.progress=false"],
+            cwd=REPO, capture_output=True, text=True,
+        )
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "val_loss" in r][-1]
+    return {"val_loss": final["val_loss"], "train_loss": final["train_loss"], "step": final["step"], "wall_s": wall}
+
+
+def _median_wall(cmd, repeats: int) -> float:
+    walls = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+        walls.append(time.perf_counter() - start)
+    return statistics.median(walls)
+
+
+def bench_startup(repeats: int) -> dict:
+    torch_s = _median_wall([sys.executable, "-c", "import torch"], repeats)
+    cfg_s = _median_wall([sys.executable, "-m", "ds_hydra", "--cfg", "job"], repeats)
+    return {"import_torch_s": torch_s, "cfg_job_s": cfg_s, "ratio": cfg_s / torch_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", choices=["step", "nanogpt", "startup"])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    todo = args.only or ["step", "startup", "nanogpt"]
+    print("| benchmark | ds_hydra | reference | ratio | target |")
+    print("|---|---|---|---|---|")
+    if "step" in todo:
+        r = bench_step(args.rounds, args.steps)
+        print(f"| train step, nanogpt_cpu shape (median of {args.rounds}x{args.steps}) | {r['ds_hydra_ms']:.2f} ms "
+              f"| {r['plain_ms']:.2f} ms (plain PyTorch loop) | {r['ratio']:.3f} | <= 1.02 |", flush=True)
+    if "startup" in todo:
+        r = bench_startup(args.repeats)
+        print(f"| start-up: `ds-hydra --cfg job` vs `python -c 'import torch'` | {r['cfg_job_s']:.2f} s "
+              f"| {r['import_torch_s']:.2f} s | {r['ratio']:.2f} | <= 1.25 |", flush=True)
+    if "nanogpt" in todo:
+        r = bench_nanogpt()
+        print(f"| experiment=nanogpt_cpu, val loss at step {r['step']} | {r['val_loss']:.4f} | 1.88 (published), "
+              f"1.886 (nanoGPT here) | {r['val_loss'] / 1.88:.3f} | <= 1.0 |", flush=True)
+        print(f"| experiment=nanogpt_cpu, wall time incl. start-up and evals | {r['wall_s']:.1f} s | ~70 s (nanoGPT here) "
+              f"| {r['wall_s'] / 70:.2f} | <= 1.0 |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
