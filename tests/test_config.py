@@ -123,3 +123,14 @@ def test_warmup_cosine_matches_nanogpt_formula():
         assert optimizer.param_groups[0]["lr"] == pytest.approx(nanogpt_lr(it), rel=1e-12)
         optimizer.step()
         scheduler.step()
+
+
+def test_tensorboard_logger_writes_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    from conftest import TINY
+    from ds_hydra.training.trainer import train
+
+    cfg = compose([*TINY, "logger=tensorboard", "trainer.max_steps=2"])
+    metrics = train(cfg, run_dir=tmp_path)
+    assert metrics["step"] == 2
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
