@@ -1,15 +1,144 @@
-"""The one place where config nodes with ``_target_`` become Python objects."""
+"""The one place where config nodes with ``_target_`` become Python objects, behind an allowlist.
+
+A config can name any importable callable in ``_target_``, so a config file is code. ds_hydra only
+instantiates callables that live under an allowed module prefix: ``torch.optim``,
+``torch.optim.lr_scheduler`` and ``ds_hydra`` by default, plus the prefixes listed in the config's
+top-level ``allowed_targets`` (``allowed_targets=[my_project.models]``). Every ``_target_`` at any
+depth is checked twice, before anything is built:
+
+1. the written path must be under an allowed prefix (so no other module is even imported), and
+2. the object it resolves to must be defined under an allowed prefix too (its ``__module__``), so an
+   alias such as ``ds_hydra.cli.os.system`` (``os`` imported into an allowed module) is refused.
+"""
 from __future__ import annotations
 
-from typing import Any
+from types import ModuleType
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+DEFAULT_ALLOWED_TARGETS: Tuple[str, ...] = ("torch.optim", "torch.optim.lr_scheduler", "ds_hydra")
 
 
-def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` with containers converted to plain lists and dicts.
+def instantiate(node: Any, *args: Any, _allowed_: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` after checking every ``_target_`` in ``node`` against the allowlist.
 
-    Plain containers matter: optimizer hyper-parameters end up in ``state_dict()``, and a saved
-    ``ListConfig`` could not be loaded back with ``torch.load(weights_only=True)``.
+    ``_allowed_`` adds prefixes to the defaults; when ``node`` is part of a composed config, its
+    root's ``allowed_targets`` are added too. Containers are converted to plain lists and dicts:
+    optimizer hyper-parameters end up in ``state_dict()``, and a saved ``ListConfig`` could not be
+    loaded back with ``torch.load(weights_only=True)``.
     """
     from hydra.utils import instantiate as hydra_instantiate
 
+    from ds_hydra.errors import ConfigError
+
+    allowed = allowed_prefixes(node, _allowed_)
+    problems = target_problems(node, allowed)
+    for key, value in kwargs.items():
+        problems += target_problems(value, allowed, path=key)
+    if problems:
+        raise ConfigError(problems)
     return hydra_instantiate(node, *args, _convert_="all", **kwargs)
+
+
+def allowed_prefixes(node: Any = None, extra: Optional[Sequence[str]] = None) -> List[str]:
+    """The defaults, ``extra``, and the ``allowed_targets`` of the config ``node`` belongs to."""
+    prefixes = list(DEFAULT_ALLOWED_TARGETS) + list(extra or [])
+    root = _config_root(node)
+    if root is not None:
+        prefixes += [str(p) for p in (root.get("allowed_targets", None) or [])]
+    return [p.strip().rstrip(".") for p in prefixes if str(p).strip()]
+
+
+def target_problems(node: Any, allowed: Sequence[str], path: str = "") -> List[str]:
+    """One message per refused or unresolvable ``_target_`` in ``node`` (any depth); [] if all are fine."""
+    return [problem for key, target in iter_targets(node, path) for problem in _check_target(key, target, allowed)]
+
+
+def iter_targets(node: Any, path: str = "") -> Iterator[Tuple[str, Any]]:
+    """``(dotted key of the node, its _target_)`` for every node with a ``_target_``, outermost first."""
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(node, (dict, DictConfig)):
+        keys = list(node.keys())
+        if "_target_" in keys:
+            yield path, _value(node, "_target_")
+        for key in keys:
+            if key == "_target_":
+                continue
+            child = _value(node, key)
+            if isinstance(child, (dict, list, tuple, DictConfig, ListConfig)):
+                yield from iter_targets(child, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, (list, tuple, ListConfig)):
+        for i in range(len(node)):
+            child = _value(node, i)
+            if isinstance(child, (dict, list, tuple, DictConfig, ListConfig)):
+                yield from iter_targets(child, f"{path}[{i}]")
+
+
+def locate_target(target: str) -> Any:
+    """The object a ``_target_`` path names (imports its module); ImportError if there is none."""
+    from hydra._internal.utils import _locate
+
+    return _locate(target)
+
+
+def defined_in(obj: Any) -> Optional[str]:
+    """Where ``obj`` is really defined, ``module.QualName``, or None if it does not say."""
+    module = getattr(obj, "__module__", None)
+    if not isinstance(module, str) or not module:
+        return None
+    return f"{module}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
+
+
+def is_allowed(dotted: str, allowed: Sequence[str]) -> bool:
+    """``dotted`` equals an allowed prefix or lies below one (``torch.optim.AdamW``, not ``torch.optimx``)."""
+    return any(dotted == prefix or dotted.startswith(prefix + ".") for prefix in allowed)
+
+
+def _check_target(key: str, target: Any, allowed: Sequence[str]) -> List[str]:
+    where = f"{key}._target_" if key else "_target_"
+    if not isinstance(target, str) or not target:
+        return [f"{where}={target!r}: must be a dotted path such as torch.optim.AdamW"]
+    fix = f"allowed prefixes: {', '.join(allowed)}; to allow it add its module to allowed_targets"
+    if not is_allowed(target, allowed):
+        module = target.rsplit(".", 1)[0]
+        return [f"{where}={target}: not an allowed target ({fix}, e.g. allowed_targets=[{module}])"]
+    try:
+        obj = locate_target(target)
+    except Exception as exc:  # ImportError, or an error raised while importing the module
+        reason = str(exc).strip().splitlines()
+        return [f"{where}={target}: cannot be imported ({reason[-1] if reason else type(exc).__name__})"]
+    if isinstance(obj, ModuleType):
+        return [f"{where}={target}: is a module, not a callable"]
+    home = defined_in(obj)
+    if home is None:
+        return [f"{where}={target}: cannot tell where the object is defined, so it is refused ({fix})"]
+    if not is_allowed(home, allowed):
+        module = home.rsplit(".", 1)[0]
+        return [
+            f"{where}={target}: resolves to {home}, which is outside the allowed prefixes "
+            f"({fix}, e.g. allowed_targets=[{module}])"
+        ]
+    if not callable(obj):
+        return [f"{where}={target}: is a {type(obj).__name__}, not a callable"]
+    return []
+
+
+def _value(node: Any, key: Any) -> Any:
+    """``node[key]``, resolving interpolations when possible (the raw value otherwise)."""
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(node, (DictConfig, ListConfig)):
+        try:
+            return node[key]
+        except Exception:  # an interpolation that cannot resolve here: report the raw text
+            return node._get_node(key)._value()
+    return node[key]
+
+
+def _config_root(node: Any):
+    from omegaconf import DictConfig, ListConfig
+
+    if not isinstance(node, (DictConfig, ListConfig)):
+        return None
+    root = node._get_root()
+    return root if isinstance(root, DictConfig) else None
