@@ -34,8 +34,12 @@ _run_error: Optional[UserError] = None
 def run_task(cfg) -> Optional[Dict[str, Any]]:
     """Hydra's task function: in a sweep, errors propagate so the sweep records the job as failed."""
     global _run_error
+    from ds_hydra.sweeps import note_job_metrics, select_objective
+
     try:
-        return dispatch(cfg)
+        metrics = dispatch(cfg)
+        note_job_metrics(metrics)  # the sweep report shows every metric, even when `objective` picks one
+        return select_objective(cfg, metrics)
     except UserError as exc:
         if _in_multirun():
             raise
@@ -79,9 +83,11 @@ def cli_main() -> None:
     main = hydra.main(version_base=None, config_path=config_dir(), config_name="config")(run_task)
     try:
         main()
+        _exit_if_sweep_failed()
         if _run_error is not None:
             raise _run_error
     except (UserError, *_composition_errors()) as exc:
+        _exit_if_sweep_failed()
         if full_error:
             raise
         print(f"ds_hydra: error: {describe_exception(exc)}", file=sys.stderr)
@@ -89,6 +95,27 @@ def cli_main() -> None:
     except KeyboardInterrupt:
         print("ds_hydra: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception:
+        # A job's own exception, re-raised by the sweeper after its batch (traceback in the job's log).
+        _exit_if_sweep_failed(exit=not full_error)
+        raise
+
+
+def _exit_if_sweep_failed(exit: bool = True) -> None:
+    """After a multirun: write the sweep report if Hydra skipped it; exit 1 when any job failed."""
+    from ds_hydra.sweeps.callback import finish_active_sweep, reset_active_sweep
+
+    outcome = finish_active_sweep()
+    reset_active_sweep()
+    if outcome is None or not outcome.failed:
+        return
+    print(
+        f"ds_hydra: error: {outcome.failed} of {outcome.jobs} sweep jobs failed (first: {outcome.first_error}); "
+        f"report: {outcome.report}",
+        file=sys.stderr,
+    )
+    if exit:
+        sys.exit(1)
 
 
 def _composition_errors():

@@ -51,6 +51,8 @@ class DSHydraConfig:
     """Extra module prefixes whose callables configs may instantiate via _target_."""
     name: Optional[str] = None
     """Optional label of the run (shown in logs and sweep reports)."""
+    objective: Optional[str] = None
+    """A metric name (e.g. val_loss): the task then returns that number alone, as optimizing sweepers need."""
 
 
 # (group, name, schema): the option YAMLs name these in their defaults lists.

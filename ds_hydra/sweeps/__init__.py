@@ -1,0 +1,27 @@
+"""Sweeps: a Hydra callback that records every job of a multirun and writes one summary report.
+
+``python -m ds_hydra -m optimizer=adam,sgd ckpt.segments=1,2,4`` runs six jobs; at the end the
+sweep directory holds ``sweep_summary.csv``, ``sweep_summary.md`` and ``sweep_summary.png``.
+Torch-free: Hydra instantiates the callback before any job runs.
+"""
+from ds_hydra.sweeps.callback import (
+    JOB_RECORD_FILE,
+    SweepOutcome,
+    SweepSummary,
+    finish_active_sweep,
+    note_job_metrics,
+    select_objective,
+)
+from ds_hydra.sweeps.report import SUMMARY_FILES, collect_job_records, write_sweep_report
+
+__all__ = [
+    "JOB_RECORD_FILE",
+    "SUMMARY_FILES",
+    "SweepOutcome",
+    "SweepSummary",
+    "collect_job_records",
+    "finish_active_sweep",
+    "note_job_metrics",
+    "select_objective",
+    "write_sweep_report",
+]
