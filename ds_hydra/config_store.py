@@ -30,6 +30,7 @@ from ds_hydra.training.config import LoggerConfig, TrainerConfig
 
 class Task(Enum):
     train = "train"
+    validate = "validate"  # check the config, print param groups, LR curve and checkpoint plan; build nothing heavy
 
 
 @dataclass
