@@ -118,6 +118,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class VocabCrossEntropy(nn.Module):
+    """Mean cross-entropy over the first ``vocab_size`` logits (the rest is padding), computed in fp32.
+
+    Parameter-free, so compiling it (``prepare_model`` does on CUDA) leaves the state dict alone; the
+    compiled kernel reads the padded low-precision logits in place and never stores an fp32 copy.
+    """
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # (B, T, V_padded) -> (B * T, V): one copy (slice and upcast together), not one per step
+        logits = logits[..., : self.vocab_size].float().reshape(-1, self.vocab_size)
+        return F.cross_entropy(logits, targets.reshape(-1))
+
+
 class GPT(nn.Module):
     def __init__(
         self,
@@ -143,6 +160,7 @@ class GPT(nn.Module):
         self.ln_f = LayerNorm(n_embd, bias)
         self.lm_head = nn.Linear(n_embd, padded_vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input and output embeddings
+        self.loss_fn = VocabCrossEntropy(vocab_size)
 
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the stream's variance stays put.
@@ -191,6 +209,6 @@ class GPT(nn.Module):
         if targets is None:
             logits = self.lm_head(x[:, -1:, :])[..., : self.vocab_size]  # (B, 1, V)
             return logits, None
-        logits = self.lm_head(x)[..., : self.vocab_size]  # (B, T, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
-        return logits, loss
+        logits = self.lm_head(x)  # (B, T, V_padded)
+        loss = self.loss_fn(logits, targets)
+        return logits[..., : self.vocab_size], loss  # (B, T, V)

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 
 class Precision(Enum):
-    auto = "auto"  # bf16 autocast on CUDA, fp32 elsewhere
+    auto = "auto"  # bf16 autocast on CUDA (fp16 before Ampere, which lacks bf16), fp32 elsewhere
     fp32 = "fp32"
     bf16 = "bf16"  # autocast to bfloat16; parameters and optimizer state stay fp32
     fp16 = "fp16"  # autocast to float16 with a gradient scaler (CUDA only)
@@ -36,7 +36,10 @@ class TrainerConfig:
     precision: Precision = Precision.auto
     """auto, fp32, bf16 or fp16."""
     compile: Optional[bool] = None
-    """torch.compile each block; null: on for CUDA, off for CPU."""
+    """torch.compile each block and the loss; null: on for CUDA, off for CPU."""
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s of one device at the run's precision, the denominator of MFU; null: looked up
+    from the GPU's name (ds_hydra.training.throughput.PEAK_TFLOPS); unknown GPUs and CPUs log no MFU."""
     save_every: int = 0
     """Write a resumable checkpoint every this many steps (0: only the final one)."""
     keep_last: int = 2
@@ -63,6 +66,8 @@ def validate_trainer(cfg, prefix: str = "trainer") -> List[str]:
             problems.append(f"{prefix}.{key}={cfg[key]}: must be >= 0 (0 disables it)")
     if cfg.grad_clip < 0:
         problems.append(f"{prefix}.grad_clip={cfg.grad_clip}: must be >= 0 (0 disables clipping)")
+    if cfg.get("peak_tflops") is not None and not cfg.peak_tflops > 0:
+        problems.append(f"{prefix}.peak_tflops={cfg.peak_tflops}: must be > 0, or null to look it up from the GPU name")
     device = cfg.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         problems.append(f"{prefix}.device={device}: allowed values: auto, cpu, cuda, cuda:N")

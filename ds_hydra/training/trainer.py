@@ -28,6 +28,7 @@ from ds_hydra.optim.build import build_optimizer, build_scheduler
 from ds_hydra.training import state as state_io
 from ds_hydra.training.metrics import LOSS_CURVE_FILE, MetricsLogger, plot_loss_curve
 from ds_hydra.training.run_dir import resolve_run_dir, write_resolved_config
+from ds_hydra.training.throughput import Throughput
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,10 @@ def resolve_device(name: str) -> torch.device:
 def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype, or None for plain fp32."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        if device.type != "cuda":
+            return None
+        # bf16 needs Ampere (compute capability 8) or newer; older GPUs get fp16 with loss scaling
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if name == "fp16" and device.type != "cuda":
         raise UserError("trainer.precision=fp16: needs CUDA (use fp32 or bf16 on CPU)")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
@@ -65,15 +69,27 @@ def prepare_model(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     """Every model transform, in the only order that composes:
 
     1. activation checkpointing wraps blocks (compile must see the checkpoint boundaries);
-    2. torch.compile each block in place (parameter names and the state dict stay unchanged);
+    2. torch.compile each block, and the parameter-free loss, in place (parameter names and the state
+       dict stay unchanged);
     3. a distributed wrapper last, around everything, once the engines provide one.
     """
     model.to(device)
     checkpoint_activations(model, **OmegaConf.to_container(cfg.ckpt, resolve=True))
     if _compile_enabled(cfg.trainer.compile, device):
+        _room_for_block_graphs(len(model.blocks))
         for block in model.blocks:
             block.compile()
+        if isinstance(getattr(model, "loss_fn", None), nn.Module):
+            model.loss_fn.compile()  # fuses slice, fp32 upcast and cross-entropy over the vocabulary
     return model
+
+
+def _room_for_block_graphs(n_blocks: int) -> None:
+    """Blocks of one class share one compiled graph on torch >= 2.5 (module calls are inlined); older
+    torch compiles each block apart, and past its cache limit (8) would silently run blocks eagerly."""
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
+        config = torch._dynamo.config
+        config.cache_size_limit = max(config.cache_size_limit, 2 * n_blocks + 8)  # train and eval graphs
 
 
 def _compile_enabled(option: Optional[bool], device: torch.device) -> bool:
@@ -100,6 +116,11 @@ class Trainer:
             raise UserError(
                 f"model.block_size={model.block_size}: the validation split has only {len(self.corpus.val)} tokens"
             )
+        if getattr(model, "vocab_size", self.corpus.vocab_size) < self.corpus.vocab_size:
+            raise UserError(
+                f"model.vocab_size={model.vocab_size}: the data has {self.corpus.vocab_size} distinct tokens "
+                "(set it at least that large, or null to take the data's)"
+            )
         self.model = prepare_model(model, cfg, self.device)
         self.optimizer = build_optimizer(cfg.optimizer, self.model, self.device)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer)
@@ -109,6 +130,7 @@ class Trainer:
         )
         self.step = 0
         self.tokens_per_step = tcfg.batch_size * model.block_size * tcfg.grad_accum_steps
+        self.throughput = Throughput.for_model(model, self.device, self.autocast_dtype, tcfg.get("peak_tflops"))
 
     # -- one step -------------------------------------------------------------------------------
     def autocast(self):
@@ -124,7 +146,7 @@ class Trainer:
         for _ in range(accum):
             x, y = self.train_batches.next_batch(self.device)
             with self.autocast():
-                _, loss = self.model(x, y)
+                loss = self.model(x, y)[1]  # drop the logits now: they would live through backward
             loss = loss / accum  # the sum of micro-batch gradients equals the full batch's mean
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -157,13 +179,12 @@ class Trainer:
         result = {}
         for name, tokens, stream in (("train_loss", self.corpus.train, TRAIN_STREAM + 2), ("val_loss", self.corpus.val, VAL_STREAM)):
             batches = RandomBlocks(tokens, self.model.block_size, tcfg.batch_size, tcfg.seed, stream=stream)
-            losses = torch.zeros(tcfg.eval_batches)
+            losses = torch.zeros(tcfg.eval_batches, device=self.device)
             for i in range(tcfg.eval_batches):
                 x, y = batches.next_batch(self.device)
                 with self.autocast():
-                    _, loss = self.model(x, y)
-                losses[i] = loss.item()
-            result[name] = losses.mean().item()
+                    losses[i] = self.model(x, y)[1]
+            result[name] = losses.mean().item()  # one host sync per split, not one per batch
         self.model.train()
         return result
 
@@ -213,6 +234,12 @@ def train(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
         trainer.corpus.source, trainer.corpus.vocab_size, len(trainer.corpus.train), len(trainer.corpus.val),
     )
     log.info("run dir: %s", run_dir)
+    if trainer.throughput.flops_per_token:
+        peak = trainer.throughput.peak_flops
+        log.info(
+            "%.4g FLOPs per token (6N + 12 L d T); device peak %s",
+            trainer.throughput.flops_per_token, f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown: no MFU",
+        )
     metrics = MetricsLogger(run_dir, tensorboard=cfg.logger.tensorboard)
     try:
         final = _fit(trainer, metrics)
@@ -246,8 +273,9 @@ def _fit(trainer: Trainer, metrics: MetricsLogger) -> Dict[str, Any]:
             tokens_per_s = trainer.tokens_per_step * window_steps / elapsed
             if not math.isfinite(mean_loss):
                 raise UserError(f"loss became {mean_loss} at step {step}: lower optimizer.lr or set trainer.grad_clip")
-            metrics.log(step, loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s)
-            _report_progress(progress, step, tcfg.max_steps, mean_loss, tokens_per_s)
+            perf = trainer.throughput.metrics(tokens_per_s)  # tokens_per_s, mfu, peak_memory_gib
+            metrics.log(step, loss=mean_loss, lr=lr, **perf)
+            _report_progress(progress, step, tcfg.max_steps, mean_loss, perf)
             window_start, window_steps, window_loss = time.perf_counter(), 0, None
         if (tcfg.eval_interval and step % tcfg.eval_interval == 0) or step == tcfg.max_steps:
             evals = trainer.evaluate()
@@ -262,7 +290,10 @@ def _fit(trainer: Trainer, metrics: MetricsLogger) -> Dict[str, Any]:
         evals = trainer.evaluate()
     path = trainer.save()
     log.info("saved %s", path)
-    return {"step": trainer.step, **evals, "tokens_per_s": tokens_per_s, "checkpoint": str(path)}
+    perf = trainer.throughput.metrics(tokens_per_s)
+    if trainer.throughput.flops_per_token:
+        perf["flops_per_token"] = trainer.throughput.flops_per_token
+    return {"step": trainer.step, **evals, **perf, "checkpoint": str(path)}
 
 
 def _progress_bar(tcfg, start: int):
@@ -275,9 +306,14 @@ def _progress_bar(tcfg, start: int):
     return tqdm(total=tcfg.max_steps, initial=start, unit="step", dynamic_ncols=True)
 
 
-def _report_progress(progress, step: int, max_steps: int, loss: float, tokens_per_s: float) -> None:
+def _report_progress(progress, step: int, max_steps: int, loss: float, perf: Dict[str, float]) -> None:
+    shown = {"loss": f"{loss:.4f}", "tok_s": f"{perf['tokens_per_s']:,.0f}"}
+    if "mfu" in perf:
+        shown["mfu"] = f"{perf['mfu']:.1%}"
+    if "peak_memory_gib" in perf:
+        shown["mem"] = f"{perf['peak_memory_gib']:.1f}GiB"
     if progress is not None:
         progress.n = step
-        progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        progress.set_postfix(**shown)
         return
-    log.info("step %d/%d: loss %.4f, %.0f tokens/s", step, max_steps, loss, tokens_per_s)
+    log.info("step %d/%d: %s", step, max_steps, ", ".join(f"{k} {v}" for k, v in shown.items()))
