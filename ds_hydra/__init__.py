@@ -12,6 +12,14 @@ _EXPORTS = {
     "checkpoint_activations": "ds_hydra.activation_checkpointing.apply",
     "GPT": "ds_hydra.models.gpt",
     "register_configs": "ds_hydra.config_store",
+    "DeepSpeedOptimizerCallable": "ds_hydra.optim.types",
+    "DeepSpeedSchedulerCallable": "ds_hydra.optim.types",
+    "_LRScheduler": "ds_hydra.optim.types",
+    "WarmupLR": "ds_hydra.optim.lr_schedules",
+    "WarmupDecayLR": "ds_hydra.optim.lr_schedules",
+    "WarmupCosineLR": "ds_hydra.optim.lr_schedules",
+    "OneCycle": "ds_hydra.optim.lr_schedules",
+    "LRRangeTest": "ds_hydra.optim.lr_schedules",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -19,11 +19,23 @@ from ds_hydra.engine.config import EngineConfig
 from ds_hydra.inference.config import InferenceConfig
 from ds_hydra.models.config import GPTConfig
 from ds_hydra.optim.config import (
+    AdagradConfig,
+    AdamaxConfig,
     AdamConfig,
     AdamWConfig,
     ConstantSchedulerConfig,
     CosineSchedulerConfig,
+    LRRangeTestConfig,
+    NAdamConfig,
+    OneCycleConfig,
+    ParamGroupsConfig,
+    RAdamConfig,
+    RMSpropConfig,
     SGDConfig,
+    WarmupCosineLRConfig,
+    WarmupDecayLRConfig,
+    WarmupLRConfig,
+    WSDSchedulerConfig,
 )
 from ds_hydra.training.config import LoggerConfig, TrainerConfig
 
@@ -43,6 +55,8 @@ class DSHydraConfig:
     data: Any = MISSING
     optimizer: Any = MISSING
     scheduler: Any = MISSING
+    param_groups: ParamGroupsConfig = field(default_factory=ParamGroupsConfig)
+    """How parameters are split into optimizer param groups (weight decay, lr multipliers)."""
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -64,8 +78,19 @@ SCHEMAS = [
     ("optimizer", "adam", AdamConfig),
     ("optimizer", "adamw", AdamWConfig),
     ("optimizer", "sgd", SGDConfig),
+    ("optimizer", "adagrad", AdagradConfig),
+    ("optimizer", "rmsprop", RMSpropConfig),
+    ("optimizer", "adamax", AdamaxConfig),
+    ("optimizer", "nadam", NAdamConfig),
+    ("optimizer", "radam", RAdamConfig),
     ("scheduler", "constant", ConstantSchedulerConfig),
     ("scheduler", "cosine", CosineSchedulerConfig),
+    ("scheduler", "wsd", WSDSchedulerConfig),
+    ("scheduler", "warmup_lr", WarmupLRConfig),
+    ("scheduler", "warmup_decay_lr", WarmupDecayLRConfig),
+    ("scheduler", "warmup_cosine_lr", WarmupCosineLRConfig),
+    ("scheduler", "one_cycle", OneCycleConfig),
+    ("scheduler", "lr_range_test", LRRangeTestConfig),
     ("ckpt", "ckpt", CkptConfig),
     ("trainer", "trainer", TrainerConfig),
     ("logger", "logger", LoggerConfig),
@@ -74,9 +99,10 @@ SCHEMAS = [
 ]
 
 
-def fraction_of(fraction: float, total: int) -> int:
-    """``${ds_hydra.fraction:0.05,${trainer.max_steps}}``: a step count that scales with the run."""
-    return int(round(float(fraction) * int(total)))
+def fraction_of(fraction: float, total: int, minimum: int = 0) -> int:
+    """``${ds_hydra.fraction:0.05,${trainer.max_steps}}``: a step count that scales with the run
+    (``${ds_hydra.fraction:0.05,${trainer.max_steps},1}``: and is at least 1)."""
+    return max(int(minimum), int(round(float(fraction) * int(total))))
 
 
 def register_resolvers() -> None:

@@ -7,7 +7,7 @@ from ds_hydra.activation_checkpointing.config import validate_ckpt
 from ds_hydra.data.config import validate_data
 from ds_hydra.errors import ConfigError
 from ds_hydra.models.config import validate_model
-from ds_hydra.optim.config import validate_optimizer, validate_scheduler
+from ds_hydra.optim.config import validate_optimizer, validate_param_groups, validate_scheduler
 from ds_hydra.training.config import validate_trainer
 
 
@@ -18,6 +18,7 @@ def config_problems(cfg) -> List[str]:
     problems += validate_data(cfg.data)
     problems += validate_trainer(cfg.trainer)
     problems += validate_optimizer(cfg.optimizer)
+    problems += validate_param_groups(cfg.param_groups)
     if cfg.trainer.max_steps >= 1:  # else schedule lengths interpolated from it would only echo that problem
         problems += validate_scheduler(cfg.scheduler, max_steps=cfg.trainer.max_steps)
     problems += validate_ckpt(cfg.ckpt, n_blocks=cfg.model.n_layer)

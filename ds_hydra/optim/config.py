@@ -1,46 +1,70 @@
-"""Schemas of the ``optimizer`` and ``scheduler`` config groups (torch-free).
+"""Schemas of the ``optimizer`` and ``scheduler`` config groups and of ``param_groups`` (torch-free).
 
-Each optimizer option is ``_target_: torch.optim.X`` with ``_partial_: true``: instantiating it gives
-a ``DeepSpeedOptimizerCallable`` that takes parameters or param groups. Each scheduler option is
-``_partial_`` too and gives a ``DeepSpeedSchedulerCallable`` that takes the optimizer.
+Each optimizer option is ``_target_: torch.optim.X`` with ``_partial_: true`` and the optimizer's own
+keyword arguments: instantiating it gives a ``DeepSpeedOptimizerCallable`` that takes parameters or
+param groups. Each scheduler option is ``_partial_`` too and gives a ``DeepSpeedSchedulerCallable`` that
+takes the optimizer. ``param_groups`` says how ds_hydra splits the model's parameters into the groups
+the optimizer callable receives (weight decay on or off, lr multipliers).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import List, Optional
+from enum import Enum
+from numbers import Real
+from typing import Any, List, Optional
 
-from omegaconf import II
+from omegaconf import II, MISSING
 
 
+# -- optimizers -----------------------------------------------------------------------------------
 @dataclass
 class OptimizerConfig:
-    """Fields every optimizer has; ``weight_decay`` applies only to the decayed param group."""
+    """Arguments every torch optimizer has. ``weight_decay`` is the decayed group's; the others get 0.
+
+    Arguments this torch version lacks (e.g. ``fused`` before it existed) are dropped when left at
+    null/false and refused when set.
+    """
 
     _target_: str = "torch.optim.AdamW"
     _partial_: bool = True
     lr: float = 1e-3
-    """Peak learning rate (schedules scale it per step)."""
+    """Peak learning rate (schedules scale it per step; param_groups.lr_rules multiply it per group)."""
     weight_decay: float = 0.0
-    """L2 / decoupled weight decay for the decayed group (matrices); biases and norms get 0."""
+    """Weight decay of the decayed group (matrices); biases, norm gains and param_groups.no_decay get 0."""
     foreach: Optional[bool] = None
-    """Multi-tensor kernels; null lets ds_hydra choose (on for CUDA when fused is unavailable)."""
+    """Multi-tensor kernels; null lets ds_hydra choose (on for CUDA when there is no fused kernel)."""
+    maximize: bool = False
+    """Maximize the objective instead of minimizing it."""
+    differentiable: bool = False
+    """Let autograd run through the optimizer step (meta-learning; slower)."""
 
 
 @dataclass
-class AdamConfig(OptimizerConfig):
-    _target_: str = "torch.optim.Adam"
+class AdamFamilyConfig(OptimizerConfig):
+    """Arguments Adam and AdamW share."""
+
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     """Decay rates of the first and second moment estimates."""
     eps: float = 1e-8
     """Added to the denominator for numerical stability."""
     amsgrad: bool = False
     """Use the maximum of past second moments (AMSGrad)."""
+    capturable: bool = False
+    """Keep step counts on the device so the step can be captured in a CUDA graph."""
     fused: Optional[bool] = None
-    """Single fused CUDA kernel; null lets ds_hydra choose (on for CUDA)."""
+    """Single fused kernel; null lets ds_hydra choose (on for CUDA)."""
 
 
 @dataclass
-class AdamWConfig(AdamConfig):
+class AdamConfig(AdamFamilyConfig):
+    _target_: str = "torch.optim.Adam"
+    decoupled_weight_decay: bool = False
+    """Decay the weights directly (AdamW) instead of adding an L2 term to the gradient (newer torch only)."""
+
+
+@dataclass
+class AdamWConfig(AdamFamilyConfig):
     _target_: str = "torch.optim.AdamW"
     weight_decay: float = 0.01
 
@@ -56,7 +80,119 @@ class SGDConfig(OptimizerConfig):
     nesterov: bool = False
     """Nesterov momentum (needs momentum > 0 and dampening 0)."""
     fused: Optional[bool] = None
-    """Single fused CUDA kernel; null lets ds_hydra choose."""
+    """Single fused kernel; null lets ds_hydra choose (on for CUDA)."""
+
+
+@dataclass
+class AdagradConfig(OptimizerConfig):
+    _target_: str = "torch.optim.Adagrad"
+    lr: float = 1e-2
+    lr_decay: float = 0.0
+    """lr of step t is lr / (1 + (t - 1) * lr_decay)."""
+    initial_accumulator_value: float = 0.0
+    """Starting value of the sum of squared gradients."""
+    eps: float = 1e-10
+    """Added to the denominator for numerical stability."""
+    fused: Optional[bool] = None
+    """Single fused kernel (newer torch only); null lets ds_hydra choose (on for CUDA when torch has one)."""
+
+
+@dataclass
+class RMSpropConfig(OptimizerConfig):
+    _target_: str = "torch.optim.RMSprop"
+    lr: float = 1e-2
+    alpha: float = 0.99
+    """Smoothing constant of the running mean of squared gradients."""
+    eps: float = 1e-8
+    """Added to the denominator for numerical stability."""
+    momentum: float = 0.0
+    """Momentum factor."""
+    centered: bool = False
+    """Normalize by the estimated gradient variance instead of the raw second moment."""
+    capturable: bool = False
+    """Keep step counts on the device so the step can be captured in a CUDA graph."""
+
+
+@dataclass
+class AdamaxConfig(OptimizerConfig):
+    _target_: str = "torch.optim.Adamax"
+    lr: float = 2e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Decay rates of the first moment and of the infinity norm."""
+    eps: float = 1e-8
+    """Added to the denominator for numerical stability."""
+    capturable: bool = False
+    """Keep step counts on the device so the step can be captured in a CUDA graph."""
+
+
+@dataclass
+class NAdamConfig(OptimizerConfig):
+    _target_: str = "torch.optim.NAdam"
+    lr: float = 2e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Decay rates of the first and second moment estimates."""
+    eps: float = 1e-8
+    """Added to the denominator for numerical stability."""
+    momentum_decay: float = 4e-3
+    """Momentum decay (psi in the NAdam paper)."""
+    decoupled_weight_decay: bool = False
+    """Decay the weights directly (NAdamW) instead of adding an L2 term to the gradient."""
+    capturable: bool = False
+    """Keep step counts on the device so the step can be captured in a CUDA graph."""
+
+
+@dataclass
+class RAdamConfig(OptimizerConfig):
+    _target_: str = "torch.optim.RAdam"
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Decay rates of the first and second moment estimates."""
+    eps: float = 1e-8
+    """Added to the denominator for numerical stability."""
+    decoupled_weight_decay: bool = False
+    """Decay the weights directly (RAdamW) instead of adding an L2 term to the gradient."""
+    capturable: bool = False
+    """Keep step counts on the device so the step can be captured in a CUDA graph."""
+
+
+# -- param groups ---------------------------------------------------------------------------------
+@dataclass
+class LrRule:
+    """Parameters whose name matches ``pattern`` train at ``lr_mult`` times the optimizer's lr."""
+
+    pattern: str = MISSING
+    """Regular expression searched in the parameter's name (``re.search``), e.g. ``^wte\\.``."""
+    lr_mult: float = 1.0
+    """Multiplier of optimizer.lr for these parameters (schedules scale the result)."""
+
+
+@dataclass
+class ParamGroupsConfig:
+    """How the model's parameters are split into the optimizer's param groups.
+
+    Weight decay goes to parameters with 2 or more dims (linear weights, and embeddings unless
+    ``decay_embeddings`` is false); biases and norm gains never decay. Groups come in this order:
+    decay, no_decay, then the same pair for each of ``lr_rules`` in turn (empty groups are dropped);
+    per-group scheduler lists follow that order.
+    """
+
+    decay_embeddings: bool = True
+    """Weight-decay embedding tables (nn.Embedding) like other matrices (nanoGPT does)."""
+    no_decay: List[str] = field(default_factory=list)
+    """Regular expressions of parameter names that get no weight decay, e.g. ['^wpe\\.']."""
+    lr_rules: List[LrRule] = field(default_factory=list)
+    """lr multipliers by parameter name; the first rule that matches a parameter applies."""
+
+
+# -- schedulers -----------------------------------------------------------------------------------
+class WarmupType(Enum):
+    log = "log"  # lr rises as log(i + 1) / log(W): fast at first (DeepSpeed's default)
+    linear = "linear"  # lr rises as i / W
+
+
+class DecayShape(Enum):
+    linear = "linear"  # straight line down to the floor
+    cosine = "cosine"  # half a cosine
+    sqrt = "sqrt"  # 1 - sqrt(progress): drops fast at first ("1-sqrt" of the WSD literature)
 
 
 @dataclass
@@ -85,6 +221,113 @@ class CosineSchedulerConfig(SchedulerConfig):
     """Floor of the decay as a fraction of the peak lr."""
 
 
+@dataclass
+class WSDSchedulerConfig(SchedulerConfig):
+    """Warmup-stable-decay: linear warmup, the peak lr held, then a decay over the last steps."""
+
+    _target_: str = "ds_hydra.optim.schedules.WarmupStableDecay"
+    warmup_steps: int = II("ds_hydra.fraction:0.05,${trainer.max_steps}")
+    """Steps of linear warmup from lr/(warmup_steps+1) to the peak lr."""
+    decay_steps: int = II("ds_hydra.fraction:0.2,${trainer.max_steps}")
+    """Length of the final decay (default: the last 20% of the run)."""
+    total_steps: int = II("trainer.max_steps")
+    """Step at which the decay reaches its floor (the run's length)."""
+    min_lr_ratio: float = 0.0
+    """Floor of the decay as a fraction of the peak lr."""
+    decay_shape: DecayShape = DecayShape.sqrt
+    """linear, cosine or sqrt (1 - sqrt(progress))."""
+
+
+@dataclass
+class WarmupLRConfig(SchedulerConfig):
+    """DeepSpeed's WarmupLR: warm up from warmup_min_lr to warmup_max_lr, then hold."""
+
+    _target_: str = "ds_hydra.optim.lr_schedules.WarmupLR"
+    warmup_min_lr: Any = 0.0
+    """Starting lr: a number, or a list with one per param group."""
+    warmup_max_lr: Any = None
+    """lr reached after the warmup: a number, a list per group, or null for each group's own lr."""
+    warmup_num_steps: int = 1000
+    """Warmup length in steps (at least 2 are used, as in DeepSpeed)."""
+    warmup_type: WarmupType = WarmupType.log
+    """log or linear rise."""
+
+
+@dataclass
+class WarmupDecayLRConfig(WarmupLRConfig):
+    """DeepSpeed's WarmupDecayLR: WarmupLR, then linear decay to warmup_min_lr at total_num_steps."""
+
+    _target_: str = "ds_hydra.optim.lr_schedules.WarmupDecayLR"
+    total_num_steps: int = II("trainer.max_steps")
+    """Step at which the lr is back to warmup_min_lr (and stays)."""
+    warmup_max_lr: Any = 0.001
+    """Peak lr: a number, a list per group, or null for each group's own lr."""
+
+
+@dataclass
+class WarmupCosineLRConfig(SchedulerConfig):
+    """DeepSpeed's WarmupCosineLR: each group's own lr times a warmup-then-cosine ratio."""
+
+    _target_: str = "ds_hydra.optim.lr_schedules.WarmupCosineLR"
+    total_num_steps: int = II("trainer.max_steps")
+    """Step at which the ratio reaches cos_min_ratio (and stays)."""
+    warmup_min_ratio: float = 0.0
+    """Ratio at the first warmup step."""
+    warmup_num_steps: int = 1000
+    """Warmup length in steps (at least 2 are used, as in DeepSpeed)."""
+    cos_min_ratio: float = 0.0001
+    """Floor of the cosine as a fraction of each group's lr."""
+    warmup_type: WarmupType = WarmupType.log
+    """log or linear rise."""
+
+
+@dataclass
+class OneCycleConfig(SchedulerConfig):
+    """DeepSpeed's OneCycle: one triangular lr cycle (beta1 cycled inversely), then optional decay."""
+
+    _target_: str = "ds_hydra.optim.lr_schedules.OneCycle"
+    cycle_min_lr: Any = MISSING
+    """lr at both ends of the cycle: a number or a list per param group."""
+    cycle_max_lr: Any = MISSING
+    """lr at the peak of the cycle: a number or a list per param group."""
+    decay_lr_rate: float = 0.0
+    """After the cycle, lr = cycle_min_lr / (1 + decay_lr_rate * steps_after / decay_step_size)."""
+    cycle_first_step_size: int = 2000
+    """Steps of the rising half."""
+    cycle_second_step_size: Optional[int] = None
+    """Steps of the falling half (null: same as the rising half)."""
+    cycle_first_stair_count: int = 0
+    """Move the rising half in this many flat stairs (0: continuously)."""
+    cycle_second_stair_count: Optional[int] = None
+    """Stairs of the falling half (null: same as the rising half)."""
+    decay_step_size: int = 0
+    """Steps per unit of post-cycle decay (0: no decay, hold cycle_min_lr)."""
+    cycle_momentum: bool = True
+    """Cycle beta1 inversely to the lr (optimizers with betas only; beta2 is set to 0.99)."""
+    cycle_min_mom: Any = 0.8
+    """beta1 at the peak lr: a number or a list per param group."""
+    cycle_max_mom: Any = 0.9
+    """beta1 at the ends of the cycle: a number or a list per param group."""
+    decay_mom_rate: float = 0.0
+    """After the cycle, beta1 = cycle_max_mom * (1 + decay_mom_rate * steps_after / decay_step_size)."""
+
+
+@dataclass
+class LRRangeTestConfig(SchedulerConfig):
+    """DeepSpeed's LRRangeTest: grow the lr linearly (or in stairs) to find the largest that trains."""
+
+    _target_: str = "ds_hydra.optim.lr_schedules.LRRangeTest"
+    lr_range_test_min_lr: Any = 1e-3
+    """Starting lr: a number or a list per param group."""
+    lr_range_test_step_size: int = 2000
+    """Steps per unit of growth: lr = min_lr * (1 + step_rate * step / step_size)."""
+    lr_range_test_step_rate: float = 1.0
+    """Growth per step_size steps, as a multiple of min_lr."""
+    lr_range_test_staircase: bool = False
+    """Grow in flat stairs of step_size steps instead of every step."""
+
+
+# -- validation -----------------------------------------------------------------------------------
 def validate_optimizer(cfg, prefix: str = "optimizer") -> List[str]:
     problems = []
     if "lr" in cfg and not cfg.lr > 0:
@@ -95,24 +338,129 @@ def validate_optimizer(cfg, prefix: str = "optimizer") -> List[str]:
         betas = list(cfg.betas)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             problems.append(f"{prefix}.betas={betas}: must be two numbers in [0, 1)")
-    if "eps" in cfg and not cfg.eps > 0:
-        problems.append(f"{prefix}.eps={cfg.eps}: must be > 0")
-    if "momentum" in cfg and cfg.momentum < 0:
-        problems.append(f"{prefix}.momentum={cfg.momentum}: must be >= 0")
+    for key in ("eps",):
+        if key in cfg and not cfg[key] > 0:
+            problems.append(f"{prefix}.{key}={cfg[key]}: must be > 0")
+    for key in ("momentum", "dampening", "lr_decay", "initial_accumulator_value", "momentum_decay"):
+        if key in cfg and cfg[key] < 0:
+            problems.append(f"{prefix}.{key}={cfg[key]}: must be >= 0")
+    if "alpha" in cfg and not 0.0 <= cfg.alpha < 1.0:
+        problems.append(f"{prefix}.alpha={cfg.alpha}: must be in [0, 1)")
+    if cfg.get("nesterov") and not (cfg.get("momentum", 0) > 0 and cfg.get("dampening", 0) == 0):
+        problems.append(f"{prefix}.nesterov=true: needs {prefix}.momentum > 0 and {prefix}.dampening=0")
+    if cfg.get("fused") and cfg.get("foreach"):
+        problems.append(f"{prefix}.fused=true and {prefix}.foreach=true: pick one (or leave both null)")
+    if cfg.get("fused") and cfg.get("differentiable"):
+        problems.append(f"{prefix}.fused=true: the fused kernel does not support {prefix}.differentiable=true")
     return problems
 
 
+def validate_param_groups(cfg, prefix: str = "param_groups") -> List[str]:
+    problems = [_regex_problem(f"{prefix}.no_decay[{i}]", p) for i, p in enumerate(cfg.no_decay)]
+    for i, rule in enumerate(cfg.lr_rules):
+        problems.append(_regex_problem(f"{prefix}.lr_rules[{i}].pattern", rule.pattern))
+        if not rule.lr_mult > 0:
+            problems.append(f"{prefix}.lr_rules[{i}].lr_mult={rule.lr_mult}: must be > 0")
+    return [p for p in problems if p]
+
+
+def _regex_problem(key: str, pattern: str) -> Optional[str]:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"{key}={pattern!r}: not a valid regular expression ({exc})"
+    return None
+
+
 def validate_scheduler(cfg, max_steps: int, prefix: str = "scheduler") -> List[str]:
+    """Range and cross-field checks of every scheduler option, by the keys it has."""
     problems = []
-    warmup, total = cfg.get("warmup_steps"), cfg.get("total_steps")
+    problems += _validate_step_schedule(cfg, max_steps, prefix)
+    problems += _validate_warmup_schedule(cfg, max_steps, prefix)
+    problems += _validate_one_cycle(cfg, prefix)
+    if "lr_range_test_step_size" in cfg:
+        problems += _lr_values(cfg, "lr_range_test_min_lr", prefix)
+        if cfg.lr_range_test_step_size < 1:
+            problems.append(f"{prefix}.lr_range_test_step_size={cfg.lr_range_test_step_size}: must be a positive integer")
+        if cfg.lr_range_test_step_rate < 0:
+            problems.append(f"{prefix}.lr_range_test_step_rate={cfg.lr_range_test_step_rate}: must be >= 0")
+    return problems
+
+
+def _validate_step_schedule(cfg, max_steps: int, prefix: str) -> List[str]:
+    """ds_hydra's own schedules (cosine, wsd): warmup_steps, decay_steps, total_steps, min_lr_ratio."""
+    problems = []
+    warmup, total, decay = cfg.get("warmup_steps"), cfg.get("total_steps"), cfg.get("decay_steps")
     if warmup is not None and warmup < 0:
         problems.append(f"{prefix}.warmup_steps={warmup}: must be >= 0")
     elif warmup is not None and warmup >= max_steps > 0:
         problems.append(f"{prefix}.warmup_steps={warmup}: warmup longer than training; must be < trainer.max_steps={max_steps}")
-    elif warmup is not None and total is not None and warmup >= total:
+    elif warmup is not None and total is not None and decay is None and warmup >= total:
         problems.append(f"{prefix}.warmup_steps={warmup}: must be < {prefix}.total_steps={total}")
+    if decay is not None and decay < 0:
+        problems.append(f"{prefix}.decay_steps={decay}: must be >= 0")
+    elif decay is not None and warmup is not None and total is not None and warmup >= 0 and warmup + decay > total:
+        problems.append(
+            f"{prefix}.warmup_steps={warmup} + {prefix}.decay_steps={decay}: must be <= {prefix}.total_steps={total}"
+        )
     if total is not None and total < 1:
         problems.append(f"{prefix}.total_steps={total}: must be >= 1")
     if "min_lr_ratio" in cfg and not 0.0 <= cfg.min_lr_ratio <= 1.0:
         problems.append(f"{prefix}.min_lr_ratio={cfg.min_lr_ratio}: must be in [0, 1]")
     return problems
+
+
+def _validate_warmup_schedule(cfg, max_steps: int, prefix: str) -> List[str]:
+    """DeepSpeed's WarmupLR, WarmupDecayLR, WarmupCosineLR."""
+    if "warmup_num_steps" not in cfg:
+        return []
+    problems = []
+    warmup, total = cfg.warmup_num_steps, cfg.get("total_num_steps")
+    if warmup < 1:
+        problems.append(f"{prefix}.warmup_num_steps={warmup}: must be a positive integer")
+    elif total is not None and warmup > total:
+        problems.append(
+            f"{prefix}.warmup_num_steps={warmup}: warmup longer than the schedule; must be <= {prefix}.total_num_steps={total}"
+        )
+    elif total is None and warmup > max_steps:
+        problems.append(f"{prefix}.warmup_num_steps={warmup}: warmup longer than training; must be <= trainer.max_steps={max_steps}")
+    if total is not None and total < 1:
+        problems.append(f"{prefix}.total_num_steps={total}: must be >= 1")
+    if "warmup_min_lr" in cfg:
+        problems += _lr_values(cfg, "warmup_min_lr", prefix)
+        problems += _lr_values(cfg, "warmup_max_lr", prefix, nullable=True)
+    for key in ("warmup_min_ratio", "cos_min_ratio"):
+        if key in cfg and not 0.0 <= cfg[key] <= 1.0:
+            problems.append(f"{prefix}.{key}={cfg[key]}: must be in [0, 1]")
+    return problems
+
+
+def _validate_one_cycle(cfg, prefix: str) -> List[str]:
+    if "cycle_first_step_size" not in cfg:
+        return []
+    problems = _lr_values(cfg, "cycle_min_lr", prefix) + _lr_values(cfg, "cycle_max_lr", prefix)
+    problems += _lr_values(cfg, "cycle_min_mom", prefix, upper=1.0) + _lr_values(cfg, "cycle_max_mom", prefix, upper=1.0)
+    if cfg.cycle_first_step_size < 1:
+        problems.append(f"{prefix}.cycle_first_step_size={cfg.cycle_first_step_size}: must be a positive integer")
+    second = cfg.cycle_second_step_size
+    if second is not None and second < 0:
+        problems.append(f"{prefix}.cycle_second_step_size={second}: must be >= 0 (or null: same as the first)")
+    for key in ("cycle_first_stair_count", "cycle_second_stair_count", "decay_step_size", "decay_lr_rate", "decay_mom_rate"):
+        if cfg[key] is not None and cfg[key] < 0:
+            problems.append(f"{prefix}.{key}={cfg[key]}: must be >= 0")
+    return problems
+
+
+def _lr_values(cfg, key: str, prefix: str, nullable: bool = False, upper: Optional[float] = None) -> List[str]:
+    """A number >= 0 (below ``upper`` if given), or a non-empty list of them (one per param group)."""
+    value = cfg[key]
+    if value is None and nullable:
+        return []
+    values = list(value) if hasattr(value, "__len__") and not isinstance(value, str) else [value]
+    numbers = all(isinstance(v, Real) and not isinstance(v, bool) for v in values)
+    in_range = numbers and all(v >= 0 and (upper is None or v < upper) for v in values)
+    if values and in_range:
+        return []
+    bounds = f"in [0, {upper})" if upper is not None else ">= 0"
+    what = "a number" + (", null" if nullable else "")
+    return [f"{prefix}.{key}={value}: must be {what} or a list of numbers (one per param group), each {bounds}"]

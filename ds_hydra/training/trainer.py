@@ -122,7 +122,7 @@ class Trainer:
                 "(set it at least that large, or null to take the data's)"
             )
         self.model = prepare_model(model, cfg, self.device)
-        self.optimizer = build_optimizer(cfg.optimizer, self.model, self.device)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model, self.device, param_groups=cfg.get("param_groups"))
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.train_batches = RandomBlocks(
