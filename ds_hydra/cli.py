@@ -57,6 +57,8 @@ def _in_multirun() -> bool:
 # task -> "module:function"; each function takes the composed config and returns a metrics dict.
 TASKS = {
     "train": "ds_hydra.training.trainer:train",
+    "infer": "ds_hydra.inference.generate:infer",
+    "eval": "ds_hydra.inference.evaluate:evaluate",
     "validate": "ds_hydra.validation:validate_task",
 }
 

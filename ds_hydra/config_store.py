@@ -42,6 +42,8 @@ from ds_hydra.training.config import LoggerConfig, TrainerConfig
 
 class Task(Enum):
     train = "train"
+    infer = "infer"  # sample from a trained run (inference.checkpoint); inference.mode=eval evaluates instead
+    eval = "eval"  # validation loss and perplexity of a trained run's checkpoint
     validate = "validate"  # check the config, print param groups, LR curve and checkpoint plan; build nothing heavy
 
 

@@ -6,6 +6,7 @@ from typing import List
 from ds_hydra.activation_checkpointing.config import validate_ckpt
 from ds_hydra.data.config import validate_data
 from ds_hydra.errors import ConfigError
+from ds_hydra.inference.config import validate_inference
 from ds_hydra.models.config import validate_model
 from ds_hydra.optim.config import validate_optimizer, validate_param_groups, validate_scheduler
 from ds_hydra.training.config import validate_trainer
@@ -22,6 +23,7 @@ def config_problems(cfg) -> List[str]:
     if cfg.trainer.max_steps >= 1:  # else schedule lengths interpolated from it would only echo that problem
         problems += validate_scheduler(cfg.scheduler, max_steps=cfg.trainer.max_steps)
     problems += validate_ckpt(cfg.ckpt, n_blocks=cfg.model.n_layer)
+    problems += validate_inference(cfg.inference, task=cfg.task.value)
     return problems
 
 

@@ -27,7 +27,7 @@ class LayerNorm(nn.Module):
 
 
 class LayerKVCache:
-    """Keys and values of one attention layer for positions ``[0, length)``."""
+    """Keys and values of one attention layer for positions ``[0, length)``, preallocated to ``max_len``."""
 
     def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
         shape = (batch, n_head, max_len, head_dim)
@@ -38,20 +38,29 @@ class LayerKVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor):
         """Store k, v of shape (B, nh, t, hs) after the cached positions; return all of them."""
         start, end = self.length, self.length + k.size(2)
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache overflow: {end} positions, room for {self.k.size(2)}")
+        self.k.narrow(2, start, end - start).copy_(k)
+        self.v.narrow(2, start, end - start).copy_(v)
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end)  # views, no copy: (B, nh, end, hs)
 
 
 class KVCache:
-    """Per-layer caches for one generation; ``length`` is the number of positions already seen."""
+    """Per-layer caches for one generation; ``length`` is the number of positions already seen.
+
+    The cache holds at most ``max_len == model.block_size`` positions, because the learned position
+    table has no rows beyond it. What to do when it is full is the generator's choice
+    (``ds_hydra.inference.generate`` empties it with ``reset()`` and re-fills it from a window of
+    the latest tokens, renumbered from position 0).
+    """
 
     def __init__(self, model: "GPT", batch: int, device=None, dtype=None):
         param = next(model.parameters())
         device = device or param.device
         dtype = dtype or param.dtype
         head_dim = model.n_embd // model.n_head
+        self.batch = batch
         self.max_len = model.block_size
         self.layers: List[LayerKVCache] = [
             LayerKVCache(batch, model.n_head, model.block_size, head_dim, device, dtype)
@@ -61,6 +70,15 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length
+
+    @property
+    def full(self) -> bool:
+        return self.length >= self.max_len
+
+    def reset(self) -> None:
+        """Forget every position (the buffers are kept and overwritten, not reallocated)."""
+        for layer in self.layers:
+            layer.length = 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -73,6 +91,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
+        if x.dim() == 2:  # (B, C): one new position per sequence, the KV-cache decode step
+            return self._decode_one(x, cache)
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
@@ -90,6 +110,19 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.proj(y))
+
+    def _decode_one(self, x: torch.Tensor, cache: LayerKVCache) -> torch.Tensor:
+        """x: (B, C), the newest position, attending to itself and every cached position.
+
+        The fewest ops per token (a decode step costs op overheads, not flops): the head split is a
+        view, with no transposes, and no mask is built."""
+        B, C = x.shape
+        # (B, C) -> (B, nh, 1, hs): with one position the head split needs no transpose
+        q, k, v = (t.view(B, self.n_head, 1, C // self.n_head) for t in self.qkv(x).split(C, dim=1))
+        k, v = cache.append(k, v)  # (B, nh, past + 1, hs)
+        y = F.scaled_dot_product_attention(q, k, v)  # no mask: nothing cached lies in the future
+        y = self.proj(y.reshape(B, C))
+        return self.resid_dropout(y) if self.training else y
 
 
 class MLP(nn.Module):
@@ -197,18 +230,28 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         if kv_cache is None:
+            pos = torch.arange(start, start + T, device=idx.device)
+            x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
             for block in self.blocks:
                 x = block(x)
         else:
+            if kv_cache.batch != B:
+                raise ValueError(f"KV cache is for batch {kv_cache.batch}, got a batch of {B}")
+            # the rows wpe(arange) would gather, without building the index on every token
+            if T == 1:  # decode step: the one new position travels as (B, C) (see CausalSelfAttention._decode_one)
+                x = self.drop(self.wte(idx[:, 0]) + self.wpe.weight[start])  # (B, C)
+            else:
+                x = self.drop(self.wte(idx) + self.wpe.weight[start : start + T])  # (B, T, C)
             for block, cache in zip(self.blocks, kv_cache.layers):
                 x = block(x, cache)
         x = self.ln_f(x)
         if targets is None:
-            logits = self.lm_head(x[:, -1:, :])[..., : self.vocab_size]  # (B, 1, V)
+            last = x if x.dim() == 2 else x[:, -1, :]  # (B, C)
+            logits = self.lm_head(last)[:, None, : self.vocab_size]  # (B, 1, V)
             return logits, None
+        if x.dim() == 2:
+            x = x[:, None, :]  # (B, 1, C)
         logits = self.lm_head(x)  # (B, T, V_padded)
         loss = self.loss_fn(logits, targets)
         return logits[..., : self.vocab_size], loss  # (B, T, V)

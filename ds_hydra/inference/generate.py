@@ -1,0 +1,237 @@
+"""Autoregressive sampling, with and without a KV cache, and the ``task=infer`` entry point.
+
+Without a cache every new token runs the whole context (the last ``block_size`` tokens) through the
+model, as nanoGPT's ``generate`` does. With a ``KVCache`` the keys and values of earlier positions
+are kept, so a new token costs one position.
+
+Past ``block_size``: the model's learned position table has ``block_size`` rows, so a context can
+never be longer, and sliding it by one token renumbers every position, which would invalidate every
+cached key and value. When the cache is full we therefore *re-prefill*: empty it and run the last
+``window_keep`` tokens (default ``block_size // 2``) through the model in one pass, at positions
+``0..window_keep-1``; the next ``block_size - window_keep`` tokens are cheap one-position steps
+again. Each token thus sees between ``window_keep`` and ``block_size`` tokens of context, where the
+uncached loop always sees the full last ``block_size``. The two agree token for token while the
+sequence fits in ``block_size``, and may differ after it; ``window_keep = block_size`` makes
+them agree everywhere (every token past the window is then a full re-prefill: the uncached cost).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from ds_hydra.errors import UserError
+from ds_hydra.models.gpt import KVCache
+
+log = logging.getLogger(__name__)
+
+SAMPLES_FILE = "samples.txt"
+REPORT_FILE = "inference.json"
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """One token per row of ``logits`` (B, V): greedy for temperature 0, else top-k / top-p sampling. -> (B, 1)"""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token once the tokens before it already hold top_p of the mass (the first always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    kv_cache: bool = True,
+    window_keep: Optional[int] = None,
+    forward=None,
+) -> torch.Tensor:
+    """Continue ``prompt`` (B, P) by ``max_new_tokens`` tokens; returns (B, P + max_new_tokens).
+
+    ``kv_cache`` picks the cached loop; ``window_keep`` is the number of latest tokens the cache is
+    re-filled from when it reaches ``block_size`` (see the module docstring). ``forward`` replaces
+    ``model`` for the forward passes (a compiled version of it).
+    """
+    if prompt.dim() != 2 or prompt.size(1) < 1:
+        raise ValueError(f"prompt must be (batch, length >= 1) token ids, got shape {tuple(prompt.shape)}")
+    forward = forward or model
+    block_size = model.block_size
+    keep = block_size // 2 if window_keep is None else window_keep
+    if not 1 <= keep <= block_size:
+        raise ValueError(f"window_keep={keep}: must be in 1..{block_size} (block_size={block_size})")
+    B, P = prompt.shape
+    out = torch.empty(B, P + max_new_tokens, dtype=torch.long, device=prompt.device)
+    out[:, :P] = prompt
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        return sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+
+    if not kv_cache:
+        for n in range(P, P + max_new_tokens):
+            logits, _ = forward(out[:, max(0, n - block_size) : n])  # the whole (cropped) context
+            out[:, n : n + 1] = pick(logits)
+        return out
+
+    cache = KVCache(model, B)
+    logits, _ = forward(out[:, max(0, P - block_size) : P], kv_cache=cache)  # prefill
+    for n in range(P, P + max_new_tokens):
+        token = pick(logits)
+        out[:, n : n + 1] = token
+        if n + 1 == P + max_new_tokens:
+            break
+        if cache.full:  # re-prefill from the latest window, renumbered from position 0
+            cache.reset()
+            logits, _ = forward(out[:, n + 1 - keep : n + 1], kv_cache=cache)
+        else:  # one new position
+            logits, _ = forward(token, kv_cache=cache)
+    return out
+
+
+def timed_generate(model, prompt, max_new_tokens, device: torch.device, seed: int, **kwargs):
+    """``generate`` with a fresh generator seeded with ``seed``; returns (tokens, seconds)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    _sync(device)
+    started = time.perf_counter()
+    tokens = generate(model, prompt, max_new_tokens, generator=generator, **kwargs)
+    _sync(device)
+    return tokens, time.perf_counter() - started
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def encode_prompt(corpus, text: str, vocab_size: int) -> List[int]:
+    """The prompt as token ids; problems name ``inference.prompt``."""
+    try:
+        ids = corpus.encode(text)
+    except UserError as exc:
+        raise UserError(f"inference.prompt={text!r}: {exc}") from None
+    except ValueError:
+        raise UserError(
+            f"inference.prompt={text!r}: this corpus takes space-separated token ids (e.g. inference.prompt='0 1 2')"
+        ) from None
+    if not ids:
+        raise UserError(f"inference.prompt={text!r}: encodes to no tokens; give at least one (for token ids: '0 1 2')")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise UserError(f"inference.prompt={text!r}: token {bad[0]} is outside the vocabulary 0..{vocab_size - 1}")
+    return ids
+
+
+def compile_for_cuda_graphs(model: nn.Module, device: torch.device):
+    """``enable_cuda_graph``: the model's forward under torch.compile(mode="reduce-overhead")."""
+    if device.type != "cuda":
+        raise UserError(f"inference.enable_cuda_graph=true: CUDA graphs need a CUDA device, this run is on {device.type}")
+    log.info("enable_cuda_graph: torch.compile(mode='reduce-overhead'); CUDA graphs are recorded on first use")
+    return torch.compile(model, mode="reduce-overhead", dynamic=True)
+
+
+def infer(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """``task=infer``: load ``inference.checkpoint``, sample, print and save the samples; returns metrics."""
+    from ds_hydra.inference.config import new_tokens
+    from ds_hydra.inference.loading import load_run
+    from ds_hydra.training.run_dir import resolve_run_dir
+
+    icfg = cfg.inference
+    if icfg.mode.value == "eval":
+        from ds_hydra.inference.evaluate import evaluate
+
+        return evaluate(cfg, run_dir)
+    run = load_run(icfg.checkpoint, icfg.device, icfg.dtype.value, list(cfg.get("allowed_targets") or []))
+    out_dir = _output_dir(resolve_run_dir(run_dir), run.run_dir)
+    if icfg.replace_with_kernel_inject:
+        log.info("replace_with_kernel_inject: nothing to inject; attention already runs through fused SDPA kernels")
+    forward = compile_for_cuda_graphs(run.model, run.device) if icfg.enable_cuda_graph else None
+    if run.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    ids = encode_prompt(run.corpus, icfg.prompt, run.model.vocab_size)
+    prompt = torch.tensor([ids] * icfg.num_samples, dtype=torch.long, device=run.device)  # (B, P)
+    n_new = new_tokens(icfg)
+    sampling = dict(temperature=icfg.temperature, top_k=icfg.top_k, top_p=icfg.top_p, forward=forward)
+    log.info(
+        "loaded %s (step %d) on %s in %s; %d sample(s) of %d new tokens, temperature %g, top_k %s, top_p %g, seed %d",
+        run.checkpoint, run.step, run.device, str(run.dtype).replace("torch.", ""), icfg.num_samples, n_new,
+        icfg.temperature, icfg.top_k, icfg.top_p, icfg.seed,
+    )
+
+    tokens, seconds = timed_generate(run.model, prompt, n_new, run.device, icfg.seed, kv_cache=icfg.kv_cache, **sampling)
+    produced = icfg.num_samples * n_new
+    metrics: Dict[str, Any] = {
+        "checkpoint": str(run.checkpoint),
+        "step": run.step,
+        "kv_cache": icfg.kv_cache,
+        "new_tokens": n_new,
+        "num_samples": icfg.num_samples,
+        "tokens_per_s": produced / seconds,
+    }
+    if icfg.compare:
+        other, other_s = timed_generate(
+            run.model, prompt, n_new, run.device, icfg.seed, kv_cache=not icfg.kv_cache, **sampling
+        )
+        cached_s, uncached_s = (seconds, other_s) if icfg.kv_cache else (other_s, seconds)
+        within = min(tokens.size(1), run.model.block_size)  # where the two loops see the same context
+        metrics.update(
+            tokens_per_s_kv_cache=produced / cached_s,
+            tokens_per_s_no_cache=produced / uncached_s,
+            kv_cache_speedup=uncached_s / cached_s,
+            same_tokens_within_block=bool(torch.equal(tokens[:, :within], other[:, :within])),
+            same_tokens=bool(torch.equal(tokens, other)),
+        )
+        log.info(
+            "tokens/s: %.0f with KV cache, %.0f without (%.2fx); same tokens within block_size=%d: %s, overall: %s",
+            metrics["tokens_per_s_kv_cache"], metrics["tokens_per_s_no_cache"], metrics["kv_cache_speedup"],
+            run.model.block_size, metrics["same_tokens_within_block"], metrics["same_tokens"],
+        )
+    else:
+        log.info("tokens/s: %.0f (kv_cache=%s)", metrics["tokens_per_s"], icfg.kv_cache)
+
+    texts = [run.corpus.decode(row.tolist()) for row in tokens.cpu()]
+    samples_path = out_dir / SAMPLES_FILE
+    samples_path.write_text("".join(f"{text}\n{'-' * 16}\n" for text in texts), encoding="utf-8")
+    metrics["samples"] = texts
+    metrics["samples_file"] = str(samples_path)
+    (out_dir / REPORT_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    for text in texts:
+        print(text, "-" * 16, sep="\n", flush=True)
+    log.info("samples written to %s", samples_path)
+    return metrics
+
+
+def _output_dir(out_dir: Path, trained_run: Path) -> Path:
+    """The infer invocation's own run dir; never the trained run's (its files are read-only to us)."""
+    if out_dir.resolve() == trained_run.resolve():
+        raise UserError(
+            f"hydra.run.dir={out_dir}: is the trained run given as inference.checkpoint; "
+            "inference writes into its own run dir (leave hydra.run.dir unset)"
+        )
+    return out_dir
