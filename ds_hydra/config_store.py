@@ -15,7 +15,7 @@ from omegaconf import MISSING, OmegaConf
 
 from ds_hydra.activation_checkpointing.config import CkptConfig
 from ds_hydra.data.config import CharCorpusConfig, SyntheticConfig
-from ds_hydra.engine.config import EngineConfig
+from ds_hydra.engine.config import AutoEngineConfig, DDPEngineConfig, DeepSpeedEngineConfig, FSDPEngineConfig
 from ds_hydra.inference.config import InferenceConfig
 from ds_hydra.models.config import GPTConfig
 from ds_hydra.optim.config import (
@@ -45,6 +45,7 @@ class Task(Enum):
     infer = "infer"  # sample from a trained run (inference.checkpoint); inference.mode=eval evaluates instead
     eval = "eval"  # validation loss and perplexity of a trained run's checkpoint
     validate = "validate"  # check the config, print param groups, LR curve and checkpoint plan; build nothing heavy
+    export_deepspeed = "export_deepspeed"  # write the DeepSpeed JSON of engine=deepspeed without training
 
 
 @dataclass
@@ -63,7 +64,8 @@ class DSHydraConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    engine: Any = MISSING
+    """auto, ddp, fsdp or deepspeed (conf/engine)."""
     allowed_targets: List[str] = field(default_factory=list)
     """Extra module prefixes whose callables configs may instantiate via _target_."""
     name: Optional[str] = None
@@ -97,7 +99,10 @@ SCHEMAS = [
     ("trainer", "trainer", TrainerConfig),
     ("logger", "logger", LoggerConfig),
     ("inference", "inference", InferenceConfig),
-    ("engine", "engine", EngineConfig),
+    ("engine", "auto", AutoEngineConfig),
+    ("engine", "ddp", DDPEngineConfig),
+    ("engine", "fsdp", FSDPEngineConfig),
+    ("engine", "deepspeed", DeepSpeedEngineConfig),
 ]
 
 

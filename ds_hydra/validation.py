@@ -5,6 +5,7 @@ from typing import List
 
 from ds_hydra.activation_checkpointing.config import validate_ckpt
 from ds_hydra.data.config import validate_data
+from ds_hydra.engine.config import validate_engine
 from ds_hydra.errors import ConfigError
 from ds_hydra.inference.config import validate_inference
 from ds_hydra.models.config import validate_model
@@ -24,6 +25,7 @@ def config_problems(cfg) -> List[str]:
         problems += validate_scheduler(cfg.scheduler, max_steps=cfg.trainer.max_steps)
     problems += validate_ckpt(cfg.ckpt, n_blocks=cfg.model.n_layer)
     problems += validate_inference(cfg.inference, task=cfg.task.value)
+    problems += validate_engine(cfg.engine, cfg.trainer, task=cfg.task.value)
     return problems
 
 

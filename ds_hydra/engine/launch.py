@@ -1,0 +1,169 @@
+"""What ``cli_main`` does before Hydra composes, when a launcher started several processes.
+
+Hydra resolves ``hydra.run.dir`` in every process on its own, so ``${now:...}`` can differ between
+ranks (one run directory per rank) and every rank writes ``.hydra/`` and the same log file. Here the
+ranks agree on one run directory instead:
+
+1. every rank creates the process group (from the launcher's environment) before Hydra runs;
+2. rank 0 runs Hydra as usual; once its run directory exists (in the task function) it broadcasts
+   the path (``share_run_dir``);
+3. every other rank waits for that path and runs Hydra with ``hydra.run.dir=<path>`` and
+   ``hydra.output_subdir=null``: same directory, no ``.hydra/`` of its own;
+4. every rank logs to ``rank{N}.log`` (``hydra.job.name=rank{N}``); only rank 0 prints INFO lines.
+
+If rank 0 stops before sharing (a config error, ``--cfg job``), it broadcasts that instead and the
+other ranks exit with its status, printing nothing (rank 0 already said what is wrong).
+
+Launchers that pass ``--local-rank=N``/``--local_rank=N`` (``torch.distributed.launch``, the deepspeed
+launcher) are accepted: the argument is removed before Hydra parses the command line and exported as
+``LOCAL_RANK``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import List, Optional, Sequence
+
+from ds_hydra.errors import EXIT_USAGE, UserError
+
+_LOCAL_RANK_FLAGS = ("--local-rank", "--local_rank")
+_MULTIRUN_FLAGS = ("-m", "--multirun")
+
+# Rank 0 owes the other ranks one broadcast (the run dir, or why there is none).
+_owed = False
+
+
+def strip_local_rank(argv: Sequence[str]) -> List[str]:
+    """``argv`` without ``--local-rank=N``/``--local_rank N``; N goes to ``LOCAL_RANK`` if unset."""
+    out: List[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        if flag in _LOCAL_RANK_FLAGS:
+            if not eq:
+                if i + 1 >= len(args):
+                    raise UserError(f"{flag}: needs a value (the process's rank on its node)")
+                value = args[i + 1]
+                i += 1
+            os.environ.setdefault("LOCAL_RANK", value)
+            i += 1
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def multi_process() -> bool:
+    from ds_hydra.engine.distributed import env_world_size
+
+    return env_world_size() > 1
+
+
+def before_hydra(args: Sequence[str]) -> List[str]:
+    """Under a multi-process launch: create the process group and agree on the run dir; returns the
+    arguments Hydra should parse (``sys.argv[1:]``). A single process gets ``args`` back unchanged."""
+    global _owed
+    if not multi_process():
+        return list(args)
+    if any(arg in _MULTIRUN_FLAGS for arg in args):
+        raise UserError("--multirun: not with several processes; start one torchrun per run (or sweep with a launcher plugin)")
+    import torch
+    import torch.distributed as dist
+
+    from ds_hydra.engine.distributed import PROCESS_GROUP_TIMEOUT, env_local_rank
+
+    if torch.cuda.is_available() and env_local_rank() < torch.cuda.device_count():
+        torch.cuda.set_device(env_local_rank())
+    if not dist.is_initialized():
+        # No backend named: gloo for CPU tensors, plus NCCL for CUDA tensors when there are GPUs.
+        dist.init_process_group(timeout=PROCESS_GROUP_TIMEOUT)
+    rank = dist.get_rank()
+    extra = [f"hydra.job.name=rank{rank}"]
+    if rank == 0:
+        _owed = True
+    else:
+        status, run_dir = _receive()
+        if run_dir is None:
+            _finish_process_group()
+            sys.exit(status)
+        extra += [f"hydra.run.dir={_quote(run_dir)}", "hydra.output_subdir=null"]
+    return [*args, *extra]
+
+
+def share_run_dir(run_dir: str) -> None:
+    """Rank 0, once Hydra made the run dir: send it to the other ranks (no-op elsewhere or when done)."""
+    global _owed
+    if _owed:
+        _owed = False
+        _broadcast((0, str(run_dir)))
+
+
+def on_task_start() -> None:
+    """First thing in the task function: rank 0 shares Hydra's run dir; other ranks quiet their console."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if _owed and HydraConfig.initialized():
+        share_run_dir(HydraConfig.get().runtime.output_dir)
+    quiet_console_on_other_ranks()
+
+
+def after_hydra() -> None:
+    """In ``cli_main``'s ``finally``: if rank 0 never shared a run dir, tell the others to exit with
+    its status (the exit code in flight, 0 without one), then close the process group."""
+    global _owed
+    if _owed:
+        _owed = False
+        exc = sys.exc_info()[1]
+        if exc is None:
+            status = 0
+        elif isinstance(exc, SystemExit):
+            status = exc.code if isinstance(exc.code, int) else 1
+        else:
+            status = exit_status_for(exc)
+        _broadcast((status, None))
+    _finish_process_group()
+
+
+def quiet_console_on_other_ranks() -> None:
+    """Ranks other than 0 print only warnings and errors (their full log is in rank{N}.log)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
+def _broadcast(message) -> None:
+    import torch.distributed as dist
+
+    dist.broadcast_object_list([message], src=0)
+
+
+def _receive():
+    import torch.distributed as dist
+
+    box: List[Optional[tuple]] = [None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _finish_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _quote(value: str) -> str:
+    """A Hydra override value for a path: single-quoted, quotes and backslashes escaped."""
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def exit_status_for(exc: BaseException) -> int:
+    return EXIT_USAGE if isinstance(exc, UserError) else 1
