@@ -1,12 +1,30 @@
-"""Activation checkpointing: recompute chosen blocks in backward instead of storing their activations."""
+"""Activation checkpointing: recompute chosen blocks in backward instead of storing their activations.
+
+One call applies a policy (``checkpoint_activations(model, **ckpt)``; the keywords are the ``ckpt``
+config group's fields), one call removes it (``remove_activation_checkpointing``), and
+``SavedActivationCounter`` measures what a forward keeps for backward. Modules, one per concern:
+``config`` (schema, torch-free), ``blocks`` (finding the block list), ``policies`` (which blocks),
+``selective`` (per-op saving), ``planner`` (probe, memory predictions, budget plans), ``counter``
+(saved-bytes counting), ``offload`` (host memory), ``apply`` (wiring it into the model).
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "checkpoint_activations": "apply",
+    "remove_activation_checkpointing": "apply",
+    "checkpointing_state": "apply",
+    "find_blocks": "blocks",
+    "SavedActivationCounter": "counter",
+    "probe": "planner",
+    "ActivationProfile": "planner",
+    "CkptConfig": "config",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    if name in ("checkpoint_activations", "remove_activation_checkpointing", "find_blocks"):
-        from ds_hydra.activation_checkpointing import apply
-
-        return getattr(apply, name)
-    raise AttributeError(name)
-
-
-__all__ = ["checkpoint_activations", "remove_activation_checkpointing", "find_blocks"]
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{module}"), name)

@@ -1,66 +1,436 @@
-"""Apply activation checkpointing to a model's block list."""
+"""``checkpoint_activations(model, **ckpt)``: recompute chosen blocks in backward instead of storing
+their activations; ``remove_activation_checkpointing(model)`` undoes it.
+
+The model is changed in place and keeps its module tree: each checkpointed block's class is swapped
+for a subclass whose ``forward`` runs the original one under ``torch.utils.checkpoint`` (non-reentrant,
+RNG state replayed), so parameter names and state_dict keys do not change, and ``block.compile()``
+still compiles each block. A region of several blocks (``segments=K`` with K < L) is run by its first
+block; the others hand the parent the outputs already computed, after checking that the parent
+called them in order with the previous block's output (the sequential contract of
+checkpoint_sequential and DeepSpeed, checked rather than assumed). Without grad (evaluation,
+generation) every block runs its own forward as if nothing had changed.
+"""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import functools
+import logging
+import time
+from dataclasses import fields
+from typing import Any, Dict, List, Optional, Sequence
 
+import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils._pytree import tree_leaves
 
-from ds_hydra.errors import UserError
+from ds_hydra.activation_checkpointing.blocks import find_blocks, original_class
+from ds_hydra.activation_checkpointing.config import (
+    TYPICAL_BLOCK_SAVE_RATIO,
+    CkptConfig,
+    any_policy,
+    effective_segments,
+    format_bytes,
+    parse_budget,
+    validate_ckpt,
+)
+from ds_hydra.activation_checkpointing.counter import note_kept
+from ds_hydra.activation_checkpointing.offload import Offload
+from ds_hydra.activation_checkpointing.planner import (
+    ActivationProfile,
+    _norm_buffers,
+    describe_regions,
+    plan_for_budget,
+    probe,
+    restore_buffers,
+    segment_advice,
+)
+from ds_hydra.activation_checkpointing.policies import (
+    Region,
+    every_n_blocks,
+    per_block_regions,
+    segment_regions,
+)
+from ds_hydra.activation_checkpointing.selective import (
+    OpRecorder,
+    SaveOps,
+    check_matched,
+    make_context_fn,
+    selective_available,
+)
+from ds_hydra.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+STATE_ATTR = "_ds_hydra_checkpointing"  # on the model: its CheckpointingState
+ROLE_ATTR = "_ds_hydra_ckpt_role"  # on each checkpointed block: its place in a region
+
+__all__ = ["checkpoint_activations", "remove_activation_checkpointing", "find_blocks", "CheckpointingState"]
 
 
-class CheckpointedSegment(nn.Module):
-    """Runs consecutive blocks and lets autograd recompute them in backward (RNG state replayed)."""
-
-    def __init__(self, blocks: List[nn.Module]):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def _run(self, x, *args, **kwargs):
-        for block in self.blocks:
-            x = block(x, *args, **kwargs)
-        return x
-
-    def forward(self, x, *args, **kwargs):
-        return checkpoint(self._run, x, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+# -- the swapped classes --------------------------------------------------------------------------------
+def _checkpointed_forward(self, *args, **kwargs):
+    return getattr(self, ROLE_ATTR)(self, args, kwargs)
 
 
-def find_blocks(model: nn.Module, blocks: Optional[str] = None) -> Tuple[str, nn.ModuleList]:
-    """The block list: the module at dotted path ``blocks``, else the longest ModuleList of one type."""
-    if blocks:
+_SUBCLASSES: Dict[type, type] = {}
+
+
+def _checkpointed_class(cls: type) -> type:
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        sub = type(cls.__name__, (cls,), {
+            "forward": _checkpointed_forward,
+            "_ds_hydra_original_class": cls,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        })
+        _SUBCLASSES[cls] = sub
+    return sub
+
+
+def _original_forward(block: nn.Module):
+    return functools.partial(original_class(block).forward, block)
+
+
+def _hidden(output, where: str):
+    """The part of a block's output the next block takes: the tensor, or the first item of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise UserError(
+        f"ckpt.segments: {where} returned {type(output).__name__}, and a segment of several blocks passes each "
+        f"block's output (a tensor, or the first item of a tuple) to the next; use per-block checkpointing "
+        f"(ckpt.full=true or ckpt.segments=<number of blocks>) for such blocks"
+    )
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001  (objects without a usable ==)
+        return a is b
+
+
+class _Pending:
+    """Outputs of a multi-block region, handed out as the parent calls the region's later blocks."""
+
+    def __init__(self, outputs, args, kwargs):
+        self.outputs = outputs
+        self.extra_args = args[1:]
+        self.kwargs = kwargs
+        self.next = 1
+
+
+class _Runner:
+    """Runs one checkpointed region (``state.regions[index]``)."""
+
+    def __init__(self, state: "CheckpointingState", index: int, region: Region, blocks: List[nn.Module]):
+        self.state = state
+        self.index = index
+        self.region = region
+        self.blocks = blocks
+        self.pending: Optional[_Pending] = None
+        self.in_forward = False
+        self.norm_buffers = _norm_buffers(blocks)
+        self.context_fn = make_context_fn(state.save_ops, state.recorder) if region.selective else None
+
+    # the region's blocks, run as the parent would: each takes the previous one's output
+    def _run(self, *args, **kwargs):
+        if self.region.size == 1:
+            return _original_forward(self.blocks[0])(*args, **kwargs)
+        outputs = []
+        for j, block in enumerate(self.blocks):
+            out = _original_forward(block)(*args, **kwargs)
+            outputs.append(out)
+            args = (_hidden(out, f"block {self.region.start + j}"), *args[1:])
+        return tuple(outputs)
+
+    def _timed_run(self, *args, **kwargs):
+        state, recompute = self.state, not self.in_forward
+        sync = state.synchronize and _on_cuda(args)
+        if recompute and self.norm_buffers:
+            restoring = restore_buffers(self.norm_buffers)  # running stats were updated in forward already
+        else:
+            restoring = None
+        if sync:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
         try:
-            module = model.get_submodule(blocks)
-        except AttributeError:
-            raise UserError(f"ckpt.blocks={blocks}: no such submodule") from None
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
-            raise UserError(f"ckpt.blocks={blocks}: is a {type(module).__name__}, not a ModuleList or Sequential")
-        return blocks, module
-    best = None
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 0:
-            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best[1])):
-                best = (name, module)
-    if best is None:
-        raise UserError("no block list found: the model has no ModuleList/Sequential of same-type modules; name one with ckpt.blocks")
-    return best
+            if restoring is None:
+                return self._run(*args, **kwargs)
+            with restoring:
+                return self._run(*args, **kwargs)
+        finally:
+            if sync:
+                torch.cuda.synchronize()
+            if state.profile:
+                state.record(self.index, "recompute" if recompute else "forward", time.perf_counter() - started)
+
+    def first(self, block: nn.Module, args, kwargs):
+        """The parent called the region's first block: run the whole region under checkpoint."""
+        if not torch.is_grad_enabled():
+            return _original_forward(block)(*args, **kwargs)
+        state = self.state
+        note_kept(args)  # the region keeps its inputs for the recompute
+        run = self._timed_run if (state.profile or state.synchronize or self.norm_buffers) else self._run
+        self.in_forward = True
+        try:
+            if state.use_reentrant:
+                if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(kwargs)):
+                    raise UserError(
+                        f"ckpt.use_reentrant=true: block {self.region.start} gets a keyword tensor that needs a gradient, "
+                        f"which the reentrant checkpoint cannot pass; use ckpt.use_reentrant=false"
+                    )
+                outputs = checkpoint(functools.partial(run, **kwargs), *args, use_reentrant=True,
+                                     preserve_rng_state=state.preserve_rng_state)
+            else:
+                extra = {"context_fn": self.context_fn} if self.context_fn is not None else {}
+                outputs = checkpoint(functools.partial(run, **kwargs), *args, use_reentrant=False,
+                                     preserve_rng_state=state.preserve_rng_state, **extra)
+        finally:
+            self.in_forward = False
+        if self.region.selective:
+            state.selective_region_ran(self.index)
+        if self.region.size == 1:
+            return outputs
+        self.pending = _Pending(outputs, args, kwargs)
+        return outputs[0]
+
+    def later(self, position: int, block: nn.Module, args, kwargs):
+        """The parent called a later block of the region: hand it the output computed with the region."""
+        if not torch.is_grad_enabled():
+            return _original_forward(block)(*args, **kwargs)
+        index = self.region.start + position
+        pending = self.pending
+        if pending is None or pending.next != position:
+            raise UserError(
+                f"ckpt.segments: block {index} was called before block {index - 1} of its segment; segments of "
+                f"several blocks need the parent to call the blocks in order; use per-block checkpointing "
+                f"(ckpt.full=true) for this model"
+            )
+        expected = _hidden(pending.outputs[position - 1], f"block {index - 1}")
+        same_input = bool(args) and args[0] is expected
+        same_rest = (
+            len(args[1:]) == len(pending.extra_args)
+            and all(_same(a, b) for a, b in zip(args[1:], pending.extra_args))
+            and pending.kwargs.keys() == kwargs.keys()
+            and all(_same(kwargs[k], pending.kwargs[k]) for k in kwargs)
+        )
+        if not (same_input and same_rest):
+            self.pending = None
+            what = "the previous block's output" if not same_input else "the same other arguments as the segment's first block"
+            raise UserError(
+                f"ckpt.segments: block {index} was not called with {what}, so its segment cannot run it ahead of "
+                f"time; use per-block checkpointing (ckpt.full=true, ckpt.every_n or ckpt.segments=<number of blocks>)"
+            )
+        out = pending.outputs[position]
+        pending.next += 1
+        if pending.next == self.region.size:
+            self.pending = None  # release the outputs: the parent holds what it still needs
+        return out
 
 
-def checkpoint_activations(model: nn.Module, segments: int = 0, checkpoint_last: bool = False, blocks: Optional[str] = None) -> nn.Module:
-    """Checkpoint ``segments`` contiguous segments of the model's blocks, in place; returns the model."""
-    if segments == 0:
+def _on_cuda(args) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tree_leaves(args))
+
+
+class _Role:
+    """What a checkpointed block does when called: run its region, or hand out its precomputed output."""
+
+    def __init__(self, runner: _Runner, position: int):
+        self.runner = runner
+        self.position = position
+
+    def __call__(self, block, args, kwargs):
+        if self.position == 0:
+            return self.runner.first(block, args, kwargs)
+        return self.runner.later(self.position, block, args, kwargs)
+
+
+# -- per-model state ------------------------------------------------------------------------------------
+class CheckpointingState:
+    """Everything checkpointing keeps for one model: its config, plan, profile and timing records."""
+
+    def __init__(self, cfg: CkptConfig, path: str, regions: List[Region], n_blocks: int,
+                 save_ops: Optional[SaveOps], profile: Optional[ActivationProfile]):
+        self.cfg = cfg
+        self.path = path
+        self.regions = regions
+        self.n_blocks = n_blocks
+        self.save_ops = save_ops
+        self.activation_profile = profile
+        self.use_reentrant = cfg.use_reentrant
+        self.preserve_rng_state = cfg.preserve_rng_state
+        self.synchronize = cfg.synchronize_checkpoint_boundary
+        self.profile = cfg.profile
+        self.recorder = OpRecorder() if cfg.selective else None
+        self.offload: Optional[Offload] = None
+        self.blocks: List[nn.Module] = []
+        self.times: Dict[int, Dict[str, float]] = {}
+        self.last_times: Dict[int, Dict[str, float]] = {}
+
+    @property
+    def checkpointed_blocks(self) -> List[int]:
+        return [i for r in self.regions for i in range(r.start, r.end)]
+
+    def selective_region_ran(self, index: int) -> None:
+        recorder = self.recorder
+        if recorder is None or recorder.checked:
+            return
+        recorder.regions_run.add(index)
+        if len(recorder.regions_run) == sum(r.selective for r in self.regions):
+            recorder.checked = True
+            check_matched(self.save_ops, recorder.ops)
+
+    def record(self, index: int, phase: str, seconds: float) -> None:
+        self.times.setdefault(index, {})[phase] = seconds * 1e3
+        if phase == "recompute" and index == 0:  # backward recomputes the first region last
+            self.last_times = self.times
+            self.times = {}
+            parts = []
+            for i, region in enumerate(self.regions):
+                t = self.last_times.get(i, {})
+                parts.append(
+                    f"{region.describe()}: forward {t.get('forward', float('nan')):.1f} ms, "
+                    f"recompute {t.get('recompute', float('nan')):.1f} ms"
+                )
+            log.info("ckpt.profile: %s", "; ".join(parts))
+
+
+# -- the API ----------------------------------------------------------------------------------------------
+def _config(ckpt: Dict[str, Any]) -> CkptConfig:
+    names = [f.name for f in fields(CkptConfig)]
+    unknown = sorted(set(ckpt) - set(names))
+    if unknown:
+        raise UserError(f"checkpoint_activations: unknown argument(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
+    return CkptConfig(**ckpt)
+
+
+def _choose_regions(cfg: CkptConfig, n: int, profile: Optional[ActivationProfile],
+                    save_ops: Optional[SaveOps]) -> List[Region]:
+    selective = bool(cfg.selective)
+    segments = effective_segments(cfg)
+    if segments:
+        return segment_regions(n, segments, cfg.checkpoint_last, selective)
+    if cfg.full:
+        return per_block_regions(range(n), selective)
+    if cfg.every_n:
+        return per_block_regions(every_n_blocks(n, cfg.every_n), selective)
+    budget = parse_budget(cfg.memory_budget)
+    if budget is not None:
+        kind, value = budget
+        limit = int(value * profile.kept_bytes([])) if kind == "fraction" else value
+        return plan_for_budget(profile, limit, selective=save_ops is not None)
+    if selective:
+        return per_block_regions(range(n), True)
+    return []
+
+
+def checkpoint_activations(model: nn.Module, example_input: Any = None, **ckpt) -> nn.Module:
+    """Apply the activation-checkpointing policy ``ckpt`` (the fields of ``CkptConfig``) to ``model``
+    in place and return it. ``example_input``: a batch of the real shape (a tensor, a tuple of
+    arguments, a dict of keyword arguments, or a callable returning one); ``memory_budget`` needs it,
+    and with it the plan's memory is measured and logged. Applying again replaces the previous plan;
+    with every policy off the model is left untouched."""
+    cfg = _config(ckpt)
+    remove_activation_checkpointing(model)
+    if not any_policy(cfg):
+        problems = validate_ckpt(cfg, None)  # e.g. profile=true with nothing to profile
+        if problems:
+            raise ConfigError(problems)
         return model
-    path, block_list = find_blocks(model, blocks)
-    n = len(block_list)
-    if not 1 <= segments <= n:
-        raise UserError(f"ckpt.segments={segments}: must be 0..{n} (the model has {n} blocks)")
-    bounds = [round(i * n / segments) for i in range(segments + 1)]
-    last = segments if checkpoint_last else segments - 1
-    for s in range(segments):
-        if s >= last:
-            break
-        start, end = bounds[s], bounds[s + 1]
-        segment = CheckpointedSegment([block_list[i] for i in range(start, end)])
-        block_list[start] = segment
-        for i in range(start + 1, end):
-            block_list[i] = nn.Identity()
+    path, container = find_blocks(model, cfg.blocks)
+    blocks = list(container)
+    problems = validate_ckpt(cfg, len(blocks))
+    if problems:
+        raise ConfigError(problems)
+    n = len(blocks)
+    budget = cfg.memory_budget is not None
+    if cfg.selective and not selective_available():
+        raise UserError(
+            f"ckpt.selective=true: needs torch >= 2.4 (torch.utils.checkpoint.create_selective_checkpoint_contexts); "
+            f"this is torch {torch.__version__}"
+        )
+    use_selective = (cfg.selective or budget) and selective_available() and not cfg.use_reentrant
+    save_ops = SaveOps(cfg.save_ops) if use_selective else None
+    if budget and example_input is None:
+        raise UserError(
+            f"ckpt.memory_budget={cfg.memory_budget}: the plan is measured on a batch; pass "
+            f"checkpoint_activations(model, example_input=<a batch>, ...) (the trainer does)"
+        )
+    profile = None
+    if example_input is not None and (budget or cfg.selective or effective_segments(cfg) or cfg.full or cfg.every_n):
+        profile = probe(model, blocks, example_input, save_ops)
+        if cfg.selective:
+            check_matched(save_ops, profile.ops)
+    regions = _choose_regions(cfg, n, profile, save_ops)
+
+    state = CheckpointingState(cfg, path, regions, n, save_ops, profile)
+    if profile is not None and state.recorder is not None:
+        state.recorder.checked = True
+    for index, region in enumerate(regions):
+        members = blocks[region.start:region.end]
+        runner = _Runner(state, index, region, members)
+        for position, block in enumerate(members):
+            if "forward" in block.__dict__:
+                raise UserError(
+                    f"ckpt: block {region.start + position} of {path} has its forward replaced on the instance; "
+                    f"checkpointing needs the class's forward"
+                )
+            setattr(block, ROLE_ATTR, _Role(runner, position))
+            block.__class__ = _checkpointed_class(type(block))
+            state.blocks.append(block)
+    if cfg.offload or cfg.cpu_checkpointing:
+        state.offload = Offload(model)
+    model.__dict__[STATE_ATTR] = state
+    _log_plan(state, cfg, path, blocks)
     return model
+
+
+def _log_plan(state: CheckpointingState, cfg: CkptConfig, path: str, blocks: Sequence[nn.Module]) -> None:
+    n = len(blocks)
+    kind = original_class(blocks[0]).__name__
+    line = f"activation checkpointing: {path} ({n} x {kind}): {describe_regions(state.regions, n)}"
+    if state.offload is not None:
+        line += "; saved activations offloaded to host memory on CUDA"
+    profile = state.activation_profile
+    if profile is not None:
+        none = profile.kept_bytes([])
+        kept = profile.kept_bytes(state.regions)
+        line += (
+            f"; kept for backward {format_bytes(kept)} (none: {format_bytes(none)}, {kept / max(none, 1):.2f}x), "
+            f"predicted step peak {format_bytes(profile.peak_bytes(state.regions))} above the parameters "
+            f"(none: {format_bytes(profile.peak_bytes([]))}); {profile.describe()}"
+        )
+        if cfg.memory_budget is not None:
+            kind_value = parse_budget(cfg.memory_budget)
+            limit = int(kind_value[1] * none) if kind_value[0] == "fraction" else kind_value[1]
+            line += f"; budget {format_bytes(limit)}"
+    log.info(line)
+    segments = effective_segments(cfg)
+    if segments:
+        ratio = profile.A / max(profile.b, 1) if profile is not None else TYPICAL_BLOCK_SAVE_RATIO
+        advice = segment_advice(n, segments, ratio)
+        if advice:
+            assumed = "" if profile is not None else f" (A/b assumed {ratio:.0f}; pass example_input to measure it)"
+            log.info("%s%s", advice, assumed)
+
+
+def remove_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Undo ``checkpoint_activations`` in place (blocks get their classes back); returns the model."""
+    state = model.__dict__.pop(STATE_ATTR, None)
+    if state is not None and state.offload is not None:
+        state.offload.remove()
+    for module in model.modules():
+        if ROLE_ATTR in module.__dict__:
+            del module.__dict__[ROLE_ATTR]
+            module.__class__ = original_class(module)
+    return model
+
+
+def checkpointing_state(model: nn.Module) -> Optional[CheckpointingState]:
+    """The model's checkpointing state (plan, profile, timings), or None."""
+    return model.__dict__.get(STATE_ATTR)
