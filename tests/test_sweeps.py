@@ -230,7 +230,9 @@ def test_submitit_local_launcher(tmp_path):
 def test_every_experiment_preset_trains_two_steps(tmp_path):
     sweep_dir = tmp_path / "experiments"
     presets = sorted(p.stem for p in (Path(cli.__file__).resolve().parent.parent / "conf" / "experiment").glob("*.yaml"))
+    # each preset as it is, but 2 steps of 2 short sequences: a smoke test of the preset, not its cost
     proc = run_cli(["-m", "experiment=glob(*)", "trainer.max_steps=2", "trainer.batch_size=2", "trainer.eval_batches=1",
+                    "trainer.grad_accum_steps=1", "model.block_size=64",
                     "trainer.eval_interval=0", "trainer.device=cpu", "trainer.compile=false", "trainer.precision=fp32",
                     "trainer.progress=false", "scheduler.warmup_steps=0", "scheduler.total_steps=2",
                     f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, timeout=900)
