@@ -180,8 +180,9 @@ def test_cpu_trainer_reports_no_mfu_without_a_peak(tmp_path):
 def test_bad_peak_and_small_vocab_are_user_errors(tmp_path):
     from ds_hydra.validation import config_problems
 
-    problems = config_problems(compose([*TINY, "trainer.peak_tflops=-1"]))
-    assert any(p.startswith("trainer.peak_tflops=-1") for p in problems)
+    problems = config_problems(compose([*TINY, "trainer.peak_tflops=-1", "model.head_chunk_tokens=-2"]))
+    assert any(p.startswith("trainer.peak_tflops=-1") and "must be > 0" in p for p in problems)
+    assert any(p.startswith("model.head_chunk_tokens=-2: must be >= 0") for p in problems)
     with pytest.raises(UserError, match=r"model.vocab_size=10: the data has 65 distinct tokens"):
         Trainer(compose([*TINY, "model.vocab_size=10"]), tmp_path)
 
@@ -196,6 +197,40 @@ def test_padded_vocab_loss_is_the_real_vocabulary_cross_entropy():
     assert model.lm_head.weight.shape[0] == 128
     assert torch.equal(loss, F.cross_entropy(logits.reshape(-1, 65), y.reshape(-1)))
     assert "loss_fn" not in {n.split(".")[0] for n in model.state_dict()}  # parameter-free: state dict unchanged
+
+
+def _saved_bytes_and_grads(model: GPT, x, y):
+    """Bytes autograd saves in the forward (distinct storages), the loss and every gradient."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with saved_tensors_hooks(pack, lambda t: t):
+        logits, loss = model(x, y)
+    loss.backward()
+    return sum(storages.values()), logits, loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("chunk", [64, 100])  # whole sequences, and chunks that straddle them
+def test_chunked_head_same_loss_and_gradients_without_holding_logits(chunk):
+    B, T, V = 4, 64, 500
+    x = torch.randint(V, (B, T), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(V, (B, T), generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for tokens in (0, chunk):
+        torch.manual_seed(0)
+        model = GPT(vocab_size=V, n_layer=2, n_head=2, n_embd=32, block_size=T, pad_vocab_to=64, head_chunk_tokens=tokens)
+        runs[tokens] = _saved_bytes_and_grads(model, x, y)
+    (whole, logits, loss, grads), (chunked, no_logits, chunk_loss, chunk_grads) = runs[0], runs[chunk]
+    assert logits.shape == (B, T, V) and no_logits is None
+    assert chunk_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(chunk_grads[name], grad, rtol=1e-5, atol=1e-7)
+    assert whole - chunked >= B * T * V * 4  # the fp32 logits (B, T, V) are no longer held for backward
 
 
 def test_gpt2_124m_preset_composes():

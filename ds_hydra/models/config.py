@@ -22,6 +22,10 @@ class GPTConfig:
     """Vocabulary size; ``null`` takes it from the data set (65 for Tiny Shakespeare characters)."""
     pad_vocab_to: int = 1
     """Round the embedding table up to a multiple of this (64 speeds up GPU matmuls)."""
+    head_chunk_tokens: int = 0
+    """Compute the output layer and loss this many tokens at a time, recomputing each chunk's logits in
+    backward, so the (batch, block_size, vocab) logits are never held (forward then returns None for
+    the logits when given targets); 0: all at once. Saves memory when the vocabulary is large."""
     dropout: float = 0.0
     """Dropout on attention weights, residual branches and embeddings (0 disables it)."""
     bias: bool = False
@@ -34,6 +38,8 @@ def validate_model(cfg, prefix: str = "model") -> List[str]:
     for key in ("n_layer", "n_head", "n_embd", "block_size", "pad_vocab_to"):
         if cfg[key] < 1:
             problems.append(f"{prefix}.{key}={cfg[key]}: must be >= 1")
+    if cfg.get("head_chunk_tokens", 0) < 0:
+        problems.append(f"{prefix}.head_chunk_tokens={cfg.head_chunk_tokens}: must be >= 0 (0: no chunks)")
     if cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.n_embd % cfg.n_head:
         problems.append(
             f"{prefix}.n_embd={cfg.n_embd}: must be divisible by model.n_head={cfg.n_head}"

@@ -179,6 +179,7 @@ class GPT(nn.Module):
         dropout: float = 0.0,
         bias: bool = False,
         pad_vocab_to: int = 1,
+        head_chunk_tokens: int = 0,
     ):
         super().__init__()
         if n_embd % n_head:
@@ -194,6 +195,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(n_embd, padded_vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input and output embeddings
         self.loss_fn = VocabCrossEntropy(vocab_size)
+        self.head_chunk_tokens = head_chunk_tokens
 
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the stream's variance stays put.
@@ -209,6 +211,23 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def _chunked_head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss computed ``head_chunk_tokens`` tokens at a time, each chunk's logits recomputed in
+        backward: only one chunk's (tokens, V) logits ever exist, instead of (B, T, V) held from the
+        forward to the backward pass. Costs one more lm_head forward (2 * n_embd * V FLOPs a token)."""
+        from torch.utils.checkpoint import checkpoint
+
+        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (B * T, C), (B * T,)
+        total = None
+        for xs, ts in zip(x.split(self.head_chunk_tokens), targets.split(self.head_chunk_tokens)):
+            part = checkpoint(self._head_loss_sum, xs, ts, use_reentrant=False)
+            total = part if total is None else total + part
+        return total / (targets != -100).sum()  # F.cross_entropy's mean: over targets not ignored
+
+    def _head_loss_sum(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)[:, : self.vocab_size].float()  # (chunk, V)
+        return F.cross_entropy(logits, targets, reduction="sum")
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings are excluded by default (as in nanoGPT)."""
@@ -252,6 +271,8 @@ class GPT(nn.Module):
             return logits, None
         if x.dim() == 2:
             x = x[:, None, :]  # (B, 1, C)
+        if self.head_chunk_tokens:
+            return None, self._chunked_head_loss(x, targets)
         logits = self.lm_head(x)  # (B, T, V_padded)
         loss = self.loss_fn(logits, targets)
         return logits[..., : self.vocab_size], loss  # (B, T, V)
