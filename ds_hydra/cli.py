@@ -14,7 +14,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ds_hydra.errors import EXIT_USAGE, UserError, describe_exception
+from ds_hydra.errors import EXIT_USAGE, UserError, describe_exception, user_error_in
 
 log = logging.getLogger("ds_hydra")
 
@@ -26,24 +26,30 @@ def config_dir() -> str:
     return str(Path(__file__).resolve().parent.parent / "conf")
 
 
-# A user error of a single (non-sweep) run, handed from the task function to ``cli_main``: raising it
-# through Hydra would add Hydra's own "Error executing job" line to our one-line message.
-_run_error: Optional[UserError] = None
+# A user error (or a stop on request) of a single (non-sweep) run, handed from the task function to
+# ``cli_main``: raising it through Hydra would add Hydra's own "Error executing job" line to our line.
+_run_error: Optional[BaseException] = None
 
 
 def run_task(cfg) -> Optional[Dict[str, Any]]:
     """Hydra's task function: in a sweep, errors propagate so the sweep records the job as failed."""
     global _run_error
     from ds_hydra.sweeps import note_job_metrics, select_objective
+    from ds_hydra.training.signals import Stopped
 
     try:
         metrics = dispatch(cfg)
         note_job_metrics(metrics)  # the sweep report shows every metric, even when `objective` picks one
         return select_objective(cfg, metrics)
-    except UserError as exc:
+    except (UserError, OSError, Stopped) as exc:  # OSError: a full disk, an unwritable file
         if _in_multirun():
             raise
         _run_error = exc
+        return None
+    except Exception as exc:  # a UserError raised inside a _target_ arrives wrapped by Hydra's instantiate
+        if _in_multirun() or user_error_in(exc) is None:
+            raise
+        _run_error = user_error_in(exc)
         return None
 
 
@@ -60,6 +66,7 @@ TASKS = {
     "infer": "ds_hydra.inference.generate:infer",
     "eval": "ds_hydra.inference.evaluate:evaluate",
     "validate": "ds_hydra.validation:validate_task",
+    "resume": "ds_hydra.training.trainer:train",  # with resume=<run>: continue that run
 }
 
 
@@ -85,17 +92,31 @@ def cli_main() -> None:
     # Let composition errors reach us as exceptions so each is reported as one clear line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     main = hydra.main(version_base=None, config_path=config_dir(), config_name="config")(run_task)
+    from ds_hydra.training.preflight import RunRefused
+    from ds_hydra.training.resume import expand_resume_args
+    from ds_hydra.training.signals import Stopped, stop_on_signals
+
     try:
-        main()
+        # resume=<run>: the run's saved overrides, in its own directory (before Hydra parses argv)
+        sys.argv = [sys.argv[0], *expand_resume_args(sys.argv[1:])]
+        with stop_on_signals():  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, exit 75 (130 for Ctrl-C)
+            try:
+                main()
+            except RunRefused as refused:  # found before Hydra wrote into the run dir
+                raise refused.error from None
         _exit_if_sweep_failed()
         if _run_error is not None:
             raise _run_error
-    except (UserError, *_composition_errors()) as exc:
+    except Stopped as exc:
+        _exit_if_sweep_failed(exit=False)
+        print(f"ds_hydra: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except (UserError, OSError, *_composition_errors()) as exc:
         _exit_if_sweep_failed()
         if full_error:
             raise
         print(f"ds_hydra: error: {describe_exception(exc)}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
     except KeyboardInterrupt:
         print("ds_hydra: interrupted", file=sys.stderr)
         sys.exit(130)

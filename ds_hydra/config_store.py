@@ -44,6 +44,7 @@ class Task(Enum):
     train = "train"
     infer = "infer"  # sample from a trained run (inference.checkpoint); inference.mode=eval evaluates instead
     eval = "eval"  # validation loss and perplexity of a trained run's checkpoint
+    resume = "resume"  # continue the run named by resume=<run dir> (the same as train with resume set)
     validate = "validate"  # check the config, print param groups, LR curve and checkpoint plan; build nothing heavy
     export_deepspeed = "export_deepspeed"  # write the DeepSpeed JSON of engine=deepspeed without training
 
@@ -70,6 +71,9 @@ class DSHydraConfig:
     """Extra module prefixes whose callables configs may instantiate via _target_."""
     name: Optional[str] = None
     """Optional label of the run (shown in logs and sweep reports)."""
+    resume: Optional[str] = None
+    """A run directory (or one of its checkpoints/step_*.pt) to continue: ``python -m ds_hydra resume=<run dir>``
+    re-runs that run's saved overrides in its own directory from its newest checkpoint."""
     objective: Optional[str] = None
     """A metric name (e.g. val_loss): the task then returns that number alone, as optimizing sweepers need."""
 

@@ -7,13 +7,15 @@ turns Hydra's and OmegaConf's composition errors into the same one-line form.
 from __future__ import annotations
 
 import re
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 EXIT_USAGE = 2  # bad config or input: fix the command and run again
 
 
 class UserError(Exception):
     """A problem with the user's input; the message says what is wrong and what is allowed."""
+
+    exit_code = EXIT_USAGE  # subclasses that are not usage errors say otherwise
 
 
 class ConfigError(UserError):
@@ -28,12 +30,28 @@ class ConfigError(UserError):
             super().__init__(f"{len(self.problems)} config problems:\n{lines}")
 
 
+def user_error_in(exc: BaseException) -> Optional["UserError"]:
+    """The ``UserError`` that ``exc`` wraps (Hydra's instantiate wraps errors raised by a ``_target_``)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UserError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def describe_exception(exc: BaseException) -> str:
     """A one-line explanation of a composition error: the key, what was wrong, what is allowed."""
     from omegaconf.errors import OmegaConfBaseException
 
-    if isinstance(exc, UserError):
-        return str(exc)
+    wrapped = user_error_in(exc)
+    if wrapped is not None:
+        return str(wrapped)
+    from hydra.errors import HydraException
+
+    if isinstance(exc, OSError) and not isinstance(exc, HydraException):  # Hydra's missing-config error is an OSError too
+        return describe_os_error(exc)
     causes = [exc]
     while causes[-1].__cause__ is not None:
         causes.append(causes[-1].__cause__)
@@ -41,6 +59,31 @@ def describe_exception(exc: BaseException) -> str:
         if isinstance(cause, OmegaConfBaseException):
             return _describe_omegaconf(cause, outer=str(exc))
     return _describe_hydra(str(exc))
+
+
+# errno -> what to do about it; the run directory is the usual culprit.
+_OS_ERROR_FIXES = {
+    "ENOSPC": "the disk is full: free space (or lower trainer.keep_last), then continue with resume=<run dir>",
+    "EDQUOT": "the disk quota is used up: free space (or lower trainer.keep_last), then continue with resume=<run dir>",
+    "EFBIG": "the file is larger than this process may write (ulimit -f): raise the limit, then continue with resume=<run dir>",
+    "EROFS": "the file system is read-only: choose a writable hydra.run.dir",
+    "EACCES": "permission denied: choose a writable hydra.run.dir",
+    "EPERM": "not permitted: choose a writable hydra.run.dir",
+    "ENOTDIR": "a part of the path is a file, not a directory: choose another hydra.run.dir",
+    "EEXIST": "a file is in the way of a directory: choose another hydra.run.dir",
+    "ENOENT": "no such file or directory",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a failed file operation: the path, the system's reason, and what to do."""
+    import errno as errno_codes
+
+    path = exc.filename if exc.filename is not None else "?"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    fix = _OS_ERROR_FIXES.get(errno_codes.errorcode.get(exc.errno or -1, ""), "")
+    fix = "" if not fix or fix.lower() == reason.lower() else f"; {fix}"
+    return f"{path}: {reason}{fix}"
 
 
 def _describe_omegaconf(exc, outer: str) -> str:

@@ -44,6 +44,9 @@ class TrainerConfig:
     """Write a resumable checkpoint every this many steps (0: only the final one)."""
     keep_last: int = 2
     """Resumable checkpoints kept on disk (older ones are deleted once a newer one is safely written)."""
+    skip_nonfinite: int = 0
+    """Steps whose loss is NaN or inf that may skip their update before the run stops (0: stop at the first).
+    Above 0 the loss is read on the host every step, before the optimizer steps (a sync per step on GPU)."""
     progress: bool = True
     """Show a progress bar on a terminal (plain log lines otherwise)."""
 
@@ -61,7 +64,7 @@ def validate_trainer(cfg, prefix: str = "trainer") -> List[str]:
     for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_batches", "log_interval", "keep_last"):
         if cfg[key] < 1:
             problems.append(f"{prefix}.{key}={cfg[key]}: must be >= 1")
-    for key in ("eval_interval", "save_every"):
+    for key in ("eval_interval", "save_every", "skip_nonfinite"):
         if cfg[key] < 0:
             problems.append(f"{prefix}.{key}={cfg[key]}: must be >= 0 (0 disables it)")
     if cfg.grad_clip < 0:
@@ -71,4 +74,7 @@ def validate_trainer(cfg, prefix: str = "trainer") -> List[str]:
     device = cfg.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         problems.append(f"{prefix}.device={device}: allowed values: auto, cpu, cuda, cuda:N")
+    precision = getattr(cfg.precision, "value", cfg.precision)
+    if device == "cpu" and precision == "fp16":
+        problems.append(f"{prefix}.precision=fp16: needs CUDA, but {prefix}.device=cpu; use fp32 or bf16 on the CPU")
     return problems

@@ -1,10 +1,22 @@
-"""Save and load resumable training state: atomically written, safely loaded (no code runs on load)."""
+"""Save and load resumable training state: atomically written, safely loaded (no code runs on load).
+
+* ``atomic_torch_save``: temp file in the same folder, fsync, rename, fsync the folder. A crash or
+  a full disk at any moment leaves the previous checkpoint and never a torn new one.
+* ``safe_torch_load``: ``torch.load(weights_only=True)``, which only rebuilds tensors and plain
+  containers and refuses any pickle that would call a function (an object's ``__reduce__``).
+  Every failure is one ``UserError`` line naming the file and what is wrong with it.
+* ``rng_state`` / ``set_rng_state``: every random generator a run draws from (torch CPU, every
+  CUDA device, Python's ``random``, NumPy's global one), as tensors and plain values.
+* ``checkpoint_path`` / ``list_checkpoints`` / ``latest_checkpoint`` / ``prune_checkpoints``:
+  ``<run dir>/checkpoints/step_NNNNNNN.pt``, in step order.
+"""
 from __future__ import annotations
 
 import os
 import random
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -13,13 +25,16 @@ import torch
 from ds_hydra.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
+TRAIN_STATE_FORMAT = "ds_hydra.train_state.v1"
+TRAIN_STATE_KEYS = ("step", "model", "optimizer", "scheduler", "data", "rng", "config")
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write to a temp file in the same directory, fsync it, then rename over ``path``.
 
-    A crash at any moment leaves either the previous file or the complete new one, never a torn one.
+    A crash at any moment leaves either the previous file or the complete new one, never a torn
+    one; on an error (a full disk) the temp file is removed and the error propagates.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,41 +48,120 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)  # make the rename itself durable
+
+
+def fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
-def safe_torch_load(path: Path) -> Dict[str, Any]:
-    """``torch.load(weights_only=True)``: tensors and plain containers only; errors name the file."""
+def safe_torch_load(path: Path, mmap: bool = False) -> Dict[str, Any]:
+    """``torch.load(weights_only=True)`` on CPU: tensors and plain containers only.
+
+    ``mmap=True`` maps tensor storage instead of reading it (cheap: for checking a file before a
+    run). Errors are one line naming the file: missing, empty, truncated, not a checkpoint, or
+    refused because loading it would call a function.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the checkpoint file is empty (a write that never finished); delete it")
+    if not zipfile.is_zipfile(path):
+        raise UserError(
+            f"{path}: not a PyTorch checkpoint, or truncated (no zip directory at its end); delete it or "
+            f"give another checkpoint"
+        )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, garbage, or a pickle that wants to run code
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a loadable ds_hydra checkpoint ({first[:200]})") from None
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # a pickle that wants to run code, or damaged contents
+        raise UserError(f"{path}: {_load_failure(exc)}") from None
+
+
+def _load_failure(exc: Exception) -> str:
+    text = str(exc)
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand (\d+)", text)
+    if refused:
+        return (
+            f"refused: loading it would call {refused.group(1)} (checkpoints may hold only tensors and plain "
+            f"containers, so files that run code on load are never loaded); use a checkpoint written by ds_hydra"
+        )
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    return f"not a loadable checkpoint ({first[:200]})"
+
+
+def load_train_state(path: Path, mmap: bool = False) -> Dict[str, Any]:
+    """A resumable training state written by ``Trainer.save``: safely loaded, its keys checked."""
+    state = safe_torch_load(path, mmap=mmap)
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise UserError(f"{path}: not a ds_hydra training checkpoint (format {found!r}, expected {TRAIN_STATE_FORMAT})")
+    missing = [key for key in TRAIN_STATE_KEYS if key not in state]
+    if missing:
+        raise UserError(f"{path}: incomplete training checkpoint (no {', '.join(missing)})")
+    return state
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
+    """Every global random generator's state, as tensors and plain values (loadable weights-only)."""
+    version, internal, gauss_next = random.getstate()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    numpy_state = _numpy_rng_state()
+    if numpy_state is not None:
+        state["numpy"] = numpy_state
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
+    python = state["python"]
+    if isinstance(python, dict):
+        random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+    else:  # the first format kept only the internal state
+        random.setstate((3, tuple(python), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        _set_numpy_rng_state(state["numpy"])
+
+
+def _numpy_rng_state() -> Optional[Dict[str, Any]]:
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_rng_state(state: Dict[str, Any]) -> None:
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:07d}.pt"
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+    """The step in a ``step_NNNNNNN.pt`` name, else None."""
+    match = _STEP_FILE.match(Path(path).name)
+    return int(match.group(1)) if match else None
 
 
 def list_checkpoints(run_dir: Path) -> List[Path]:
@@ -75,7 +169,7 @@ def list_checkpoints(run_dir: Path) -> List[Path]:
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name)) and p.is_file()]
     return [p for _, p in sorted(found)]
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,8 +24,11 @@ from ds_hydra.data.batches import RandomBlocks
 from ds_hydra.errors import UserError
 from ds_hydra.instantiate import instantiate
 from ds_hydra.optim.build import build_optimizer, build_scheduler
+from ds_hydra.training import resume as resume_io
+from ds_hydra.training import signals
 from ds_hydra.training import state as state_io
 from ds_hydra.training.metrics import LOSS_CURVE_FILE, MetricsLogger, plot_loss_curve
+from ds_hydra.training.nonfinite import NonFiniteLoss, NonFiniteWatch
 from ds_hydra.training.run_dir import resolve_run_dir, write_resolved_config
 from ds_hydra.training.throughput import Throughput
 
@@ -130,6 +132,12 @@ class Trainer:
         )
         self.step = 0
         self.tokens_per_step = tcfg.batch_size * model.block_size * tcfg.grad_accum_steps
+        # The summed loss of the steps since the last log line: saved, so a resumed run logs the same means.
+        self.loss_sum: Optional[torch.Tensor] = None
+        self.loss_steps = 0
+        self.nonfinite = NonFiniteWatch(self.device)  # first NaN/inf step, kept on the device (no sync)
+        self.skipped_nonfinite = 0
+        self.last_saved: Optional[Path] = None
         self.throughput = Throughput.for_model(model, self.device, self.autocast_dtype, tcfg.get("peak_tflops"))
 
     # -- one step -------------------------------------------------------------------------------
@@ -153,6 +161,8 @@ class Trainer:
             else:
                 loss.backward()
             total += loss.detach()
+        if self.cfg.trainer.skip_nonfinite and not torch.isfinite(total).item():  # a host sync, only in this mode
+            return self._skip_update(total)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.trainer.grad_clip > 0:
@@ -165,7 +175,34 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+        self.nonfinite.observe(total, self.step)
+        self.loss_sum = total if self.loss_sum is None else self.loss_sum + total
+        self.loss_steps += 1
         return total
+
+    def _skip_update(self, loss: torch.Tensor) -> torch.Tensor:
+        """``trainer.skip_nonfinite``: drop this step's gradients and update; data and schedule move on."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.skipped_nonfinite += 1
+        limit = self.cfg.trainer.skip_nonfinite
+        if self.skipped_nonfinite > limit:
+            raise NonFiniteLoss(loss.item(), self.step, self.last_saved, self.run_dir, skipped=limit)
+        log.warning("step %d: loss is %s; skipped its update (%d of trainer.skip_nonfinite=%d)", self.step, loss.item(), self.skipped_nonfinite, limit)
+        return loss
+
+    def pop_mean_loss(self) -> Optional[float]:
+        """Mean loss of the steps since the last call (one host sync); None if every one was skipped."""
+        if not self.loss_steps:
+            return None
+        mean = (self.loss_sum / self.loss_steps).item()
+        self.loss_sum, self.loss_steps = None, 0
+        return mean
+
+    def check_finite(self) -> None:
+        """Stop with ``NonFiniteLoss`` if any loss so far was NaN or inf (one host sync)."""
+        self.nonfinite.check(self.last_saved, self.run_dir, self.skipped_nonfinite)
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -199,6 +236,8 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "data": self.train_batches.state_dict(),
             "rng": state_io.rng_state(),
+            "loss_window": {"sum": self.loss_sum, "steps": self.loss_steps},
+            "skipped_nonfinite": self.skipped_nonfinite,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
         }
 
@@ -211,10 +250,41 @@ class Trainer:
         self.train_batches.load_state_dict(state["data"])
         state_io.set_rng_state(state["rng"])
         self.step = state["step"]
+        window = state.get("loss_window") or {}
+        self.loss_sum = window["sum"].to(self.device) if window.get("sum") is not None else None
+        self.loss_steps = window.get("steps", 0)
+        self.skipped_nonfinite = state.get("skipped_nonfinite", 0)
+
+    def load(self, path: Path, strict: bool = False) -> None:
+        """Continue from ``path`` (weights-only load); refuses a checkpoint of another model.
+
+        ``strict`` (sweep jobs) also refuses one saved under any other config.
+        """
+        state = state_io.load_train_state(path)
+        resume_io.check_compatible(state["config"], self.cfg, path, strict=strict)
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = next((line for line in lines if not line.startswith("Error(s) in loading")), type(exc).__name__)
+            raise UserError(f"{path}: does not fit this model or optimizer ({detail[:300]}); resume with the run's own settings") from None
+        self.last_saved = Path(path)
 
     def save(self) -> Path:
+        """Write a checkpoint of this step (never of a diverged state), then prune old ones."""
+        self.check_finite()
         path = state_io.checkpoint_path(self.run_dir, self.step)
-        state_io.atomic_torch_save(self.state_dict(), path)
+        if self.last_saved == path:
+            return path  # already saved at this step (or resumed from it)
+        try:
+            state_io.atomic_torch_save(self.state_dict(), path)
+        except OSError as exc:
+            kept = f"{self.last_saved} is intact" if self.last_saved is not None else "no earlier checkpoint exists"
+            raise UserError(
+                f"{path}: cannot write the checkpoint ({exc.strerror or exc}); {kept}. Free space (or lower "
+                f"trainer.keep_last), then continue with resume={self.run_dir}"
+            ) from None
+        self.last_saved = path
         state_io.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
         return path
 
@@ -222,9 +292,23 @@ class Trainer:
 def train(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     """Train from a composed config; returns the final metrics dict."""
     started = time.perf_counter()
-    run_dir = resolve_run_dir(run_dir)
-    write_resolved_config(cfg, run_dir)
+    run_dir = resolve_run_dir(run_dir if run_dir is not None else resume_io.resume_target(cfg)[0])
+    plan = resume_io.plan_start(cfg, run_dir)  # refuses to start a new run over an old one
+    if plan.completed is not None:
+        log.info("%s finished earlier (%s): returning its final metrics", run_dir, resume_io.COMPLETED_FILE)
+        return plan.completed
     trainer = Trainer(cfg, run_dir)
+    earlier_records = []
+    if plan.checkpoint is not None:
+        trainer.load(plan.checkpoint, strict=resume_io.in_multirun())
+        earlier_records = resume_io.continue_from(run_dir, trainer.step, plan.checkpoint)
+        log.info("resumed from %s at step %d", plan.checkpoint, trainer.step)
+    stop = signals.stop_requested()  # (a collective when distributed: after Trainer set the ranks up)
+    if stop:  # asked to stop before this run began (e.g. the previous job of a sweep was pre-empted)
+        raise signals.Stopped(stop, trainer.step, trainer.last_saved, run_dir)
+    if cfg.get("resume"):
+        resume_io.record_continuation(run_dir, cfg)
+    write_resolved_config(cfg, run_dir)  # only now: a run that failed to start leaves the directory as it was
     n_params = trainer.model.num_params() if hasattr(trainer.model, "num_params") else sum(
         p.numel() for p in trainer.model.parameters()
     )
@@ -241,8 +325,10 @@ def train(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
             trainer.throughput.flops_per_token, f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown: no MFU",
         )
     metrics = MetricsLogger(run_dir, tensorboard=cfg.logger.tensorboard)
+    metrics.records[:0] = earlier_records  # the loss curve shows the whole run
     try:
-        final = _fit(trainer, metrics)
+        with signals.stop_on_signals():  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, raise Stopped
+            final = _fit(trainer, metrics)
     finally:
         metrics.close()
     final["wall_s"] = time.perf_counter() - started
@@ -252,38 +338,42 @@ def train(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
         "done: step %d, train loss %.4f, val loss %.4f, %.0f tokens/s, %.1f s",
         final["step"], final["train_loss"], final["val_loss"], final["tokens_per_s"], final["wall_s"],
     )
+    resume_io.write_completion_marker(run_dir, cfg, final)  # last: a sweep re-run skips this job
     return final
 
 
 def _fit(trainer: Trainer, metrics: MetricsLogger) -> Dict[str, Any]:
     tcfg = trainer.cfg.trainer
     progress = _progress_bar(tcfg, start=trainer.step)
-    window_start, window_steps, window_loss = time.perf_counter(), 0, None
+    window_start, window_steps = time.perf_counter(), 0
     tokens_per_s = 0.0
     evals: Dict[str, float] = {}
     while trainer.step < tcfg.max_steps:
         lr = trainer.optimizer.param_groups[0]["lr"]
-        loss = trainer.train_step()
-        window_loss = loss if window_loss is None else window_loss + loss
+        trainer.train_step()
         window_steps += 1
         step = trainer.step
         if step % tcfg.log_interval == 0 or step == tcfg.max_steps:
-            mean_loss = (window_loss / window_steps).item()  # the only host sync of the window
+            trainer.check_finite()  # NaN/inf since the last check: stop, naming the first bad step
+            mean_loss = trainer.pop_mean_loss()  # the only host syncs of the window
             elapsed = time.perf_counter() - window_start
             tokens_per_s = trainer.tokens_per_step * window_steps / elapsed
-            if not math.isfinite(mean_loss):
-                raise UserError(f"loss became {mean_loss} at step {step}: lower optimizer.lr or set trainer.grad_clip")
             perf = trainer.throughput.metrics(tokens_per_s)  # tokens_per_s, mfu, peak_memory_gib
-            metrics.log(step, loss=mean_loss, lr=lr, **perf)
-            _report_progress(progress, step, tcfg.max_steps, mean_loss, perf)
-            window_start, window_steps, window_loss = time.perf_counter(), 0, None
+            if mean_loss is not None:  # None: every step of the window was skipped (trainer.skip_nonfinite)
+                metrics.log(step, loss=mean_loss, lr=lr, **perf)
+                _report_progress(progress, step, tcfg.max_steps, mean_loss, perf)
+            window_start, window_steps = time.perf_counter(), 0
         if (tcfg.eval_interval and step % tcfg.eval_interval == 0) or step == tcfg.max_steps:
+            trainer.check_finite()
             evals = trainer.evaluate()
             metrics.log(step, **evals)
             log.info("step %d: train loss %.4f, val loss %.4f", step, evals["train_loss"], evals["val_loss"])
             window_start = time.perf_counter()  # evaluation time is not training throughput
         if tcfg.save_every and step % tcfg.save_every == 0 and step < tcfg.max_steps:
             trainer.save()
+        stop = signals.stop_requested() if step < tcfg.max_steps else None  # all ranks agree (a collective)
+        if stop:
+            raise signals.Stopped(stop, step, trainer.save(), trainer.run_dir)
     if progress is not None:
         progress.close()
     if not evals:  # resumed at the end: still report the model's losses
