@@ -85,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", nargs="?", help="a trained run directory (default: train one briefly)")
     parser.add_argument("--steps", type=int, default=500, help="training steps when no run dir is given")
+    parser.add_argument("--keep", metavar="DIR", help="train into DIR and keep it (default: a temporary dir)")
     parser.add_argument("--tokens", type=int, default=256, help="new tokens per sample")
     parser.add_argument("--batch", type=int, action="append", help="batch sizes (repeatable; default 1 and 8)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per batch size")
@@ -105,6 +106,8 @@ def main() -> None:
     tmp = None
     if args.run_dir:
         run_dir = Path(args.run_dir)
+    elif args.keep:
+        run_dir = train_quickly(args.steps, Path(args.keep))
     else:
         tmp = tempfile.TemporaryDirectory(prefix="ds_hydra_bench_inference_")
         run_dir = train_quickly(args.steps, Path(tmp.name) / "run")

@@ -18,7 +18,7 @@ import ds_hydra
 from conftest import REPO, TINY, compose, run_cli
 from ds_hydra.errors import ConfigError, UserError, describe_exception
 from ds_hydra.inference.config import default_inference_config, new_tokens
-from ds_hydra.inference.generate import compile_for_cuda_graphs, generate, infer, sample_next
+from ds_hydra.inference.generate import compile_for_cuda_graphs, generate, infer, sample_categorical, sample_next
 from ds_hydra.inference.loading import load_run
 from ds_hydra.models.gpt import GPT, Block, KVCache
 from ds_hydra.validation import config_problems
@@ -161,6 +161,16 @@ def test_sampling_is_deterministic_per_seed_and_respects_top_k_top_p():
     assert abs(share - probs[0] / probs[:2].sum()) < 0.04
 
 
+def test_categorical_sampler_draws_each_token_with_its_probability():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(40000, 1)
+    drawn = sample_categorical(probs, torch.Generator().manual_seed(0)).flatten()
+    freq = torch.bincount(drawn, minlength=5).double() / len(drawn)
+    torch.testing.assert_close(freq, probs[0].double(), rtol=0, atol=0.01)  # 4 sigma is ~0.01
+    assert freq[1] == 0 and freq[4] == 0  # zero-probability tokens, also the last one, are never drawn
+    unnormalised = sample_categorical(torch.tensor([[0.0, 2.0, 6.0]]).repeat(4000, 1), torch.Generator().manual_seed(1))
+    assert abs((unnormalised == 2).double().mean().item() - 0.75) < 0.03
+
+
 def test_cuda_graphs_map_to_reduce_overhead_compile(monkeypatch):
     model = peaky_gpt()
     with pytest.raises(UserError, match="enable_cuda_graph=true: CUDA graphs need a CUDA device"):
@@ -296,6 +306,15 @@ def _pickle_with_code(run, tmp):
     return dest
 
 
+def _foreign_target(run, tmp):
+    dest = copy_run(run, tmp / "foreign")
+    cfg = OmegaConf.load(dest / "config_resolved.yaml")
+    cfg.allowed_targets = ["pathlib"]  # a run dir cannot widen the allowlist of the process loading it
+    cfg.data = {"_target_": "pathlib.Path.touch", "self": str(tmp / "code_ran")}
+    OmegaConf.save(cfg, dest / "config_resolved.yaml")
+    return dest
+
+
 @pytest.mark.parametrize(
     "make,expected",
     [
@@ -305,8 +324,9 @@ def _pickle_with_code(run, tmp):
         (_other_model, r"is \(65, 32\) in the checkpoint but \(65, 64\) in the model"),
         (_corrupt, r"step_0000006\.pt: not a (PyTorch|loadable)"),
         (_pickle_with_code, r"step_0000006\.pt: (refused|not a loadable)"),
+        (_foreign_target, r"config_resolved\.yaml: _target_=pathlib\.Path\.touch: not an allowed target"),
     ],
-    ids=["missing", "not-a-run", "no-weights", "shape-mismatch", "corrupt", "pickled-code"],
+    ids=["missing", "not-a-run", "no-weights", "shape-mismatch", "corrupt", "pickled-code", "foreign-target"],
 )
 def test_bad_checkpoints_are_one_clear_line(trained_run, tmp_path, make, expected):
     path = make(trained_run, tmp_path)
@@ -315,6 +335,24 @@ def test_bad_checkpoints_are_one_clear_line(trained_run, tmp_path, make, expecte
     message = str(info.value)
     assert re.search(expected, message) and "\n" not in message, message
     assert not (tmp_path / "code_ran").exists()
+
+
+def test_infer_never_writes_into_the_trained_run(trained_run):
+    before = fingerprint(trained_run)
+    cfg = compose(["task=infer", f"inference.checkpoint={trained_run}"])
+    with pytest.raises(UserError, match=r"^hydra.run.dir=.*: is the trained run given as inference.checkpoint"):
+        infer(cfg, run_dir=trained_run)
+    assert fingerprint(trained_run) == before
+
+
+@pytest.mark.parametrize("dtype,expected", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_reduced_precision_weights_and_cache(trained_run, dtype, expected):
+    run = load_run(str(trained_run), device="cpu", dtype=dtype)
+    assert {p.dtype for p in run.model.parameters()} == {expected}
+    cache = KVCache(run.model, 2)
+    assert cache.layers[0].k.dtype == expected
+    out = generate(run.model, torch.zeros(2, 3, dtype=torch.long), 40, temperature=0)  # past block_size 32
+    assert out.shape == (2, 43) and int(out.max()) < 65
 
 
 def test_prompt_outside_the_vocabulary_names_the_key(trained_run, tmp_path):

@@ -129,16 +129,15 @@ def load_run(
             "allowed_targets": list(allowed_targets or []),
         }
     )
-    corpus = build_corpus(build_cfg)
+    config_file = run_dir / RESOLVED_CONFIG_FILE
     try:
+        corpus = build_corpus(build_cfg)
         model = build_model(build_cfg, corpus.vocab_size)
-    except UserError:
-        raise
+    except UserError as exc:  # a refused _target_, a missing data file: say which config asked for it
+        raise UserError(f"{config_file}: {exc}") from None
     except Exception as exc:  # e.g. a value the model's constructor rejects
         reason = str(exc).strip().splitlines()
-        raise UserError(
-            f"{run_dir / RESOLVED_CONFIG_FILE}: cannot build its model ({reason[-1] if reason else type(exc).__name__})"
-        ) from None
+        raise UserError(f"{config_file}: cannot build its model ({reason[-1] if reason else type(exc).__name__})") from None
 
     state = state_io.safe_torch_load(weights)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
