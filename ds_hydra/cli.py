@@ -34,9 +34,11 @@ _run_error: Optional[BaseException] = None
 def run_task(cfg) -> Optional[Dict[str, Any]]:
     """Hydra's task function: in a sweep, errors propagate so the sweep records the job as failed."""
     global _run_error
+    from ds_hydra.engine.launch import on_task_start
     from ds_hydra.sweeps import note_job_metrics, select_objective
     from ds_hydra.training.signals import Stopped
 
+    on_task_start()  # several processes: rank 0 shares its run dir; the others log quietly
     try:
         metrics = dispatch(cfg)
         note_job_metrics(metrics)  # the sweep report shows every metric, even when `objective` picks one
@@ -67,6 +69,7 @@ TASKS = {
     "eval": "ds_hydra.inference.evaluate:evaluate",
     "validate": "ds_hydra.validation:validate_task",
     "resume": "ds_hydra.training.trainer:train",  # with resume=<run>: continue that run
+    "export_deepspeed": "ds_hydra.engine.deepspeed_engine:export_deepspeed",  # the DeepSpeed JSON, no training
 }
 
 
@@ -95,10 +98,14 @@ def cli_main() -> None:
     from ds_hydra.training.preflight import RunRefused
     from ds_hydra.training.resume import expand_resume_args
     from ds_hydra.training.signals import Stopped, stop_on_signals
+    from ds_hydra.engine.launch import after_hydra, before_hydra, strip_local_rank
 
     try:
         # resume=<run>: the run's saved overrides, in its own directory (before Hydra parses argv)
+        sys.argv = [sys.argv[0], *strip_local_rank(sys.argv[1:])]  # launchers may pass --local-rank=N
         sys.argv = [sys.argv[0], *expand_resume_args(sys.argv[1:])]
+        # several processes (torchrun): one process group, one run dir, a log per rank
+        sys.argv = [sys.argv[0], *before_hydra(sys.argv[1:])]
         with stop_on_signals():  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, exit 75 (130 for Ctrl-C)
             try:
                 main()
@@ -124,6 +131,8 @@ def cli_main() -> None:
         # A job's own exception, re-raised by the sweeper after its batch (traceback in the job's log).
         _exit_if_sweep_failed(exit=not full_error)
         raise
+    finally:
+        after_hydra()  # several processes: release the other ranks if rank 0 stopped before its run dir
 
 
 def _exit_if_sweep_failed(exit: bool = True) -> None:

@@ -25,7 +25,7 @@ def config_problems(cfg) -> List[str]:
         problems += validate_scheduler(cfg.scheduler, max_steps=cfg.trainer.max_steps)
     problems += validate_ckpt(cfg.ckpt, n_blocks=cfg.model.n_layer)
     problems += validate_inference(cfg.inference, task=cfg.task.value)
-    problems += validate_engine(cfg.engine, cfg.trainer, task=cfg.task.value)
+    problems += validate_engine(cfg.engine, cfg.trainer, task=cfg.task.value, ckpt=cfg.ckpt, n_blocks=cfg.model.n_layer)
     return problems
 
 

@@ -120,8 +120,8 @@ DERIVED_ZERO_KEYS = {
 }
 
 
-def validate_engine(cfg, trainer=None, task: str = "train", prefix: str = "engine") -> List[str]:
-    """Range and cross-field problems of the engine config (and its interplay with ``trainer``)."""
+def validate_engine(cfg, trainer=None, task: str = "train", ckpt=None, n_blocks: Optional[int] = None, prefix: str = "engine") -> List[str]:
+    """Range and cross-field problems of the engine config (and its interplay with ``trainer`` and ``ckpt``)."""
     problems: List[str] = []
     name = _value(cfg.name)
     precision = _value(trainer.precision) if trainer is not None else None
@@ -131,6 +131,16 @@ def validate_engine(cfg, trainer=None, task: str = "train", prefix: str = "engin
         problems.append(f"{prefix}.bucket_cap_mb={cfg.bucket_cap_mb}: must be > 0")
     if name == "fsdp" and precision == "fp16":
         problems.append(f"trainer.precision=fp16: not supported with {prefix}=fsdp; use bf16 (or fp32)")
+    if name == "fsdp" and ckpt is not None and n_blocks:
+        # FSDP shards and gathers each block on its own; a checkpointed segment runs several blocks
+        # ahead of the model's own calls, which FSDP's per-block hooks do not follow.
+        for key in ("segments", "number_checkpoints"):
+            segments = ckpt.get(key) or 0
+            if 0 < segments < n_blocks:
+                problems.append(
+                    f"ckpt.{key}={segments}: segments of several blocks do not work with {prefix}=fsdp; use "
+                    f"ckpt.{key}={n_blocks} (one block each), ckpt=full or ckpt=every_n"
+                )
     if name == "deepspeed":
         problems += _validate_deepspeed(cfg, prefix)
         if trainer is not None and trainer.get("skip_nonfinite"):

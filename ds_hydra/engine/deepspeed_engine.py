@@ -74,8 +74,9 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> Dict[str, Any]:
         "gradient_accumulation_steps": accum,
         "gradient_clipping": float(tcfg.grad_clip),
         "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        # fp16: dynamic loss scaling (loss_scale 0), DeepSpeed's defaults written out
+        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1} if precision == "fp16" else {"enabled": False},
         "zero_optimization": zero,
         "activation_checkpointing": _activation_checkpointing_section(cfg),
         "steps_per_print": _NO_PRINT,

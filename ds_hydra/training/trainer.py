@@ -21,6 +21,8 @@ from omegaconf import OmegaConf
 
 from ds_hydra.activation_checkpointing import checkpoint_activations
 from ds_hydra.data.batches import RandomBlocks
+from ds_hydra.engine import deepspeed_engine
+from ds_hydra.engine.distributed import Distributed, setup_distributed
 from ds_hydra.errors import UserError
 from ds_hydra.instantiate import instantiate
 from ds_hydra.optim.build import build_optimizer, build_scheduler
@@ -67,13 +69,21 @@ def build_model(cfg, vocab_size: int) -> nn.Module:
     return instantiate(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size)
 
 
-def prepare_model(model: nn.Module, cfg, device: torch.device) -> nn.Module:
-    """Every model transform, in the only order that composes:
+def prepare_model(
+    model: nn.Module,
+    cfg,
+    device: torch.device,
+    distributed: Optional[Distributed] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """Every model transform, in the only order that composes; returns the module to call:
 
     1. activation checkpointing wraps blocks (compile must see the checkpoint boundaries);
     2. torch.compile each block, and the parameter-free loss, in place (parameter names and the state
        dict stay unchanged);
-    3. a distributed wrapper last, around everything, once the engines provide one.
+    3. the distributed wrapper last, around everything: DDP, or FSDP2's fully_shard per block then
+       the root (in place). DeepSpeed's engine wraps model, optimizer and scheduler together, so
+       ``deepspeed.initialize`` runs right after this, in ``Trainer.__init__``.
     """
     model.to(device)
     checkpoint_activations(model, **OmegaConf.to_container(cfg.ckpt, resolve=True))
@@ -83,6 +93,8 @@ def prepare_model(model: nn.Module, cfg, device: torch.device) -> nn.Module:
             block.compile()
         if isinstance(getattr(model, "loss_fn", None), nn.Module):
             model.loss_fn.compile()  # fuses slice, fp32 upcast and cross-entropy over the vocabulary
+    if distributed is not None:
+        return distributed.wrap(model, cfg.engine, autocast_dtype, blocks=cfg.ckpt.get("blocks"))
     return model
 
 
@@ -106,6 +118,8 @@ class Trainer:
         self.run_dir = run_dir
         tcfg = cfg.trainer
         self.device = resolve_device(tcfg.device)
+        self.distributed = setup_distributed(cfg.engine, self.device)  # this rank's engine, place and device
+        self.device = self.distributed.device
         self.autocast_dtype = resolve_precision(tcfg.precision.value, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -123,12 +137,23 @@ class Trainer:
                 f"model.vocab_size={model.vocab_size}: the data has {self.corpus.vocab_size} distinct tokens "
                 "(set it at least that large, or null to take the data's)"
             )
-        self.model = prepare_model(model, cfg, self.device)
-        self.optimizer = build_optimizer(cfg.optimizer, self.model, self.device, param_groups=cfg.get("param_groups"))
-        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer)
-        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        # self.wrapped runs forward and backward (DDP, FSDP, DeepSpeed's engine, or the model itself);
+        # self.model is the model underneath: its attributes, parameter names and state dict.
+        self.wrapped = prepare_model(model, cfg, self.device, self.distributed, self.autocast_dtype)
+        self.model = model
+        if self.distributed.kind == "deepspeed":  # DeepSpeed builds around our optimizer and scheduler callables
+            precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+            self.wrapped, self.optimizer, self.scheduler = deepspeed_engine.initialize(model, cfg, self.distributed, precision)
+            self.distributed.ds_engine = self.wrapped
+        else:
+            self.optimizer = build_optimizer(cfg.optimizer, self.model, self.device, param_groups=cfg.get("param_groups"))
+            self.scheduler = build_scheduler(cfg.scheduler, self.optimizer)
+        loss_scaling = self.autocast_dtype == torch.float16 and self.distributed.kind != "deepspeed"  # DeepSpeed scales its own
+        self.scaler = torch.amp.GradScaler("cuda") if loss_scaling else None
+        # Each rank takes its share of every global batch (see RandomBlocks).
         self.train_batches = RandomBlocks(
-            self.corpus.train, model.block_size, tcfg.batch_size, tcfg.seed, stream=TRAIN_STREAM
+            self.corpus.train, model.block_size, tcfg.batch_size, tcfg.seed, stream=TRAIN_STREAM,
+            rank=self.distributed.rank, world_size=self.distributed.world_size,
         )
         self.step = 0
         self.tokens_per_step = tcfg.batch_size * model.block_size * tcfg.grad_accum_steps
@@ -147,20 +172,35 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def train_step(self) -> torch.Tensor:
-        """Accumulate gradients over the micro-batches, clip, step; returns the mean loss (on device)."""
+        """Accumulate gradients over the micro-batches, clip, step; returns the mean loss (on device).
+
+        With several ranks the gradients are averaged over them (DDP, FSDP) and the returned loss is
+        the global batch's, the same on every rank.
+        """
         self.model.train()
         accum = self.cfg.trainer.grad_accum_steps
+        if self.distributed.kind == "deepspeed":  # DeepSpeed accumulates, clips and steps itself
+            total = deepspeed_engine.train_step(self.wrapped, self.train_batches, accum, self.device, self.autocast)
+            total = self.distributed.mean(total)
+            self.step += 1
+            self.nonfinite.observe(total, self.step)
+            self.loss_sum = total if self.loss_sum is None else self.loss_sum + total
+            self.loss_steps += 1
+            return total
         total = torch.zeros((), device=self.device)
-        for _ in range(accum):
+        for i in range(accum):
             x, y = self.train_batches.next_batch(self.device)
-            with self.autocast():
-                loss = self.model(x, y)[1]  # drop the logits now: they would live through backward
-            loss = loss / accum  # the sum of micro-batch gradients equals the full batch's mean
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            # DDP all-reduces gradients only in the last micro-batch's backward
+            with self.distributed.gradient_sync(self.wrapped, last_micro_batch=i == accum - 1):
+                with self.autocast():
+                    loss = self.wrapped(x, y)[1]  # drop the logits now: they would live through backward
+                loss = loss / accum  # the sum of micro-batch gradients equals the full batch's mean
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
             total += loss.detach()
+        total = self.distributed.mean(total)  # the global batch's loss (a one-number all-reduce)
         if self.cfg.trainer.skip_nonfinite and not torch.isfinite(total).item():  # a host sync, only in this mode
             return self._skip_update(total)
         if self.scaler is not None:
@@ -214,14 +254,19 @@ class Trainer:
         self.model.eval()
         tcfg = self.cfg.trainer
         result = {}
+        # Ranks split the batches: each evaluates ceil(eval_batches / world) of them (all the same count,
+        # as FSDP's gathers need), and the mean is over all ranks' batches.
+        rank, world = self.distributed.rank, self.distributed.world_size
+        per_rank = -(-tcfg.eval_batches // world)
         for name, tokens, stream in (("train_loss", self.corpus.train, TRAIN_STREAM + 2), ("val_loss", self.corpus.val, VAL_STREAM)):
-            batches = RandomBlocks(tokens, self.model.block_size, tcfg.batch_size, tcfg.seed, stream=stream)
-            losses = torch.zeros(tcfg.eval_batches, device=self.device)
-            for i in range(tcfg.eval_batches):
+            batches = RandomBlocks(tokens, self.model.block_size, tcfg.batch_size, tcfg.seed, stream=stream, rank=rank, world_size=world)
+            losses = torch.zeros(per_rank, device=self.device)
+            for i in range(per_rank):
                 x, y = batches.next_batch(self.device)
                 with self.autocast():
-                    losses[i] = self.model(x, y)[1]
-            result[name] = losses.mean().item()  # one host sync per split, not one per batch
+                    losses[i] = self.wrapped(x, y)[1]
+            total = self.distributed.sum_(losses.sum())
+            result[name] = (total / (per_rank * world)).item()  # one host sync per split, not one per batch
         self.model.train()
         return result
 
@@ -230,8 +275,9 @@ class Trainer:
         return {
             "format": "ds_hydra.train_state.v1",
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            # the full state in one process's format, whatever the engine (FSDP, DeepSpeed: gathered)
+            "model": self.distributed.model_state_dict(self.model),
+            "optimizer": self.distributed.optimizer_state_dict(self.model, self.optimizer, self.step),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "data": self.train_batches.state_dict(),
@@ -242,8 +288,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.distributed.load_model_state_dict(self.model, state["model"])
+        self.distributed.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], self.run_dir)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -277,7 +323,10 @@ class Trainer:
         if self.last_saved == path:
             return path  # already saved at this step (or resumed from it)
         try:
-            state_io.atomic_torch_save(self.state_dict(), path)
+            self.distributed.save_engine_checkpoint(self.run_dir, self.step)  # DeepSpeed: every rank's shards
+            state = self.state_dict()  # FSDP, DeepSpeed: every rank takes part in gathering it
+            if self.distributed.is_main:  # one writer
+                state_io.atomic_torch_save(state, path)
         except OSError as exc:
             kept = f"{self.last_saved} is intact" if self.last_saved is not None else "no earlier checkpoint exists"
             raise UserError(
@@ -285,7 +334,10 @@ class Trainer:
                 f"trainer.keep_last), then continue with resume={self.run_dir}"
             ) from None
         self.last_saved = path
-        state_io.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
+        if self.distributed.is_main:
+            state_io.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
+            self.distributed.prune_engine_checkpoints(self.run_dir)
+        self.distributed.barrier()  # the checkpoint exists for every rank once save returns
         return path
 
 
@@ -298,17 +350,21 @@ def train(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
         log.info("%s finished earlier (%s): returning its final metrics", run_dir, resume_io.COMPLETED_FILE)
         return plan.completed
     trainer = Trainer(cfg, run_dir)
+    is_main = trainer.distributed.is_main  # with several processes, only rank 0 writes run files
     earlier_records = []
     if plan.checkpoint is not None:
         trainer.load(plan.checkpoint, strict=resume_io.in_multirun())
-        earlier_records = resume_io.continue_from(run_dir, trainer.step, plan.checkpoint)
+        if is_main:
+            earlier_records = resume_io.continue_from(run_dir, trainer.step, plan.checkpoint)
         log.info("resumed from %s at step %d", plan.checkpoint, trainer.step)
     stop = signals.stop_requested()  # (a collective when distributed: after Trainer set the ranks up)
     if stop:  # asked to stop before this run began (e.g. the previous job of a sweep was pre-empted)
+        trainer.distributed.close()
         raise signals.Stopped(stop, trainer.step, trainer.last_saved, run_dir)
-    if cfg.get("resume"):
+    if cfg.get("resume") and is_main:
         resume_io.record_continuation(run_dir, cfg)
-    write_resolved_config(cfg, run_dir)  # only now: a run that failed to start leaves the directory as it was
+    if is_main:
+        write_resolved_config(cfg, run_dir)  # only now: a run that failed to start leaves the directory as it was
     n_params = trainer.model.num_params() if hasattr(trainer.model, "num_params") else sum(
         p.numel() for p in trainer.model.parameters()
     )
@@ -318,27 +374,36 @@ def train(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
         trainer.corpus.source, trainer.corpus.vocab_size, len(trainer.corpus.train), len(trainer.corpus.val),
     )
     log.info("run dir: %s", run_dir)
+    tcfg, world = cfg.trainer, trainer.distributed.world_size
+    log.info(
+        "engine %s; effective batch %d sequences = batch_size %d x grad_accum_steps %d x world size %d",
+        trainer.distributed.describe(), tcfg.batch_size * tcfg.grad_accum_steps * world,
+        tcfg.batch_size, tcfg.grad_accum_steps, world,
+    )
     if trainer.throughput.flops_per_token:
         peak = trainer.throughput.peak_flops
         log.info(
             "%.4g FLOPs per token (6N + 12 L d T); device peak %s",
             trainer.throughput.flops_per_token, f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown: no MFU",
         )
-    metrics = MetricsLogger(run_dir, tensorboard=cfg.logger.tensorboard)
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.logger.tensorboard, enabled=is_main)
     metrics.records[:0] = earlier_records  # the loss curve shows the whole run
     try:
         with signals.stop_on_signals():  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, raise Stopped
             final = _fit(trainer, metrics)
     finally:
         metrics.close()
+        trainer.distributed.close()  # a process group this run created (not a launcher's)
     final["wall_s"] = time.perf_counter() - started
     final["run_dir"] = str(run_dir)
-    plot_loss_curve(metrics.records, run_dir / LOSS_CURVE_FILE, title=str(run_dir.name))
+    if is_main:
+        plot_loss_curve(metrics.records, run_dir / LOSS_CURVE_FILE, title=str(run_dir.name))
     log.info(
         "done: step %d, train loss %.4f, val loss %.4f, %.0f tokens/s, %.1f s",
         final["step"], final["train_loss"], final["val_loss"], final["tokens_per_s"], final["wall_s"],
     )
-    resume_io.write_completion_marker(run_dir, cfg, final)  # last: a sweep re-run skips this job
+    if is_main:
+        resume_io.write_completion_marker(run_dir, cfg, final)  # last: a sweep re-run skips this job
     return final
 
 
