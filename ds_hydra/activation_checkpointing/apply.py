@@ -5,9 +5,10 @@ The model is changed in place and keeps its module tree: each checkpointed block
 for a subclass whose ``forward`` runs the original one under ``torch.utils.checkpoint`` (non-reentrant,
 RNG state replayed), so parameter names and state_dict keys do not change, and ``block.compile()``
 still compiles each block. A region of several blocks (``segments=K`` with K < L) is run by its first
-block; the others hand the parent the outputs already computed, after checking that the parent
-called them in order with the previous block's output (the sequential contract of
-checkpoint_sequential and DeepSpeed, checked rather than assumed). Without grad (evaluation,
+block, which calls the others (their hooks fire there); when the parent then calls them, they hand
+back the outputs already computed, after checking that the parent called them in order with the
+previous block's output (the sequential contract of checkpoint_sequential and DeepSpeed, checked
+rather than assumed). Hooks of those later blocks therefore fire twice per forward. Without grad (evaluation,
 generation) every block runs its own forward as if nothing had changed.
 """
 from __future__ import annotations
@@ -134,6 +135,7 @@ class _Runner:
         self.blocks = blocks
         self.pending: Optional[_Pending] = None
         self.in_forward = False
+        self.inside = False  # running a later block of the region from within the region
         self.norm_buffers = _norm_buffers(blocks)
         self.context_fn = make_context_fn(state.save_ops, state.recorder) if region.selective else None
 
@@ -143,7 +145,14 @@ class _Runner:
             return _original_forward(self.blocks[0])(*args, **kwargs)
         outputs = []
         for j, block in enumerate(self.blocks):
-            out = _original_forward(block)(*args, **kwargs)
+            if j == 0:  # its hooks ran when the parent called it
+                out = _original_forward(block)(*args, **kwargs)
+            else:  # through the module call, so its hooks (e.g. FSDP's unshard) run where it computes
+                self.inside = True
+                try:
+                    out = block(*args, **kwargs)
+                finally:
+                    self.inside = False
             outputs.append(out)
             args = (_hidden(out, f"block {self.region.start + j}"), *args[1:])
         return tuple(outputs)
@@ -201,7 +210,7 @@ class _Runner:
 
     def later(self, position: int, block: nn.Module, args, kwargs):
         """The parent called a later block of the region: hand it the output computed with the region."""
-        if not torch.is_grad_enabled():
+        if self.inside or not torch.is_grad_enabled():
             return _original_forward(block)(*args, **kwargs)
         index = self.region.start + position
         pending = self.pending

@@ -142,9 +142,10 @@ class ActivationProfile:
         return total
 
     def transient_bytes(self) -> int:
-        """Backward's temporaries while one block is differentiated: the gradient arriving at the
-        block (b) and the gradients of its two largest saved tensors, live at once."""
-        return max(b.input_bytes + 2 * b.largest_bytes for b in self.blocks)
+        """Backward's temporaries beyond the saved tensors while a block is differentiated: the gradient
+        arriving at the block and the one it passes on, each the size of its input (an op's output
+        gradient mostly replaces the saved tensor that op frees)."""
+        return 2 * max(b.input_bytes for b in self.blocks)
 
     def peak_bytes(self, regions: Sequence[Region]) -> int:
         """Predicted allocator peak of forward + backward above the parameters (gradients included,
