@@ -10,6 +10,8 @@ _EXPORTS = {
     "cli_main": "ds_hydra.cli",
     "train": "ds_hydra.training.trainer",
     "checkpoint_activations": "ds_hydra.activation_checkpointing.apply",
+    "remove_activation_checkpointing": "ds_hydra.activation_checkpointing.apply",
+    "SavedActivationCounter": "ds_hydra.activation_checkpointing.counter",
     "GPT": "ds_hydra.models.gpt",
     "register_configs": "ds_hydra.config_store",
     "default_inference_config": "ds_hydra.inference.config",

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from ds_hydra.activation_checkpointing import checkpoint_activations
+from ds_hydra.activation_checkpointing import SavedActivationCounter, checkpoint_activations
 from ds_hydra.data.batches import RandomBlocks
 from ds_hydra.engine import deepspeed_engine
 from ds_hydra.engine.distributed import Distributed, setup_distributed
@@ -86,7 +86,11 @@ def prepare_model(
        ``deepspeed.initialize`` runs right after this, in ``Trainer.__init__``.
     """
     model.to(device)
-    checkpoint_activations(model, **OmegaConf.to_container(cfg.ckpt, resolve=True))
+    # a batch of the configured shape (built only if a policy needs it), probed under the run's autocast
+    shape = (cfg.trainer.batch_size, getattr(model, "block_size", 1))
+    example = lambda: (torch.zeros(shape, dtype=torch.long, device=device),) * 2  # noqa: E731
+    with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
+        checkpoint_activations(model, example_input=example, **OmegaConf.to_container(cfg.ckpt, resolve=True))
     if _compile_enabled(cfg.trainer.compile, device):
         _room_for_block_graphs(len(model.blocks))
         for block in model.blocks:
@@ -156,6 +160,7 @@ class Trainer:
             rank=self.distributed.rank, world_size=self.distributed.world_size,
         )
         self.step = 0
+        self.activation_bytes: Optional[int] = None  # saved for backward by the first micro-batch
         self.tokens_per_step = tcfg.batch_size * model.block_size * tcfg.grad_accum_steps
         # The summed loss of the steps since the last log line: saved, so a resumed run logs the same means.
         self.loss_sum: Optional[torch.Tensor] = None
@@ -191,9 +196,13 @@ class Trainer:
         for i in range(accum):
             x, y = self.train_batches.next_batch(self.device)
             # DDP all-reduces gradients only in the last micro-batch's backward
+            counting = self.activation_bytes is None and i == 0  # count once: hooks cost nothing, but once is enough
             with self.distributed.gradient_sync(self.wrapped, last_micro_batch=i == accum - 1):
-                with self.autocast():
+                with self.autocast(), SavedActivationCounter(self.model) if counting else contextlib.nullcontext() as saved:
                     loss = self.wrapped(x, y)[1]  # drop the logits now: they would live through backward
+                if counting:
+                    self.activation_bytes = saved.bytes
+                    log.info("activation memory: %.1f MiB saved for backward per micro-batch", saved.bytes / 2**20)
                 loss = loss / accum  # the sum of micro-batch gradients equals the full batch's mean
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
@@ -396,6 +405,7 @@ def train(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
         trainer.distributed.close()  # a process group this run created (not a launcher's)
     final["wall_s"] = time.perf_counter() - started
     final["run_dir"] = str(run_dir)
+    final["activation_bytes"] = trainer.activation_bytes
     if is_main:
         plot_loss_curve(metrics.records, run_dir / LOSS_CURVE_FILE, title=str(run_dir.name))
     log.info(
