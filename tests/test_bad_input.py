@@ -1,0 +1,239 @@
+"""Bad input through the real CLI: one clear line, a non-zero exit, no traceback, and no harm done.
+
+Every case is one ``python -m ds_hydra`` call. Most point at (or resume) a finished run, and the test
+checks that nothing in that run changed: every file has the same bytes and modification time (the
+job log may only have grown). Cases that need a damaged run get their own copy of it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY, run_cli
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+RUN = [*TINY, "trainer.max_steps=4", "trainer.save_every=2", "trainer.eval_interval=0"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished 4-step run (checkpoints at steps 2 and 4, completion marker)."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    proc = run_cli([*RUN, f"hydra.run.dir={run_dir}"], env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+def snapshot(folder: Path):
+    return {
+        p.relative_to(folder): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns, p.read_bytes() if p.suffix == ".log" else b"")
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_unchanged(before, after):
+    assert before.keys() == after.keys(), set(before) ^ set(after)
+    for name, (digest, mtime, text) in before.items():
+        if name.suffix == ".log":  # the job log may only grow
+            assert after[name][2].startswith(text), name
+        else:
+            assert after[name][:2] == (digest, mtime), name
+
+
+def assert_one_line(proc, code, *fragments):
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("ds_hydra: error: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+# -- the run directory is a finished run, left untouched ------------------------------------------------
+# (arguments with {run} pointing at it, fragments the error line must contain)
+UNTOUCHED = {
+    # typos at every level, also when resuming
+    "top-level typo": (["hydra.run.dir={run}", "seeed=1"], ["seeed: unknown key", "allowed keys:", "trainer"]),
+    "group key typo": (["hydra.run.dir={run}", "trainer.max_stepz=3"], ["trainer.max_stepz", "did you mean 'max_steps'"]),
+    "nested key typo": (["resume={run}", "inference.tensor_parallel.tp_sizee=2"], ["inference.tensor_parallel.tp_sizee", "did you mean 'tp_size'"]),
+    "typo when resuming": (["resume={run}", "model.n_layr=2"], ["model.n_layr", "did you mean 'n_layer'"]),
+    "group name typo": (["hydra.run.dir={run}", "optimzer=adam"], ["optimzer: unknown key", "did you mean 'optimizer'"]),
+    # wrong types
+    "string for an int": (["hydra.run.dir={run}", "trainer.max_steps=ten"], ["trainer.max_steps", "'ten'", "Integer"]),
+    "string for a bool": (["resume={run}", "model.bias=maybe"], ["model.bias", "'maybe'", "bool"]),
+    "number for a list": (["hydra.run.dir={run}", "optimizer.betas=0.9"], ["optimizer.betas", "list"]),
+    "unknown enum value": (["resume={run}", "trainer.precision=fp8"], ["trainer.precision", "allowed values", "bf16"]),
+    # unknown group options
+    "unknown option": (["hydra.run.dir={run}", "optimizer=adamm"], ["optimizer=adamm: no such config option", "did you mean 'adam'", "sgd"]),
+    "unknown experiment": (["resume={run}", "experiment=nope"], ["experiment=nope: no such config option", "nanogpt_cpu"]),
+    # out of range
+    "negative lr": (["hydra.run.dir={run}", "optimizer.lr=-0.1"], ["optimizer.lr=-0.1", "must be > 0"]),
+    "zero batch": (["resume={run}", "trainer.batch_size=0"], ["trainer.batch_size=0", "must be >= 1"]),
+    "segments > blocks": (["hydra.run.dir={run}", "ckpt.segments=9"], ["ckpt.segments=9", "0..4"]),
+    "warmup longer than training": (["resume={run}", "scheduler.warmup_steps=10"], ["scheduler.warmup_steps=10", "warmup longer than training", "trainer.max_steps=4"]),
+    "heads do not divide width": (["hydra.run.dir={run}", "model.n_head=3"], ["model.n_embd=32", "divisible by model.n_head=3"]),
+    "negative skip_nonfinite": (["resume={run}", "trainer.skip_nonfinite=-1"], ["trainer.skip_nonfinite=-1", "must be >= 0"]),
+    # conflicting options
+    "fp16 on the CPU": (["hydra.run.dir={run}", "trainer.device=cpu", "trainer.precision=fp16"], ["trainer.precision=fp16", "needs CUDA", "fp32 or bf16"]),
+    "partition without tensor parallelism": (["resume={run}", "ckpt.partition_activations=true"], ["ckpt.partition_activations=true", "no tensor parallelism", "set it to false"]),
+    "two recompute policies": (["hydra.run.dir={run}", "ckpt.full=true", "ckpt.every_n=2"], ["ckpt.full", "ckpt.every_n", "set one"]),
+    # run directories
+    "existing run without resume": (["hydra.run.dir={run}"], ["hydra.run.dir={run}: already holds a run", "resume={run}"]),
+    "task=resume without a run": (["task=resume"], ["task=resume", "resume=<run dir>"]),
+    "resume a missing checkpoint": (["resume={run}/checkpoints/step_0000099.pt"], ["step_0000099.pt: no such checkpoint file"]),
+    "resume a file": (["resume={run}/metrics.jsonl"], ["metrics.jsonl: a file, not a run directory"]),
+    "resume a folder that is no run": (["resume={run}/checkpoints"], ["checkpoints: not a run directory", ".hydra/overrides.yaml"]),
+    "resume with -m": (["-m", "resume={run}"], ["continues a single run", "hydra.sweep.dir"]),
+    "run dir under a file": (["hydra.run.dir={run}/metrics.jsonl/new"], ["hydra.run.dir=", "cannot write there: Not a directory"]),
+}
+
+
+@pytest.mark.parametrize("case", list(UNTOUCHED))
+def test_bad_input_leaves_the_finished_run_untouched(finished, case):
+    args, fragments = UNTOUCHED[case]
+    before = snapshot(finished)
+    args = [a.format(run=finished) for a in args]
+    resuming = any(a.startswith("resume=") or a == "task=resume" for a in args)
+    proc = run_cli(args if resuming else [*RUN, *args], env=ONE_THREAD)  # a resumed run brings its own overrides
+    assert_one_line(proc, 2, *(f.format(run=finished) for f in fragments))
+    assert_unchanged(before, snapshot(finished))
+
+
+def test_unwritable_run_dir_under_proc(tmp_path):
+    proc = run_cli([*TINY, "hydra.run.dir=/proc/ds_hydra_run"], env=ONE_THREAD)
+    assert_one_line(proc, 2, "hydra.run.dir=/proc/ds_hydra_run: cannot write there", "choose a writable directory")
+
+
+def test_missing_resume_dir_and_missing_data_file(tmp_path):
+    proc = run_cli([f"resume={tmp_path}/nope"], env=ONE_THREAD)
+    assert_one_line(proc, 2, f"resume={tmp_path}/nope: no such run directory")
+    proc = run_cli([*TINY, f"data.path={tmp_path}/missing.txt", f"hydra.run.dir={tmp_path}/run"], env=ONE_THREAD)
+    assert_one_line(proc, 2, f"data.path={tmp_path}/missing.txt: no such file")
+    assert not (tmp_path / "run" / "config_resolved.yaml").exists()  # a run that failed to start writes no record
+
+
+# -- a damaged copy of the run: the newest checkpoint, or the saved overrides ----------------------------
+def _plant_bytes(data: bytes):
+    def plant(run: Path):
+        (run / "checkpoints" / "step_0000099.pt").write_bytes(data)
+    return plant
+
+
+def _truncated(run: Path):
+    good = (run / "checkpoints" / "step_0000004.pt").read_bytes()
+    (run / "checkpoints" / "step_0000099.pt").write_bytes(good[: len(good) // 2])
+
+
+def _other_model_config(run: Path):
+    """A checkpoint saved by a wider model (its config says so)."""
+    import torch
+
+    state = torch.load(run / "checkpoints" / "step_0000004.pt", weights_only=True)
+    state["config"] = state["config"].replace("n_embd: 32", "n_embd: 64")
+    torch.save(state, run / "checkpoints" / "step_0000099.pt")
+
+
+def _other_model_tensors(run: Path):
+    """A checkpoint whose config matches but whose tensors have another shape."""
+    import torch
+
+    state = torch.load(run / "checkpoints" / "step_0000004.pt", weights_only=True)
+    name = next(k for k, v in state["model"].items() if v.dim() == 2)
+    state["model"][name] = torch.zeros(7, 3)
+    torch.save(state, run / "checkpoints" / "step_0000099.pt")
+
+
+def _overrides(text: str):
+    def plant(run: Path):
+        (run / ".hydra" / "overrides.yaml").write_text(text)
+    return plant
+
+
+SLOW_DAMAGED = {"checkpoint of another model (tensors)", "run dir names a foreign _target_"}  # these build the model
+DAMAGED = {
+    "truncated checkpoint": (_truncated, [], ["step_0000099.pt: not a PyTorch checkpoint, or truncated"]),
+    "garbage checkpoint": (_plant_bytes(os.urandom(4096)), [], ["step_0000099.pt: not a PyTorch checkpoint"]),
+    "empty checkpoint": (_plant_bytes(b""), [], ["step_0000099.pt: the checkpoint file is empty"]),
+    "checkpoint of another model (config)": (_other_model_config, [], ["step_0000099.pt: saved by a different model", "model.n_embd=64 there, 32 here"]),
+    "checkpoint of another model (tensors)": (_other_model_tensors, [], ["step_0000099.pt: does not fit this model", "size mismatch"]),
+    "garbage overrides.yaml": (_overrides("{unclosed: [\n"), [], [".hydra/overrides.yaml: cannot read the run's overrides"]),
+    "overrides.yaml not a list": (_overrides("model: gpt_tiny\n"), [], [".hydra/overrides.yaml: not a list of overrides"]),
+    "run dir widens the allowlist": (_overrides("- model=gpt_tiny\n- allowed_targets=[os]\n"), [], ["sets allowed_targets=[os]", "may not widen the _target_ allowlist"]),
+    "run dir names a foreign _target_": (_overrides("- model=gpt_tiny\n- data._target_=os.system\n"), [], ["_target_=os.system: not an allowed target", "allowed_targets"]),
+}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_DAMAGED else c for c in DAMAGED])
+def test_damaged_run_is_refused_and_left_as_it_was(finished, tmp_path, case):
+    plant, extra, fragments = DAMAGED[case]
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "completed.json").unlink()  # as if it had been interrupted: resume has to load the newest checkpoint
+    plant(run)
+    before = snapshot(run)
+    proc = run_cli([f"resume={run}", *extra], env=ONE_THREAD)
+    assert_one_line(proc, 2, *fragments)
+    assert_unchanged(before, snapshot(run))
+
+
+def test_malicious_checkpoint_is_refused_and_runs_nothing(finished, tmp_path):
+    import torch
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').close()",))
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "completed.json").unlink()
+    state = torch.load(run / "checkpoints" / "step_0000004.pt", weights_only=True)
+    state["model"] = Payload()
+    torch.save(state, run / "checkpoints" / "step_0000099.pt")
+    before = snapshot(run)
+    proc = run_cli([f"resume={run}"], env=ONE_THREAD)
+    assert_one_line(proc, 2, "step_0000099.pt: refused: loading it would call exec ")
+    assert not marker.exists()
+    assert_unchanged(before, snapshot(run))
+
+
+@pytest.mark.slow
+def test_diverging_run_names_the_step_and_saves_nothing(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli([*TINY, "optimizer=sgd", "optimizer.lr=1e30", "trainer.grad_clip=0", "trainer.save_every=1", f"hydra.run.dir={run}"], env=ONE_THREAD)
+    line = assert_one_line(proc, 3, "loss is nan at step 2", "Lower optimizer.lr", "trainer.skip_nonfinite")
+    assert "the last good checkpoint is" in line and "step_0000001.pt" in line
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000001.pt"]  # nothing after step 1
+
+
+@pytest.mark.slow
+def test_full_disk_keeps_every_checkpoint(finished, tmp_path):
+    """A file-size limit makes the checkpoint write fail as a full disk would (EFBIG instead of ENOSPC)."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = snapshot(run / "checkpoints")
+    size = (run / "checkpoints" / "step_0000004.pt").stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, hard))  # inherited by the child only while it runs
+    try:
+        proc = run_cli([f"resume={run}", "trainer.max_steps=6"], env=ONE_THREAD)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert_one_line(proc, 2, "step_0000006.pt: cannot write the checkpoint (File too large)", "step_0000004.pt is intact", f"resume={run}")
+    assert_unchanged(before, snapshot(run / "checkpoints"))  # no torn or temp file left behind
+
+
+def test_full_traceback_only_with_hydra_full_error(finished):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "1", **ONE_THREAD}
+    proc = subprocess.run([sys.executable, "-m", "ds_hydra", f"hydra.run.dir={finished}", "optimizer.lr=-1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "optimizer.lr=-1" in proc.stderr
