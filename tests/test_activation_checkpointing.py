@@ -489,6 +489,29 @@ def test_offload_on_cpu_is_a_logged_no_op(caplog):
     assert checkpointing_state(checkpoint_activations(gpt(), cpu_checkpointing=True)).offload is not None
 
 
+@pytest.mark.parametrize("policy", [dict(offload=True), dict(offload=True, full=True), dict(offload=True, segments=2)])
+def test_offload_hooks_copy_saved_activations_and_keep_gradients(policy):
+    """The offload machinery, exercised on the CPU: every saved activation is copied out and back."""
+    from ds_hydra.activation_checkpointing.offload import Offload
+
+    reference = step(gpt(), GPT_BATCH)
+    model = checkpoint_activations(gpt(), **policy)
+    state = checkpointing_state(model)
+    state.offload.remove()
+    state.offload = Offload(model, _copy_on_cpu=True)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1234)
+    with SavedActivationCounter(model) as saved:
+        loss = model(*GPT_BATCH)[1]
+    loss.backward()
+    assert torch.equal(loss.detach(), reference[0])
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, reference[1][name]), name
+    assert saved.offloaded_bytes == saved.bytes > 0  # everything but the parameters went to host copies
+    if len(policy) == 1:
+        assert saved.bytes == reference[2]
+
+
 def test_profile_records_forward_and_recompute_times(caplog):
     model = checkpoint_activations(gpt(), number_checkpoints=2, checkpoint_last=True, profile=True)
     assert [(r.start, r.end) for r in checkpointing_state(model).regions] == [(0, 2), (2, 4)]
@@ -542,3 +565,28 @@ def test_every_ckpt_option_applies_to_gpt_tiny(option):
 
     model = checkpoint_activations(gpt(), example_input=GPT_BATCH, **OmegaConf.to_container(cfg.ckpt))
     assert_identical(step(model, GPT_BATCH), step(gpt(), GPT_BATCH))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("policy", [dict(offload=True), dict(offload=True, full=True), dict(cpu_checkpointing=True, segments=2)])
+def test_offload_moves_saved_activations_to_host_on_cuda(policy):
+    device = torch.device("cuda")
+    batch = tuple(t.to(device) for t in GPT_BATCH)
+    plain = gpt(dropout=0.0).to(device)
+    model = checkpoint_activations(gpt(dropout=0.0).to(device), **policy)
+    results = {}
+    for name, m in (("plain", plain), ("offload", model)):
+        m.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with SavedActivationCounter(m) as saved:
+            loss = m(*batch)[1]
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before
+        loss.backward()
+        results[name] = (held, saved, {n: p.grad.float().cpu() for n, p in m.named_parameters()})
+    assert results["offload"][1].offloaded_bytes > 0
+    assert results["offload"][0] < 0.5 * results["plain"][0]  # the device holds far less between forward and backward
+    for name, grad in results["plain"][2].items():
+        torch.testing.assert_close(results["offload"][2][name], grad, rtol=1e-4, atol=1e-5)

@@ -183,7 +183,6 @@ class _Runner:
         if not torch.is_grad_enabled():
             return _original_forward(block)(*args, **kwargs)
         state = self.state
-        note_kept(args)  # the region keeps its inputs for the recompute
         run = self._timed_run if (state.profile or state.synchronize or self.norm_buffers) else self._run
         self.in_forward = True
         try:
@@ -201,6 +200,9 @@ class _Runner:
                                      preserve_rng_state=state.preserve_rng_state, **extra)
         finally:
             self.in_forward = False
+        # the region keeps its inputs for the recompute (torch >= 2.5 saves them through the saved-tensor
+        # hooks, and a counter has seen them already; older torch holds them in a closure)
+        note_kept(args)
         if self.region.selective:
             state.selective_region_ran(self.index)
         if self.region.size == 1:
