@@ -57,9 +57,9 @@ def strip_local_rank(argv: Sequence[str]) -> List[str]:
 
 
 def multi_process() -> bool:
-    from ds_hydra.engine.distributed import env_world_size
-
-    return env_world_size() > 1
+    """Whether a launcher started several processes (read from the environment: no torch import)."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return launched and int(os.environ["WORLD_SIZE"]) > 1
 
 
 def before_hydra(args: Sequence[str]) -> List[str]:
@@ -129,9 +129,8 @@ def after_hydra() -> None:
 
 def quiet_console_on_other_ranks() -> None:
     """Ranks other than 0 print only warnings and errors (their full log is in rank{N}.log)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    dist = _process_group_module()
+    if dist is None or dist.get_rank() == 0:
         return
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
@@ -152,10 +151,17 @@ def _receive():
     return box[0]
 
 
-def _finish_process_group() -> None:
-    import torch.distributed as dist
+def _process_group_module():
+    """``torch.distributed`` if a process group is up, else None (without importing torch)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist
 
-    if dist.is_available() and dist.is_initialized():
+
+def _finish_process_group() -> None:
+    dist = _process_group_module()
+    if dist is not None:
         dist.destroy_process_group()
 
 
