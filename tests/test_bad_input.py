@@ -93,7 +93,7 @@ UNTOUCHED = {
     "resume a file": (["resume={run}/metrics.jsonl"], ["metrics.jsonl: a file, not a run directory"]),
     "resume a folder that is no run": (["resume={run}/checkpoints"], ["checkpoints: not a run directory", ".hydra/overrides.yaml"]),
     "resume with -m": (["-m", "resume={run}"], ["continues a single run", "hydra.sweep.dir"]),
-    "run dir under a file": (["hydra.run.dir={run}/metrics.jsonl/new"], ["hydra.run.dir=", "cannot write there: Not a directory"]),
+    "run dir under a file": (["hydra.run.dir={run}/metrics.jsonl/new"], ["hydra.run.dir={run}/metrics.jsonl/new: cannot write there", "metrics.jsonl is a file, not a directory"]),
 }
 
 

@@ -319,3 +319,33 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert f"resume={run_dir}" in message
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000002.pt"]  # no temp file left
     assert final_state(run_dir)["step"] == 2
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """SIGUSR1 reaches only rank 1; the all-reduced flag stops both ranks after the same step, rank 0
+    saves that step's checkpoint and the ranks exit 75 (torchrun itself then exits 1)."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **ONE_THREAD}
+    env.pop("HYDRA_FULL_ERROR", None)
+    args = [*TINY, "trainer.max_steps=2000", "trainer.log_interval=1", "trainer.eval_interval=0", "engine=ddp", f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ds_hydra", *args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        workers = sorted(int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split())
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGUSR1)  # one rank only
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stopped = [line for line in err.splitlines() if line.startswith("ds_hydra: stopped by SIGUSR1 after step")]
+    assert len(stopped) == 2 and stopped[0] == stopped[1], err[-3000:]  # both ranks, the same step
+    step = int(stopped[0].split("after step ")[1].split(";")[0])
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*.pt")] == [f"step_{step:07d}.pt"]
+    # torchrun reports the first rank to exit (75) and then stops the other one itself
+    assert "exitcode  : 75" in err and proc.returncode != 0, err[-3000:]

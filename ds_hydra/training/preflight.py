@@ -84,12 +84,19 @@ def check_device(config) -> None:
 
 
 def ensure_writable(folder: Path, key: str) -> None:
-    """Create ``folder`` if needed and write a temp file into it; a ``UserError`` naming ``key`` if that fails."""
+    """``folder`` (or, if it does not exist yet, its nearest existing parent) takes a temp file.
+
+    Nothing is created: a timestamped run dir resolved here may differ by a second from the one
+    Hydra resolves next, and an empty folder would be left behind.
+    """
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{key}={folder}: cannot write there: {existing} is a file, not a directory; choose a writable directory")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(folder) else ""
-        raise UserError(f"{key}={folder}: cannot write there: {reason}{where}; choose a writable directory") from None
+        raise UserError(f"{key}={folder}: cannot write there: {reason} (writing into {existing}); choose a writable directory") from None

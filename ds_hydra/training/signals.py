@@ -43,7 +43,7 @@ class Stopped(Exception):
         self.checkpoint = checkpoint
         self.run_dir = run_dir
         self.exit_code = EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_REQUEUE
-        saved = f"saved {checkpoint}" if checkpoint is not None else "nothing to save"
+        saved = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint yet"
         super().__init__(
             f"stopped by {signal_name(signum)} after step {step}; {saved}; "
             f"continue with: python -m ds_hydra resume={run_dir}"
