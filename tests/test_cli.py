@@ -47,7 +47,7 @@ def test_readme_command_with_segments(tmp_path):
         ("trainer.max_steps=abc", ["trainer.max_steps", "abc"]),
         ("model=gpt_huge", ["model=gpt_huge", "no such config option", "gpt_small", "gpt_tiny"]),
         ("ckpt.segments=9", ["ckpt.segments=9", "must be 0..4"]),
-        ("ckpt.segments=-1", ["ckpt.segments=-1", "must be >= 0"]),
+        ("ckpt.segments=-1", ["ckpt.segments=-1", "must be 0..4", "0 disables it"]),
         ("trainer.max_steps=0", ["trainer.max_steps=0", "must be >= 1"]),
         ("trainer.precision=fp8", ["trainer.precision", "fp8", "allowed values", "bf16"]),
     ],
