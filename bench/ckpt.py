@@ -12,8 +12,9 @@ For each policy, and for torch's own checkpoint_sequential and per-block torch.u
   each next to the prediction of the formulas from H (bytes saved outside the blocks), b (one
   block's input), A (one block's saved bytes), S (a selective block's saved op outputs) and G
   (parameter gradients), all measured by the probe and printed;
-* time: step time (forward + backward) relative to none, the fastest of interleaved rounds (on a
-  busy machine the fastest is the least disturbed).
+* time: step time (forward + backward) relative to none, the fastest of interleaved rounds; on the
+  CPU it is CPU time with one thread (--threads), so other processes on a shared machine barely
+  disturb it.
 
 Targets: kept within 2% and peak within 10% of the prediction; per-block memory <= torch's per-block;
 full-recompute time ratio no worse than torch's per-block; the budget plan's bytes <= the budget and
@@ -138,14 +139,18 @@ def allocator_kept_and_peak(model, batch, device):
 
 
 def time_step(model, batch, device) -> float:
+    """Seconds of one step: wall time on CUDA; on the CPU the process's CPU time, which other
+    processes on a shared machine barely disturb (with one torch thread it is the step's own work)."""
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    started = time.perf_counter()
-    run_step(model, batch)
-    if device.type == "cuda":
+        started = time.perf_counter()
+        run_step(model, batch)
         torch.cuda.synchronize()
-    return time.perf_counter() - started
+        return time.perf_counter() - started
+    started = time.process_time()
+    run_step(model, batch)
+    return time.process_time() - started
 
 
 # -- the table --------------------------------------------------------------------------------------------------
@@ -160,7 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="timed steps per policy, interleaved (the fastest counts)")
     ap.add_argument("--budget", type=float, default=0.5, help="memory_budget as a share of the un-checkpointed bytes")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -239,7 +244,8 @@ def main(argv=None) -> int:
           f"block: the kept bytes, + a region's recompute, + gradients as they are allocated (G={G / MiB:.1f} MiB in "
           f"all), + 2b={T_ / MiB:.1f} MiB of temporaries; for K segments all recomputed that is about "
           f"H + b + ceil(L/K)*A + G + 2b (the first segment's recompute, when all later inputs are freed and all "
-          f"gradients allocated). time: fastest of {args.rounds} interleaved steps, none = {t_none * 1e3:.0f} ms.")
+          f"gradients allocated). time: fastest of {args.rounds} interleaved steps "
+          f"({'wall' if device.type == 'cuda' else 'CPU'} time), none = {t_none * 1e3:.0f} ms.")
 
     # targets
     checks = []

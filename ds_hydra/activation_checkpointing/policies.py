@@ -1,23 +1,28 @@
 """Which blocks each policy recomputes, as a list of checkpointed regions.
 
 A region is a run of consecutive blocks recomputed together in backward: between forward and
-backward it keeps only its input (``b`` bytes), and its recompute briefly holds the activations of
-all its blocks. With L blocks, H bytes saved outside them, A bytes saved by one block and b its input:
+backward it keeps only its input (``b`` bytes), and its recompute briefly re-creates the activations
+of all its blocks. With L blocks, H bytes saved outside them, A bytes saved by one block, b its
+input, S the op outputs a selective block keeps, G the parameter gradients, and 2b of backward
+temporaries (bench/ckpt.py measures all of them and checks these formulas):
 
-    policy                         kept after forward            step peak (before gradients)
-    none                           H + L*A                       H + L*A
-    segments=K (last not ckpt)     H + (K-1)*b + s_K*A           H + (K-1)*b + max(s_K, s_i)*A
-    segments=K, checkpoint_last    H + K*b                       H + K*b + ceil(L/K)*A
-    full (= per-block)             H + L*b                       H + L*b + A
-    every_n=n                      H + m*b + (L-m)*A, m=L//n     about the kept bytes
-    selective                      H + L*(b + S)                 + (A - S) for one block
+    policy                       kept after forward           step peak
+    none                         H + L*A                      H + L*A + 2b
+    segments=K, checkpoint_last  H + K*b                      H + b + ceil(L/K)*A + G + 2b
+    segments=K (default)         H + (K-1)*b + s_K*A          the same as with checkpoint_last
+    full (= segments=L, last)    H + L*b                      H + b + A + G + 2b
+    every_n=n, m = L//n          H + m*b + (L-m)*A            kept + A + b (the last block's recompute)
+    selective                    H + L*(b + S)                kept + (A - b - S) + 2b
 
-where s_i is the number of blocks in segment i (s_K the last) and S the bytes of the saved op outputs
-of one block. Leaving the last segment un-recomputed does not raise the peak (its activations are
-freed by its backward before any recompute starts) but saves its recompute; recomputing it too only
-lowers what is held between forward and backward (with gradient accumulation or pipelining).
-For ``segments=K`` (all checkpointed) the peak H + K*b + (L/K)*A is smallest at K = sqrt(L*A/b);
-transformer blocks save A = 18-30 b, so for L up to ~20 that is per-block checkpointing, not sqrt(L).
+s_K is the size of the last segment. Where blocks keep most of their activations (none, every_n,
+selective) the peak comes at the start of backward, before gradients replace freed activations; with
+segments it comes at the first segment's recompute, when every later segment's input is freed and
+almost every gradient allocated. Leaving the last segment un-recomputed does not raise that peak
+(its activations are freed by its own backward before any recompute starts): it skips the last
+segment's recompute at no cost in peak. Recomputing it too only lowers what is held between forward
+and backward, which matters with gradient accumulation or pipelining. Minimizing K*b + ceil(L/K)*A
+gives K = sqrt(L*A/b); transformer blocks save A = 16-30 b, so for L up to ~20 that is per-block
+checkpointing, not sqrt(L).
 """
 from __future__ import annotations
 

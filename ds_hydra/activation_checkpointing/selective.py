@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from typing import Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 import torch
+import torch.utils.checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
