@@ -453,6 +453,30 @@ def test_segments_of_a_non_sequential_parent_are_refused():
     model(torch.randn(2, 8, requires_grad=True)).sum().backward()
 
 
+def test_segments_need_the_hidden_state_positionally():
+    class KwOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(input=x)
+            return x
+
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(UserError, match="block 0 got its input as a keyword argument"):
+        checkpoint_activations(KwOnly(), segments=2)(x)
+    torch.manual_seed(0)
+    reference = KwOnly()
+    reference(x).sum().backward()
+    torch.manual_seed(0)
+    model = checkpoint_activations(KwOnly(), full=True)
+    model(x).sum().backward()
+    for a, b in zip(reference.parameters(), model.parameters()):
+        assert torch.equal(a.grad, b.grad)
+
+
 def test_reentrant_refuses_keyword_tensors_that_need_grad():
     class KwBlock(nn.Module):
         def __init__(self):

@@ -183,6 +183,12 @@ class _Runner:
         if not torch.is_grad_enabled():
             return _original_forward(block)(*args, **kwargs)
         state = self.state
+        if self.region.size > 1 and not (args and isinstance(args[0], torch.Tensor)):
+            raise UserError(
+                f"ckpt.segments: block {self.region.start} got its input as a keyword argument, and a segment of several "
+                f"blocks passes each block's output to the next as the first positional argument; use per-block "
+                f"checkpointing (ckpt.full=true, ckpt.every_n or ckpt.segments=<number of blocks>)"
+            )
         run = self._timed_run if (state.profile or state.synchronize or self.norm_buffers) else self._run
         self.in_forward = True
         try:
