@@ -183,6 +183,7 @@ def assert_identical(result, reference):
 
 
 POLICIES = [
+    dict(segments=1),
     dict(segments=2),
     dict(segments=2, checkpoint_last=True),
     dict(segments=3),
@@ -237,6 +238,8 @@ def test_bytes_ordered_none_segments2_segments4_full():
                           ("full", dict(full=True))]:
         measured[label] = step(checkpoint_activations(gpt(), **policy), GPT_BATCH)[2]
     assert measured["none"] > measured["segments=2"] > measured["segments=4"] > measured["full"]
+    # one segment is recomputed whole: only its input (and what lies outside the blocks) is kept
+    assert step(checkpoint_activations(gpt(), segments=1), GPT_BATCH)[2] < measured["full"]
     # the formulas, with H, b and A measured by the probe (all four blocks alike)
     model = gpt()
     p = probe(model, list(model.blocks), GPT_BATCH)
@@ -389,7 +392,6 @@ def test_missing_block_list_lists_candidates():
 @pytest.mark.parametrize("policy,message", [
     (dict(segments=5), r"ckpt.segments=5: must be 0..4 \(the model has 4 blocks\)"),
     (dict(segments=-1), r"ckpt.segments=-1: must be 0..4"),
-    (dict(segments=1), r"ckpt.segments=1: the only segment is the last one"),
     (dict(every_n=9), r"ckpt.every_n=9: must be 0..4"),
     (dict(segments=2, full=True), r"ckpt.segments, ckpt.full each choose the recomputed blocks"),
     (dict(checkpoint_last=True), r"ckpt.checkpoint_last=true: applies only with ckpt.segments"),

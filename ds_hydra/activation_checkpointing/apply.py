@@ -331,7 +331,8 @@ def _choose_regions(cfg: CkptConfig, n: int, profile: Optional[ActivationProfile
     selective = bool(cfg.selective)
     segments = effective_segments(cfg)
     if segments:
-        return segment_regions(n, segments, cfg.checkpoint_last, selective)
+        # One segment is always recomputed: "leave the last one" would mean checkpointing nothing.
+        return segment_regions(n, segments, cfg.checkpoint_last or segments == 1, selective)
     if cfg.full:
         return per_block_regions(range(n), selective)
     if cfg.every_n:

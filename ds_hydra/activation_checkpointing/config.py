@@ -32,8 +32,9 @@ class CkptConfig:
     segments: int = 0
     """Split the block list into this many contiguous segments and recompute them in backward (0: off).
     With ``checkpoint_last=false`` the last segment is not recomputed (what torch's
-    checkpoint_sequential does): same step peak, less recompute. ``segments`` = number of blocks is
-    per-block checkpointing."""
+    checkpoint_sequential does): same step peak, less recompute. ``segments=1`` recomputes the whole
+    block list as one segment (leaving its only segment alone would checkpoint nothing).
+    ``segments`` = number of blocks is per-block checkpointing."""
     checkpoint_last: bool = False
     """With ``segments``: recompute the last segment too (what DeepSpeed's pipeline does). Lowers only
     the bytes held between forward and backward (H + K*b instead of H + (K-1)*b + last segment)."""
@@ -149,11 +150,6 @@ def validate_ckpt(cfg, n_blocks: Optional[int], prefix: str = "ckpt") -> List[st
             f"which is {cfg.segments}; set one of them"
         )
     segments = effective_segments(cfg) if not problems else 0
-    if segments == 1 and not cfg.checkpoint_last:
-        problems.append(
-            f"{prefix}.segments=1: the only segment is the last one, which is not recomputed unless "
-            f"{prefix}.checkpoint_last=true; set that, or use {prefix}.full=true or segments >= 2"
-        )
     if cfg.checkpoint_last and not segments:
         problems.append(f"{prefix}.checkpoint_last=true: applies only with {prefix}.segments=K (K >= 1)")
 
