@@ -117,7 +117,8 @@ def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
 def export_precision(cfg) -> str:
     """trainer.precision for the file: fp32, bf16 or fp16 as set; auto as this machine resolves it
     (bf16 on a recent GPU, fp16 on an older one, fp32 without one), so set it for another machine."""
-    from ds_hydra.training.trainer import resolve_device, resolve_precision
+    from ds_hydra.devices import resolve_device
+    from ds_hydra.training.trainer import resolve_precision
 
     name = _value(cfg.trainer.precision)
     if name != "auto":

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
+from ds_hydra.devices import resolve_device
 from ds_hydra.errors import UserError
 from ds_hydra.training import state as state_io
 from ds_hydra.training.run_dir import RESOLVED_CONFIG_FILE
@@ -85,15 +86,6 @@ def load_run_config(run_dir: Path) -> DictConfig:
     return cfg
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"inference.device={name}: CUDA is not available on this machine (use auto or cpu)")
-    return device
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` is bf16 on CUDA (fp16 where the GPU has no bf16) and fp32 on CPU."""
     if name == "auto":
@@ -118,7 +110,7 @@ def load_run(
 
     run_dir, weights = find_run(checkpoint)
     saved = load_run_config(run_dir)
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, key="inference.device")
     torch_dtype = resolve_dtype(dtype, torch_device)
 
     # Only the sections that define the model and its data, under the caller's allowlist.

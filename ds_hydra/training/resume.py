@@ -24,20 +24,26 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ds_hydra.errors import UserError
+from ds_hydra.training.checkpoint_files import (
+    CHECKPOINT_DIR,
+    STEP_FILE,
+    atomic_write_text,
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+)
 
 log = logging.getLogger(__name__)
 
 COMPLETED_FILE = "completed.json"
 COMPLETED_FORMAT = "ds_hydra.completed.v1"
 METRICS_FILE = "metrics.jsonl"  # the name ds_hydra.training.metrics writes (kept torch-free here)
-CHECKPOINT_DIR = "checkpoints"  # as in ds_hydra.training.state
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 HYDRA_FILE = Path(".hydra") / "hydra.yaml"
 
@@ -45,7 +51,6 @@ HYDRA_FILE = Path(".hydra") / "hydra.yaml"
 VOLATILE_KEYS = ("resume", "trainer.progress", "objective", "name")
 
 _RESUME_ARG = re.compile(r"^(\+\+|\+)?resume=(.*)$")
-_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
 # -- the command line ------------------------------------------------------------------------------
@@ -100,10 +105,10 @@ def locate_run(value: str, hydra_run: bool = True) -> Tuple[Path, Optional[Path]
     ``hydra_run``: the directory must have been written by the CLI (it has ``.hydra/overrides.yaml``).
     """
     path = Path(value).expanduser()
-    if _STEP_FILE.match(path.name) or path.suffix == ".pt":
+    if STEP_FILE.match(path.name) or path.suffix == ".pt":
         if not path.is_file():
             raise UserError(f"resume={value}: no such checkpoint file (checkpoints: {path.parent}/step_*.pt)")
-        if not _STEP_FILE.match(path.name) or path.parent.name != CHECKPOINT_DIR:
+        if not STEP_FILE.match(path.name) or path.parent.name != CHECKPOINT_DIR:
             raise UserError(f"resume={value}: not a checkpoint of a run; give a run directory or <run>/{CHECKPOINT_DIR}/step_NNNNNNN.pt")
         run_dir, checkpoint = path.parent.parent, path
     else:
@@ -206,7 +211,7 @@ def plan_start(cfg, run_dir: Path) -> StartPlan:
     resuming = bool(cfg.get("resume", None))
     multirun = in_multirun()
     marker = read_completion_marker(run_dir)
-    latest = _latest_checkpoint(run_dir)
+    latest = latest_checkpoint(run_dir)
     if not resuming and not multirun:
         found = [p for p in (run_dir / COMPLETED_FILE, latest, run_dir / METRICS_FILE) if p is not None and p.is_file()]
         if found:
@@ -324,7 +329,7 @@ def continue_from(run_dir: Path, step: int, checkpoint: Path) -> List[Dict[str, 
     Newer checkpoints (when an older one was chosen) are set aside, records after ``step`` are
     dropped (the continuation writes them again) and a stale completion marker is removed.
     """
-    if Path(checkpoint) != _latest_checkpoint(run_dir):
+    if Path(checkpoint) != latest_checkpoint(run_dir):
         set_aside_newer(run_dir, step)
     kept = truncate_metrics(run_dir, step)
     clear_completion_marker(run_dir)
@@ -352,7 +357,7 @@ def set_aside_newer(run_dir: Path, step: int) -> Optional[Path]:
     continuation is deleted.
     """
     run_dir = Path(run_dir)
-    newer = [p for p in _checkpoints(run_dir) if _STEP_FILE.match(p.name) and int(_STEP_FILE.match(p.name).group(1)) > step]
+    newer = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) > step]
     kept, dropped = _split_metrics(run_dir, step)
     if not newer and not dropped:
         return None
@@ -428,30 +433,3 @@ def read_completion_marker(run_dir: Path) -> Optional[Dict[str, Any]]:
 def clear_completion_marker(run_dir: Path) -> None:
     """The run continues past its old end: its marker no longer describes it."""
     (Path(run_dir) / COMPLETED_FILE).unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _checkpoints(run_dir: Path) -> List[Path]:
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name)) and p.is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def _latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    found = _checkpoints(run_dir)
-    return found[-1] if found else None

@@ -18,16 +18,22 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
 from ds_hydra.errors import UserError
+from ds_hydra.training.checkpoint_files import (  # noqa: F401  (re-exported: the run's file layout)
+    CHECKPOINT_DIR,
+    checkpoint_path,
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+)
 
-CHECKPOINT_DIR = "checkpoints"
 TRAIN_STATE_FORMAT = "ds_hydra.train_state.v1"
 TRAIN_STATE_KEYS = ("step", "model", "optimizer", "scheduler", "data", "rng", "config")
-_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -177,33 +183,3 @@ def _set_numpy_rng_state(state: Dict[str, Any]) -> None:
         return
     keys = state["keys"].numpy().astype(np.uint32)
     np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
-
-
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:07d}.pt"
-
-
-def checkpoint_step(path: Path) -> Optional[int]:
-    """The step in a ``step_NNNNNNN.pt`` name, else None."""
-    match = _STEP_FILE.match(Path(path).name)
-    return int(match.group(1)) if match else None
-
-
-def list_checkpoints(run_dir: Path) -> List[Path]:
-    """Checkpoints in ``run_dir`` in step order (temp files of interrupted writes are ignored)."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name)) and p.is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints (called only after a new one is written)."""
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)

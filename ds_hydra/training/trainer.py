@@ -23,6 +23,7 @@ from ds_hydra.activation_checkpointing import SavedActivationCounter, checkpoint
 from ds_hydra.data.batches import RandomBlocks
 from ds_hydra.engine import deepspeed_engine
 from ds_hydra.engine.distributed import Distributed, setup_distributed
+from ds_hydra.devices import resolve_device
 from ds_hydra.errors import UserError
 from ds_hydra.instantiate import instantiate
 from ds_hydra.optim.build import build_optimizer, build_scheduler
@@ -37,15 +38,6 @@ from ds_hydra.training.throughput import Throughput
 log = logging.getLogger(__name__)
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={name}: CUDA is not available on this machine (use auto or cpu)")
-    return device
 
 
 def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
