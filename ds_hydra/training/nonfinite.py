@@ -13,6 +13,7 @@ only when N > 0.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +50,13 @@ class NonFiniteWatch:
 
     def observe(self, loss: torch.Tensor, step: int) -> None:
         """Record ``loss`` of optimizer step ``step`` (1-based); device-side only, no host sync."""
+        if loss.device.type == "cpu":
+            # The CPU runs ops eagerly, so reading the value costs nothing to wait for, and one
+            # Python check is cheaper than the few tensor ops below (which matter on small models).
+            if self.first_step.item() < 0 and not math.isfinite(loss.item()):
+                self.first_step.fill_(step)
+                self.first_value.fill_(loss.item())
+            return
         new = ~torch.isfinite(loss.detach().float()) & (self.first_step < 0)
         self.first_step = torch.where(new, torch.full_like(self.first_step, step), self.first_step)
         self.first_value = torch.where(new, loss.detach().float(), self.first_value)

@@ -174,7 +174,8 @@ class Trainer:
         With several ranks the gradients are averaged over them (DDP, FSDP) and the returned loss is
         the global batch's, the same on every rank.
         """
-        self.model.train()
+        if not self.model.training:  # model.train() walks every module: only when evaluation left eval mode
+            self.model.train()
         accum = self.cfg.trainer.grad_accum_steps
         if self.distributed.kind == "deepspeed":  # DeepSpeed accumulates, clips and steps itself
             total = deepspeed_engine.train_step(self.wrapped, self.train_batches, accum, self.device, self.autocast)
@@ -195,7 +196,8 @@ class Trainer:
                 if counting:
                     self.activation_bytes = saved.bytes
                     log.info("activation memory: %.1f MiB saved for backward per micro-batch", saved.bytes / 2**20)
-                loss = loss / accum  # the sum of micro-batch gradients equals the full batch's mean
+                if accum > 1:
+                    loss = loss / accum  # the sum of micro-batch gradients equals the full batch's mean
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:
