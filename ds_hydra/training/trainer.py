@@ -415,6 +415,7 @@ def _fit(trainer: Trainer, metrics: MetricsLogger) -> Dict[str, Any]:
     tcfg = trainer.cfg.trainer
     progress = _progress_bar(tcfg, start=trainer.step)
     window_start, window_steps = time.perf_counter(), 0
+    fit_start, first_step = window_start, trainer.step
     tokens_per_s = 0.0
     evals: Dict[str, float] = {}
     while trainer.step < tcfg.max_steps:
@@ -430,7 +431,9 @@ def _fit(trainer: Trainer, metrics: MetricsLogger) -> Dict[str, Any]:
             perf = trainer.throughput.metrics(tokens_per_s)  # tokens_per_s, mfu, peak_memory_gib
             if mean_loss is not None:  # None: every step of the window was skipped (trainer.skip_nonfinite)
                 metrics.log(step, loss=mean_loss, lr=lr, **perf)
-                _report_progress(progress, step, tcfg.max_steps, mean_loss, perf)
+                # ETA from the whole run so far, so evaluation and checkpoint time are included
+                eta_s = (time.perf_counter() - fit_start) / (step - first_step) * (tcfg.max_steps - step)
+                _report_progress(progress, step, tcfg.max_steps, mean_loss, perf, eta_s)
             window_start, window_steps = time.perf_counter(), 0
         if (tcfg.eval_interval and step % tcfg.eval_interval == 0) or step == tcfg.max_steps:
             trainer.check_finite()
@@ -465,7 +468,7 @@ def _progress_bar(tcfg, start: int):
     return tqdm(total=tcfg.max_steps, initial=start, unit="step", dynamic_ncols=True)
 
 
-def _report_progress(progress, step: int, max_steps: int, loss: float, perf: Dict[str, float]) -> None:
+def _report_progress(progress, step: int, max_steps: int, loss: float, perf: Dict[str, float], eta_s: float) -> None:
     shown = {"loss": f"{loss:.4f}", "tok_s": f"{perf['tokens_per_s']:,.0f}"}
     if "mfu" in perf:
         shown["mfu"] = f"{perf['mfu']:.1%}"
@@ -475,4 +478,6 @@ def _report_progress(progress, step: int, max_steps: int, loss: float, perf: Dic
         progress.n = step
         progress.set_postfix(**shown)
         return
+    minutes, seconds = divmod(int(round(eta_s)), 60)
+    shown["eta"] = f"{minutes}m{seconds:02d}s"  # tqdm shows its own ETA
     log.info("step %d/%d: %s", step, max_steps, ", ".join(f"{k} {v}" for k, v in shown.items()))
