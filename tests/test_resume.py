@@ -298,19 +298,18 @@ def poison_losses(monkeypatch, model_class, steps, accum):
 
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     from ds_hydra.errors import UserError
-    from ds_hydra.training import state as state_io
     from ds_hydra.training.state import checkpoint_path
 
     real_fsync, calls = os.fsync, {"n": 0}
 
     def fsync(fd):
-        if not os.path.isdir(f"/proc/self/fd/{fd}"):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".step_"):  # checkpoint temp files only
             calls["n"] += 1
             if calls["n"] == 2:  # the second checkpoint finds the disk full
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_fsync(fd)
 
-    monkeypatch.setattr(state_io.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     run_dir = tmp_path / "run"
     with pytest.raises(UserError) as full:
         train_in_process(RUN, run_dir)

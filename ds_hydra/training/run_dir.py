@@ -1,7 +1,6 @@
 """Where a run writes: Hydra's output dir when run through Hydra, else a fresh ``outputs/<time>``."""
 from __future__ import annotations
 
-import os
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from ds_hydra.errors import UserError
+from ds_hydra.training.checkpoint_files import atomic_write_text
 
 RESOLVED_CONFIG_FILE = "config_resolved.yaml"
 
@@ -38,7 +38,5 @@ def _hydra_output_dir() -> Optional[Path]:
 def write_resolved_config(cfg, run_dir: Path) -> Path:
     """The config with every interpolation resolved: what inference and resume rebuild from."""
     path = Path(run_dir) / RESOLVED_CONFIG_FILE
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
     return path

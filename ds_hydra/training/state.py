@@ -12,10 +12,8 @@
 """
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -25,6 +23,7 @@ import torch
 from ds_hydra.errors import UserError
 from ds_hydra.training.checkpoint_files import (  # noqa: F401  (re-exported: the run's file layout)
     CHECKPOINT_DIR,
+    atomic_write,
     checkpoint_path,
     checkpoint_step,
     latest_checkpoint,
@@ -42,25 +41,16 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     A crash at any moment leaves either the previous file or the complete new one, never a torn
     one; on an error (a full disk) the temp file is removed and the error propagates.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer = _WriteErrors(f)
-            try:
-                torch.save(obj, writer)
-            except RuntimeError:
-                if writer.error is not None:  # torch's writer reports a failed write as a RuntimeError
-                    raise writer.error from None
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)  # make the rename itself durable
+    def write(f) -> None:
+        writer = _WriteErrors(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:  # torch's writer reports a failed write as a RuntimeError
+                raise writer.error from None
+            raise
+
+    atomic_write(path, write, binary=True)
 
 
 class _WriteErrors:
@@ -80,14 +70,6 @@ class _WriteErrors:
 
     def flush(self) -> None:
         self.file.flush()
-
-
-def fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def safe_torch_load(path: Path, mmap: bool = False) -> Dict[str, Any]:
