@@ -34,6 +34,7 @@ class LayerKVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.weights = None  # the block's parameters, gathered by Block.decode_one on first use
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
         """Store k, v of shape (B, nh, t, hs) after the cached positions; return all of them."""
@@ -91,8 +92,6 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
-        if x.dim() == 2:  # (B, C): one new position per sequence, the KV-cache decode step
-            return self._decode_one(x, cache)
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
@@ -110,20 +109,6 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.proj(y))
-
-    def _decode_one(self, x: torch.Tensor, cache: LayerKVCache) -> torch.Tensor:
-        """x: (B, C), the newest position, attending to itself and every cached position.
-
-        The fewest ops per token (a decode step costs op overheads, not flops): the head split is a
-        view, with no transposes, and no mask is built."""
-        B, C = x.shape
-        # (B, C) -> (B, nh, 1, hs): with one position the head split needs no transpose
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)
-        q, k, v = (t.view(B, self.n_head, 1, C // self.n_head) for t in qkv.split(C, dim=1))
-        k, v = cache.append(k, v)  # (B, nh, past + 1, hs)
-        y = F.scaled_dot_product_attention(q, k, v)  # no mask: nothing cached lies in the future
-        y = F.linear(y.reshape(B, C), self.proj.weight, self.proj.bias)
-        return self.resid_dropout(y) if self.training else y
 
 
 class MLP(nn.Module):
@@ -154,14 +139,27 @@ class Block(nn.Module):
     def decode_one(self, x: torch.Tensor, cache: LayerKVCache) -> torch.Tensor:
         """``forward`` for one new position x: (B, C) in eval mode, with the ops called directly.
 
-        The same arithmetic without a dozen nn.Module calls: at one position per step, generation
-        costs call overhead rather than FLOPs, and this path roughly halves it."""
-        C = x.size(-1)
-        h = F.layer_norm(x, (C,), self.ln_1.weight, self.ln_1.bias, 1e-5)
-        x = x + self.attn._decode_one(h, cache)
-        h = F.layer_norm(x, (C,), self.ln_2.weight, self.ln_2.bias, 1e-5)
-        h = F.gelu(F.linear(h, self.mlp.fc.weight, self.mlp.fc.bias))
-        return x + F.linear(h, self.mlp.proj.weight, self.mlp.proj.bias)
+        The same arithmetic without nn.Module calls and attribute look-ups: at one position per step,
+        generation of a small model costs per-op overhead rather than FLOPs. The head split of a
+        single position is a view, with no transposes, and no mask is built."""
+        B, C = x.shape
+        if cache.weights is None:  # looked up once per generation: attribute access costs too
+            cache.weights = self.decode_weights()
+        ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b = cache.weights
+        n_head = self.attn.n_head
+        h = F.layer_norm(x, (C,), ln1_w, ln1_b, 1e-5)
+        # (B, C) -> (B, nh, 1, hs): with one position the head split needs no transpose
+        q, k, v = F.linear(h, qkv_w, qkv_b).view(B, 3, n_head, 1, C // n_head).unbind(1)
+        k, v = cache.append(k, v)  # (B, nh, past + 1, hs)
+        y = F.scaled_dot_product_attention(q, k, v)  # no mask: nothing cached lies in the future
+        x = x + F.linear(y.reshape(B, C), proj_w, proj_b)
+        h = F.layer_norm(x, (C,), ln2_w, ln2_b, 1e-5)
+        return x + F.linear(F.gelu(F.linear(h, fc_w, fc_b)), out_w, out_b)
+
+    def decode_weights(self):
+        attn, mlp = self.attn, self.mlp
+        return (self.ln_1.weight, self.ln_1.bias, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
+                self.ln_2.weight, self.ln_2.bias, mlp.fc.weight, mlp.fc.bias, mlp.proj.weight, mlp.proj.bias)
 
 
 class VocabCrossEntropy(nn.Module):
@@ -271,13 +269,14 @@ class GPT(nn.Module):
             if kv_cache.batch != B:
                 raise ValueError(f"KV cache is for batch {kv_cache.batch}, got a batch of {B}")
             # the rows wpe(arange) would gather, without building the index on every token
-            if T == 1:  # decode step: the one new position travels as (B, C) (see CausalSelfAttention._decode_one)
-                x = self.drop(self.wte(idx[:, 0]) + self.wpe.weight[start])  # (B, C)
+            if T == 1 and not self.training:  # decode step: one new position as (B, C), see Block.decode_one
+                x = self.wte(idx[:, 0]) + self.wpe.weight[start]  # (B, C)
+                for block, cache in zip(self.blocks, kv_cache.layers):
+                    x = block.decode_one(x, cache)
             else:
                 x = self.drop(self.wte(idx) + self.wpe.weight[start : start + T])  # (B, T, C)
-            decode = T == 1 and not self.training  # the one-position fast path (see Block.decode_one)
-            for block, cache in zip(self.blocks, kv_cache.layers):
-                x = block.decode_one(x, cache) if decode else block(x, cache)
+                for block, cache in zip(self.blocks, kv_cache.layers):
+                    x = block(x, cache)
         x = self.ln_f(x)
         if targets is None:
             last = x if x.dim() == 2 else x[:, -1, :]  # (B, C)
