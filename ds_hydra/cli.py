@@ -98,7 +98,7 @@ def cli_main() -> None:
     from ds_hydra.training.preflight import RunRefused
     from ds_hydra.training.resume import expand_resume_args
     from ds_hydra.training.signals import Stopped, stop_on_signals
-    from ds_hydra.engine.launch import after_hydra, before_hydra, strip_local_rank
+    from ds_hydra.engine.launch import after_hydra, before_hydra, strip_local_rank, wait_for_all_ranks
 
     try:
         # resume=<run>: the run's saved overrides, in its own directory (before Hydra parses argv)
@@ -117,6 +117,7 @@ def cli_main() -> None:
     except Stopped as exc:
         _exit_if_sweep_failed(exit=False)
         print(f"ds_hydra: {exc}", file=sys.stderr)
+        wait_for_all_ranks()  # several processes: all have saved and said so before any exits
         sys.exit(exc.exit_code)
     except (UserError, OSError, *_composition_errors()) as exc:
         _exit_if_sweep_failed()

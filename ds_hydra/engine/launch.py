@@ -127,6 +127,14 @@ def after_hydra() -> None:
     _finish_process_group()
 
 
+def wait_for_all_ranks() -> None:
+    """No rank leaves before every rank got here: torchrun stops the remaining ranks as soon as one
+    exits, which could cut rank 0 off before it has said why it stopped."""
+    dist = _process_group_module()
+    if dist is not None:
+        dist.barrier()
+
+
 def quiet_console_on_other_ranks() -> None:
     """Ranks other than 0 print only warnings and errors (their full log is in rank{N}.log)."""
     dist = _process_group_module()

@@ -12,7 +12,8 @@ into an exit code a job script can act on:
   also saves; a second one raises ``KeyboardInterrupt`` at once, without saving.
 
 Under ``torchrun`` a signal may reach the ranks at different steps, so when ``torch.distributed`` is
-initialized every rank all-reduces its flag after each step (one 4-byte collective) and all of them
+initialized every rank all-reduces its flag at each log step (one 4-byte collective, where the loop
+reads the loss anyway, so training adds no host sync per step) and all of them
 stop, save and exit at the same step.
 """
 from __future__ import annotations

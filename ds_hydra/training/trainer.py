@@ -443,7 +443,10 @@ def _fit(trainer: Trainer, metrics: MetricsLogger) -> Dict[str, Any]:
             window_start = time.perf_counter()  # evaluation time is not training throughput
         if tcfg.save_every and step % tcfg.save_every == 0 and step < tcfg.max_steps:
             trainer.save()
-        stop = signals.stop_requested() if step < tcfg.max_steps else None  # all ranks agree (a collective)
+        # One process: a Python flag, read every step. Several: an all-reduce and a host sync, so only
+        # where the loop syncs anyway (log steps); a pre-emption notice gives minutes, not milliseconds.
+        check_stop = trainer.distributed.world_size == 1 or step % tcfg.log_interval == 0
+        stop = signals.stop_requested() if check_stop and step < tcfg.max_steps else None  # ranks agree
         if stop:
             raise signals.Stopped(stop, step, trainer.save(), trainer.run_dir)
     if progress is not None:
