@@ -81,7 +81,9 @@ def dispatch(cfg) -> Dict[str, Any]:
     if task != "validate":  # task=validate collects these problems together with its own
         validate_config(cfg)
     module, _, function = TASKS[task].partition(":")
-    log.info("task=%s", task)
+    from omegaconf import OmegaConf
+
+    log.info("task=%s; resolved config:\n%s", task, OmegaConf.to_yaml(cfg, resolve=True).rstrip())
     return getattr(import_module(module), function)(cfg)
 
 

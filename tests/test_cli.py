@@ -24,6 +24,7 @@ def test_train_run_learns_and_writes_everything(tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] - 0.3, losses  # from ln(65) ~ 4.17 downwards
     assert (run_dir / "loss_curve.png").stat().st_size > 1000
+    assert "task=train; resolved config:" in proc.stdout and "max_steps: 40" in proc.stdout  # logged at start
     progress = [line for line in (proc.stdout + proc.stderr).splitlines() if "step 20/40:" in line]
     assert progress and "tokens_per_s" not in progress[0] and "tok_s" in progress[0] and " eta 0m" in progress[0]
     resolved = (run_dir / "config_resolved.yaml").read_text()
