@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ds_hydra.activation_checkpointing.config import format_bytes
 from ds_hydra.activation_checkpointing.counter import storage_of
@@ -150,7 +150,6 @@ class ActivationProfile:
     def peak_bytes(self, regions: Sequence[Region]) -> int:
         """Predicted allocator peak of forward + backward above the parameters (gradients included,
         allocated as backward reaches each block; the head's and embeddings' at its start)."""
-        modes = self._modes(regions)
         region_at_end = {r.end - 1: r for r in regions}
         mem = self.kept_bytes(regions) + self.outside_param_bytes
         transient = self.transient_bytes()
