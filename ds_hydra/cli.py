@@ -118,17 +118,17 @@ def cli_main() -> None:
             raise _run_error
     except Stopped as exc:
         _exit_if_sweep_failed(exit=False)
-        print(f"ds_hydra: {exc}", file=sys.stderr)
+        _say(f"ds_hydra: {exc}")
         wait_for_all_ranks()  # several processes: all have saved and said so before any exits
         sys.exit(exc.exit_code)
     except (UserError, OSError, *_composition_errors()) as exc:
         _exit_if_sweep_failed()
         if full_error:
             raise
-        print(f"ds_hydra: error: {describe_exception(exc)}", file=sys.stderr)
+        _say(f"ds_hydra: error: {describe_exception(exc)}")
         sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
     except KeyboardInterrupt:
-        print("ds_hydra: interrupted", file=sys.stderr)
+        _say("ds_hydra: interrupted")
         sys.exit(130)
     except Exception:
         # A job's own exception, re-raised by the sweeper after its batch (traceback in the job's log).
@@ -136,6 +136,13 @@ def cli_main() -> None:
         raise
     finally:
         after_hydra()  # several processes: release the other ranks if rank 0 stopped before its run dir
+
+
+def _say(line: str) -> None:
+    """Write one line to stderr in a single write: print() writes the text and its newline separately,
+    so lines from several ranks sharing the stream could run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _exit_if_sweep_failed(exit: bool = True) -> None:
@@ -146,10 +153,9 @@ def _exit_if_sweep_failed(exit: bool = True) -> None:
     reset_active_sweep()
     if outcome is None or not outcome.failed:
         return
-    print(
+    _say(
         f"ds_hydra: error: {outcome.failed} of {outcome.jobs} sweep jobs failed (first: {outcome.first_error}); "
-        f"report: {outcome.report}",
-        file=sys.stderr,
+        f"report: {outcome.report}"
     )
     if exit:
         sys.exit(1)
