@@ -133,11 +133,9 @@ def test_ddp_with_accumulation_equals_one_process(tmp_path):
 
 
 def _fsdp_skip_reason():
-    from ds_hydra.engine.distributed import fully_shard_api
+    from ds_hydra.engine.distributed import fsdp_unsupported
 
-    if fully_shard_api() is None:
-        return f"torch {torch.__version__} has no FSDP2 (fully_shard)"
-    return None
+    return fsdp_unsupported(torch.device("cpu"))
 
 
 @pytest.mark.slow

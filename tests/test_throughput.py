@@ -19,7 +19,7 @@ from conftest import REPO, TINY, compose
 from ds_hydra.errors import UserError
 from ds_hydra.models.gpt import GPT
 from ds_hydra.training import throughput as tp
-from ds_hydra.training.trainer import Trainer, resolve_precision, train
+from ds_hydra.training.trainer import OLD_DYNAMO, Trainer, resolve_precision, train
 
 
 def _norm_params(model: GPT) -> int:
@@ -129,10 +129,14 @@ def test_peak_follows_the_precision(monkeypatch):
     cuda = torch.device("cuda")
     assert tp.peak_flops(cuda, torch.bfloat16) == pytest.approx(989.4e12)
     assert tp.peak_flops(cuda, torch.float16) == pytest.approx(989.4e12)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert tp.peak_flops(cuda, None) == pytest.approx(494.7e12)  # fp32 matmuls run as TF32
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert tp.peak_flops(cuda, None) is None  # plain fp32 has no tensor-core entry
+    matmul, previous = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    try:  # set and restored by hand: torch < 2.5 serves this flag from __getattr__, which monkeypatch cannot undo
+        matmul.allow_tf32 = True
+        assert tp.peak_flops(cuda, None) == pytest.approx(494.7e12)  # fp32 matmuls run as TF32
+        matmul.allow_tf32 = False
+        assert tp.peak_flops(cuda, None) is None  # plain fp32 has no tensor-core entry
+    finally:
+        matmul.allow_tf32 = previous
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     assert tp.peak_flops(cuda, torch.bfloat16) is None  # no bf16 tensor cores: no MFU rather than a wrong one
 
@@ -253,8 +257,11 @@ def test_compiled_blocks_train_like_eager(tmp_path):
         trainer = Trainer(cfg, tmp_path / str(compiled))
         losses[compiled] = [trainer.train_step().item() for _ in range(4)] + [trainer.evaluate()["val_loss"]]
         if compiled:
-            # block and loss, each for training and for no-grad evaluation: not one graph per block
-            assert 2 <= counters["stats"]["unique_graphs"] <= 4
+            graphs = counters["stats"]["unique_graphs"]
+            if OLD_DYNAMO:  # one graph per block (train and eval) and the loss's: all 10 compiled, none past the limit
+                assert graphs == 2 * 10 + 2, graphs
+            else:  # block and loss, each for training and for no-grad evaluation: not one graph per block
+                assert 2 <= graphs <= 4, graphs
     torch._dynamo.reset()
     assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-5)
 

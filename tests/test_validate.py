@@ -1,6 +1,7 @@
 """task=validate: every problem in one message (exit 2), else the dry-run report (exit 0)."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -54,6 +55,10 @@ def test_planted_errors_are_all_reported_in_one_message():
     assert str(err.value).startswith(f"{len(problems)} config problems:")
 
 
+# StepLR's arguments as this torch has them (torch < 2.7 also takes the deprecated ``verbose``)
+STEP_LR_ARGS = ", ".join(inspect.signature(torch.optim.lr_scheduler.StepLR).parameters)
+
+
 def test_signature_check_names_unknown_and_missing_arguments():
     cfg = OmegaConf.create({
         "allowed_targets": [],
@@ -71,7 +76,7 @@ def test_signature_check_names_unknown_and_missing_arguments():
         "'warmup_steps'?); it takes: optimizer, warmup_steps, total_steps, min_lr_ratio, last_epoch",
         "sched.optimizer: missing; ds_hydra.optim.schedules.WarmupCosineDecay needs it (set sched.optimizer=...)",
         "nested.inner[0].gama: torch.optim.lr_scheduler.StepLR has no argument 'gama' (did you mean 'gamma'?); "
-        "it takes: optimizer, step_size, gamma, last_epoch",
+        f"it takes: {STEP_LR_ARGS}",
         "nested.inner[0].optimizer: missing; torch.optim.lr_scheduler.StepLR needs it (set nested.inner[0].optimizer=...)",
     ])  # the _partial_ node may leave its optimizer to the caller
 

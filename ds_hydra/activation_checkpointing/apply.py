@@ -369,7 +369,7 @@ def checkpoint_activations(model: nn.Module, example_input: Any = None, **ckpt) 
     budget = cfg.memory_budget is not None
     if cfg.selective and not selective_available():
         raise UserError(
-            f"ckpt.selective=true: needs torch >= 2.4 (torch.utils.checkpoint.create_selective_checkpoint_contexts); "
+            f"ckpt.selective=true: needs torch >= 2.5 (torch.utils.checkpoint.create_selective_checkpoint_contexts); "
             f"this is torch {torch.__version__}"
         )
     use_selective = (cfg.selective or budget) and selective_available() and not cfg.use_reentrant

@@ -1,6 +1,6 @@
 """Per-op selective checkpointing: keep the outputs of expensive ops, recompute the cheap ones.
 
-Built on torch's ``create_selective_checkpoint_contexts`` (torch >= 2.4). ``save_ops`` names are
+Built on torch's ``create_selective_checkpoint_contexts`` (torch >= 2.5). ``save_ops`` names are
 resolved to aten operators once; a name that is not an operator is an error at once, and a name
 that matches no op the checkpointed blocks run is an error after the first forward (or at
 ``checkpoint_activations`` time when an example input lets the probe see the ops).
@@ -34,7 +34,7 @@ def is_compiling() -> bool:
 
 
 def selective_available() -> bool:
-    """Whether this torch has the selective-checkpoint API (2.4 and later)."""
+    """Whether this torch has the selective-checkpoint API (2.5 and later)."""
     return _sac is not None and _Policy is not None
 
 
@@ -149,7 +149,7 @@ def make_context_fn(save_ops: SaveOps, recorder: Optional[OpRecorder]):
     counting mode (only while a ``SavedActivationCounter`` is open) that reports the saved outputs."""
     if not selective_available():
         raise UserError(
-            f"ckpt.selective=true: needs torch >= 2.4 (torch.utils.checkpoint.create_selective_checkpoint_contexts); "
+            f"ckpt.selective=true: needs torch >= 2.5 (torch.utils.checkpoint.create_selective_checkpoint_contexts); "
             f"this is torch {torch.__version__}"
         )
     must_save, recompute = _Policy.MUST_SAVE, _Policy.PREFER_RECOMPUTE

@@ -238,9 +238,9 @@ def setup_distributed(engine_cfg, device: torch.device) -> Distributed:
     kind = resolve_engine(getattr(engine_cfg.name, "value", engine_cfg.name))
     if kind == "single":
         return Distributed("single", device)
-    if kind == "fsdp" and fully_shard_api() is None:
-        raise UserError(f"engine=fsdp: needs FSDP2 (fully_shard), which torch {torch.__version__} lacks; use torch >= 2.4")
     device = _rank_device(device)
+    if kind == "fsdp" and fsdp_unsupported(device) is not None:
+        raise UserError(f"engine=fsdp: {fsdp_unsupported(device)}; use engine=ddp")
     owns = init_process_group(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world > 1:
@@ -289,6 +289,15 @@ def _full_options(cpu_offload: bool = False):
 
 
 # -- FSDP2 ----------------------------------------------------------------------------------------
+def fsdp_unsupported(device: torch.device) -> Optional[str]:
+    """Why FSDP2 cannot run on ``device`` with this torch, or None when it can."""
+    if fully_shard_api() is None:
+        return f"needs FSDP2 (fully_shard), which torch {torch.__version__} lacks (torch >= 2.4 has it)"
+    if device.type == "cpu" and torch.__version__ < (2, 7):  # 2.4-2.6's FSDP2 needs CUDA streams or their events
+        return f"FSDP2 on the CPU needs torch >= 2.7 (torch {torch.__version__}'s needs CUDA streams)"
+    return None
+
+
 def fully_shard_api():
     """``(fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy)``: public in torch >= 2.6, under
     ``torch.distributed._composable.fsdp`` in 2.4 and 2.5; None when this torch has no FSDP2."""

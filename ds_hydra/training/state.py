@@ -99,8 +99,9 @@ def _load_failure(exc: Exception) -> str:
     text = str(exc)
     refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand (\d+)", text)
     if refused:
+        name = refused.group(1).removeprefix("builtins.")  # torch < 2.5 names builtins with their module
         return (
-            f"refused: loading it would call {refused.group(1)} (checkpoints may hold only tensors and plain "
+            f"refused: loading it would call {name} (checkpoints may hold only tensors and plain "
             f"containers, so files that run code on load are never loaded); use a checkpoint written by ds_hydra"
         )
     lines = [line.strip() for line in text.splitlines() if line.strip()]

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from ds_hydra.activation_checkpointing import SavedActivationCounter, checkpoint_activations
+from ds_hydra.activation_checkpointing import SavedActivationCounter, checkpoint_activations, checkpointing_state
 from ds_hydra.data.batches import RandomBlocks
 from ds_hydra.engine import deepspeed_engine
 from ds_hydra.engine.distributed import Distributed, setup_distributed
@@ -84,6 +84,7 @@ def prepare_model(
     with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
         checkpoint_activations(model, example_input=example, **OmegaConf.to_container(cfg.ckpt, resolve=True))
     if _compile_enabled(cfg.trainer.compile, device):
+        _refuse_compiled_segments_on_old_torch(model)
         _room_for_block_graphs(len(model.blocks))
         for block in model.blocks:
             block.compile()
@@ -94,10 +95,27 @@ def prepare_model(
     return model
 
 
+# torch < 2.5: dynamo does not inline module calls (each block is its own graph) and cannot run a
+# compiled block inside another block's checkpoint
+OLD_DYNAMO = torch.__version__ < (2, 5)
+
+
+def _refuse_compiled_segments_on_old_torch(model: nn.Module) -> None:
+    """A segment of several blocks runs its later (compiled) blocks inside the first one's checkpoint,
+    which torch < 2.5 fails to recompute (a fake-tensor error at backward)."""
+    state = checkpointing_state(model)
+    if OLD_DYNAMO and state is not None and any(region.size > 1 for region in state.regions):
+        raise UserError(
+            f"ckpt.segments: segments of several blocks with trainer.compile=true need torch >= 2.5 (this is torch "
+            f"{torch.__version__}); use per-block checkpointing (ckpt=full or ckpt.segments=<number of blocks>) "
+            f"or trainer.compile=false"
+        )
+
+
 def _room_for_block_graphs(n_blocks: int) -> None:
     """Blocks of one class share one compiled graph on torch >= 2.5 (module calls are inlined); older
     torch compiles each block apart, and past its cache limit (8) would silently run blocks eagerly."""
-    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
+    if OLD_DYNAMO:
         config = torch._dynamo.config
         config.cache_size_limit = max(config.cache_size_limit, 2 * n_blocks + 8)  # train and eval graphs
 
