@@ -288,6 +288,21 @@ def test_engine_options_compose_and_validate():
     assert config_problems(compose(["engine=fsdp", "ckpt=segments", "ckpt.segments=4"])) == []
 
 
+@pytest.mark.parametrize("task", ["infer", "eval", "validate", "export_deepspeed"])
+def test_one_process_tasks_are_refused_under_a_launcher(task, monkeypatch):
+    from ds_hydra.validation import config_problems
+
+    overrides = [f"task={task}", "inference.checkpoint=/some/run"] + (["engine=deepspeed"] if task == "export_deepspeed" else [])
+    assert config_problems(compose(overrides)) == []
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert config_problems(compose(overrides)) == [
+        f"task={task}: runs in one process, but a launcher started 2; run it without torchrun: "
+        f"python -m ds_hydra task={task} ..."
+    ]
+    assert config_problems(compose(["task=train"])) == []  # training is what torchrun is for
+
+
 @pytest.mark.slow
 def test_config_error_on_rank_zero_releases_the_other_ranks(tmp_path):
     """A bad override: rank 0 prints one error line, the other rank exits too (no hang, no run dir)."""

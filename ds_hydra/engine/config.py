@@ -14,9 +14,12 @@ one-process group. Each rank reads its own share of every global batch, so the e
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
+
+from ds_hydra.engine.launch import multi_process  # reads the environment only: no torch import
 
 
 class EngineName(Enum):
@@ -120,11 +123,20 @@ DERIVED_ZERO_KEYS = {
 }
 
 
+# Tasks with nothing to share between processes: under torchrun every rank would write the same files.
+SINGLE_PROCESS_TASKS = ("infer", "eval", "validate", "export_deepspeed")
+
+
 def validate_engine(cfg, trainer=None, task: str = "train", ckpt=None, n_blocks: Optional[int] = None, prefix: str = "engine") -> List[str]:
     """Range and cross-field problems of the engine config (and its interplay with ``trainer`` and ``ckpt``)."""
     problems: List[str] = []
     name = _value(cfg.name)
     precision = _value(trainer.precision) if trainer is not None else None
+    if task in SINGLE_PROCESS_TASKS and multi_process():
+        problems.append(
+            f"task={task}: runs in one process, but a launcher started {os.environ['WORLD_SIZE']}; "
+            f"run it without torchrun: python -m ds_hydra task={task} ..."
+        )
     if task == "export_deepspeed" and name != "deepspeed":
         problems.append(f"task=export_deepspeed: needs engine=deepspeed (it writes that engine's JSON), got engine={name}")
     if name in ("ddp", "auto") and cfg.get("bucket_cap_mb") is not None and not cfg.bucket_cap_mb > 0:
