@@ -98,13 +98,14 @@ def cli_main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     main = hydra.main(version_base=None, config_path=config_dir(), config_name="config")(run_task)
     from ds_hydra.training.preflight import RunRefused
-    from ds_hydra.training.resume import expand_resume_args
+    from ds_hydra.training.resume import continue_after_restart, expand_resume_args
     from ds_hydra.training.signals import Stopped, stop_on_signals
     from ds_hydra.engine.launch import after_hydra, before_hydra, strip_local_rank, wait_for_all_ranks
 
     try:
         # resume=<run>: the run's saved overrides, in its own directory (before Hydra parses argv)
         sys.argv = [sys.argv[0], *strip_local_rank(sys.argv[1:])]  # launchers may pass --local-rank=N
+        sys.argv = [sys.argv[0], *continue_after_restart(sys.argv[1:])]  # torchrun --max-restarts
         sys.argv = [sys.argv[0], *expand_resume_args(sys.argv[1:])]
         # several processes (torchrun): one process group, one run dir, a log per rank
         sys.argv = [sys.argv[0], *before_hydra(sys.argv[1:])]

@@ -11,6 +11,7 @@ import csv
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -348,3 +349,68 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(t
     assert [p.name for p in (run_dir / "checkpoints").glob("step_*.pt")] == [f"step_{step:07d}.pt"]
     # torchrun reports the first rank to exit (75) and then stops the other one itself
     assert "exitcode  : 75" in err and proc.returncode != 0, err[-3000:]
+
+
+def _torchrun_env():
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **ONE_THREAD}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+@pytest.mark.slow
+def test_torchrun_restart_continues_the_run_it_interrupted(tmp_path):
+    """torchrun --max-restarts=1 without hydra.run.dir: SIGUSR1 to one worker stops both (exit 75),
+    torchrun restarts them, and they continue the same run from its checkpoint (no second run dir),
+    ending with the weights of an uninterrupted 2-rank run."""
+    args = [*TINY, "trainer.max_steps=300", "trainer.batch_size=16", "trainer.log_interval=1", "trainer.eval_interval=0",
+            "engine=ddp"]
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen([*head, "--max-restarts=1", "-m", "ds_hydra", *args], cwd=tmp_path, env=_torchrun_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        metrics = lambda: [p for p in (tmp_path / "outputs").glob("*/*/metrics.jsonl") if p.read_text().strip()]  # noqa: E731
+        while not ((tmp_path / "outputs").is_dir() and metrics()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        workers = sorted(int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split())
+        os.kill(workers[-1], signal.SIGUSR1)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    runs = [p.parent for p in (tmp_path / "outputs").glob("*/*/.hydra")]
+    assert len(runs) == 1, runs  # the restart continued the run instead of starting another
+    run_dir = runs[0]
+    stopped = int(re.search(r"stopped by SIGUSR1 after step (\d+)", err).group(1))
+    assert 0 < stopped < 300 and f"torchrun restart 1: continuing {run_dir.resolve()}" in err
+    # the same run without the interruption, in one go
+    whole = tmp_path / "whole"
+    done = subprocess.run([*head, "-m", "ds_hydra", *args, f"hydra.run.dir={whole}"], cwd=tmp_path, env=_torchrun_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert loss_records(run_dir) == loss_records(whole)  # the interrupted tail was recomputed, not logged twice
+    assert_same_state(final_state(run_dir), final_state(whole))
+
+
+def test_the_seed_sets_every_generator_a_checkpoint_records(tmp_path):
+    """Python's and NumPy's generators start from trainer.seed too, so the RNG state a checkpoint
+    records is the same in two runs with one seed (a model or dataset drawing from them repeats)."""
+    import random
+
+    import numpy as np
+
+    from ds_hydra.training.trainer import Trainer
+
+    draws = []
+    for attempt in range(2):
+        random.seed(attempt)  # whatever state the process had before
+        np.random.seed(attempt)
+        Trainer(compose([*TINY, "trainer.seed=5"]), tmp_path / str(attempt))
+        draws.append((random.random(), float(np.random.rand()), float(torch.rand(1))))
+    assert draws[0] == draws[1]
+    # the Trainer drew parameters from torch after seeding; Python's and NumPy's next draws are the seed's first
+    random.seed(5)
+    np.random.seed(5)
+    assert draws[0][:2] == (random.random(), float(np.random.rand()))

@@ -78,8 +78,7 @@ def before_hydra(args: Sequence[str]) -> List[str]:
     if torch.cuda.is_available() and env_local_rank() < torch.cuda.device_count():
         torch.cuda.set_device(env_local_rank())
     if not dist.is_initialized():
-        # No backend named: gloo for CPU tensors, plus NCCL for CUDA tensors when there are GPUs.
-        dist.init_process_group(timeout=PROCESS_GROUP_TIMEOUT)
+        _init_launched_process_group(dist, PROCESS_GROUP_TIMEOUT)
     rank = dist.get_rank()
     extra = [f"hydra.job.name=rank{rank}"]
     if rank == 0:
@@ -93,6 +92,20 @@ def before_hydra(args: Sequence[str]) -> List[str]:
     return [*args, *extra]
 
 
+def _init_launched_process_group(dist, timeout) -> None:
+    """The default process group from the launcher's environment (env://).
+
+    After a torchrun restart the workers meet in the same store as the attempt before, where the
+    dead processes' addresses are still written under the same keys; a rank that reads one before
+    its peer overwrites it fails to connect. Keys under a prefix per attempt cannot be stale.
+    No backend named: gloo for CPU tensors, plus NCCL for CUDA tensors when there are GPUs.
+    """
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"ds_hydra/attempt_{attempt}", store)
+    dist.init_process_group(store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
 def share_run_dir(run_dir: str) -> None:
     """Rank 0, once Hydra made the run dir: send it to the other ranks (no-op elsewhere or when done)."""
     global _owed
@@ -104,7 +117,12 @@ def share_run_dir(run_dir: str) -> None:
 def on_task_start() -> None:
     """First thing in the task function: rank 0 shares Hydra's run dir; other ranks quiet their console."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    from ds_hydra.training.resume import note_run_dir_for_restarts
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
+        note_run_dir_for_restarts(HydraConfig.get().runtime.output_dir)  # torchrun --max-restarts continues it
     if _owed and HydraConfig.initialized():
         share_run_dir(HydraConfig.get().runtime.output_dir)
     quiet_console_on_other_ranks()

@@ -30,7 +30,7 @@ class TrainerConfig:
     log_interval: int = 10
     """Log loss, lr and throughput every this many steps."""
     seed: int = 1337
-    """Seeds parameter init, dropout and the batch sampler: same seed, same run."""
+    """Seeds parameter init, dropout, the batch sampler and the Python and NumPy generators: same seed, same run."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
     precision: Precision = Precision.auto

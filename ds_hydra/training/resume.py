@@ -24,6 +24,8 @@ import json
 import logging
 import os
 import re
+import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -97,6 +99,59 @@ def expand_resume_args(argv: Sequence[str]) -> List[str]:
     expanded = _config_name_args(run_dir, rest) + kept + own + rest
     log.debug("resume: %s", expanded)
     return expanded
+
+
+# -- torchrun --max-restarts ------------------------------------------------------------------------
+# When a worker fails (or stops on SIGTERM/SIGUSR1 with exit 75), torchrun restarts every worker with
+# the same arguments. Without help each restart would start a new run from step 0 in a new ${now:}
+# directory; instead the restarted workers continue the run: resume=<its dir> is added for them.
+def _restart_marker() -> Optional[Path]:
+    """The file in which rank 0 notes its run dir for restarts of this torchrun job (on its node)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run_id or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    return Path(tempfile.gettempdir()) / f"ds_hydra-torchrun-{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)}.run_dir"
+
+
+def note_run_dir_for_restarts(run_dir: Any) -> None:
+    """Rank 0 under torchrun: remember the run dir, so that restarted workers continue it."""
+    marker = _restart_marker()
+    if marker is not None and os.environ.get("RANK", "0") == "0":
+        atomic_write_text(marker, str(Path(run_dir).resolve()))
+
+
+def continue_after_restart(argv: Sequence[str]) -> List[str]:
+    """``argv`` for a worker torchrun restarted: its run continues (``resume=<run dir>``).
+
+    The run dir is ``hydra.run.dir`` when given (the way for several nodes: every rank must see it),
+    else the one rank 0 noted on this node. Unchanged on a first start, with resume= or --multirun
+    given, and when the first attempt stopped before Hydra made its run dir (it starts again).
+    """
+    argv = list(argv)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if restart < 1 or "-m" in argv or "--multirun" in argv or any(_RESUME_ARG.match(a) for a in argv):
+        return argv
+    given = [a.partition("=")[2] for a in argv if _override_key(a) == "hydra.run.dir"]
+    if given:
+        run_dir = Path(_unquote(given[-1])).expanduser().resolve()
+    else:
+        marker = _restart_marker()
+        one_node = os.environ.get("LOCAL_WORLD_SIZE", "1") == os.environ.get("WORLD_SIZE", "1")
+        if marker is None or not marker.is_file():
+            return argv
+        if not one_node:  # ranks on other nodes cannot read this node's note: all must decide alike
+            if os.environ.get("RANK", "0") == "0":
+                sys.stderr.write(
+                    f"ds_hydra: torchrun restart {restart}: starting a new run; on several nodes give "
+                    f"hydra.run.dir=<shared dir> so that restarts continue the run\n"
+                )
+            return argv
+        run_dir = Path(marker.read_text(encoding="utf-8").strip())
+    if not (run_dir / OVERRIDES_FILE).is_file():
+        return argv
+    if os.environ.get("RANK", "0") == "0":
+        sys.stderr.write(f"ds_hydra: torchrun restart {restart}: continuing {run_dir}\n")
+    return [a for a in argv if _override_key(a) != "hydra.run.dir"] + [f"resume={quote(run_dir)}"]
 
 
 def locate_run(value: str, hydra_run: bool = True) -> Tuple[Path, Optional[Path]]:

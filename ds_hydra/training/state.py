@@ -121,6 +121,18 @@ def load_train_state(path: Path, mmap: bool = False) -> Dict[str, Any]:
     return state
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every global generator a checkpoint records (torch with CUDA, Python's, NumPy's), so that
+    two runs with one seed draw the same numbers wherever a model or dataset draws them."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed % 2**32)
+
+
 def rng_state() -> Dict[str, Any]:
     """Every global random generator's state, as tensors and plain values (loadable weights-only)."""
     version, internal, gauss_next = random.getstate()

@@ -138,7 +138,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        torch.manual_seed(tcfg.seed)
+        state_io.seed_everything(tcfg.seed)
 
         self.corpus = build_corpus(cfg)
         model = build_model(cfg, self.corpus.vocab_size)
