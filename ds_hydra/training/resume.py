@@ -116,7 +116,8 @@ def _restart_marker() -> Optional[Path]:
 def note_run_dir_for_restarts(run_dir: Any) -> None:
     """Rank 0 under torchrun: remember the run dir, so that restarted workers continue it."""
     marker = _restart_marker()
-    if marker is not None and os.environ.get("RANK", "0") == "0":
+    restarts_allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0
+    if marker is not None and restarts_allowed and os.environ.get("RANK", "0") == "0":
         atomic_write_text(marker, str(Path(run_dir).resolve()))
 
 
