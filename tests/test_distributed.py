@@ -168,6 +168,8 @@ def test_ddp_all_reduces_once_per_step_with_accumulation(tmp_path):
 
     from ds_hydra.training.trainer import Trainer
 
+    if torch.__version__ < (2, 5):  # seen there in about 1 run of 8; CLI runs without a Python hook do not hang
+        pytest.skip("torch < 2.5 can hang tearing down a gloo group whose DDP ran a Python comm hook")
     trainer = Trainer(compose([*RUN, "engine=ddp", "trainer.grad_accum_steps=4"]), tmp_path)
     try:
         calls = []
