@@ -23,6 +23,22 @@ TINY = [
     "trainer.progress=false",
 ]
 
+# Runs compared across engines (one process, DDP, FSDP, DeepSpeed): a few steps, no compile, evaluated
+# only at the end (over 2 batches: one per rank with two ranks), and every step's gradient clipped.
+ENGINE_STEPS = 4
+ENGINE_RUN = [
+    "model=gpt_tiny",
+    f"trainer.max_steps={ENGINE_STEPS}",
+    "trainer.batch_size=4",
+    "trainer.eval_interval=0",
+    "trainer.eval_batches=2",
+    "trainer.log_interval=1",
+    "trainer.device=cpu",
+    "trainer.progress=false",
+    "trainer.compile=false",
+    "trainer.grad_clip=0.5",  # every step's global gradient norm (0.8 to 1.2) is clipped
+]
+
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config"):
     """Compose the shipped config (as ``python -m ds_hydra`` would) without running anything."""

@@ -11,26 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose, run_cli
+from conftest import ENGINE_RUN, ENGINE_STEPS, compose, run_cli
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
 ds_config_module = pytest.importorskip("deepspeed.runtime.config", reason="deepspeed is not installed")
 
-STEPS = 4
-RUN = [
-    "model=gpt_tiny",
-    f"trainer.max_steps={STEPS}",
-    "trainer.batch_size=4",
-    "trainer.grad_accum_steps=2",
-    "trainer.eval_interval=0",
-    "trainer.eval_batches=2",
-    "trainer.log_interval=1",
-    "trainer.device=cpu",
-    "trainer.progress=false",
-    "trainer.compile=false",
-    "trainer.grad_clip=0.5",  # every step's global gradient norm (0.8 to 1.2) is clipped
-]
+STEPS = ENGINE_STEPS
+RUN = [*ENGINE_RUN, "trainer.grad_accum_steps=2"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 

@@ -16,23 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, compose
+from conftest import ENGINE_RUN, ENGINE_STEPS, REPO, compose
 
-STEPS = 4
-# Eval only at the end (eval_interval=0), over 2 batches: one per rank with two ranks.
-RUN = [
-    "model=gpt_tiny",
-    f"trainer.max_steps={STEPS}",
-    "trainer.batch_size=4",
-    "trainer.eval_interval=0",
-    "trainer.eval_batches=2",
-    "trainer.log_interval=1",
-    "trainer.device=cpu",
-    "trainer.progress=false",
-    "trainer.compile=false",
-    "trainer.grad_clip=0.5",  # every step's global gradient norm (0.8 to 1.2) is clipped
-    "scheduler=constant",
-]
+STEPS = ENGINE_STEPS
+RUN = [*ENGINE_RUN, "scheduler=constant"]
 
 
 def torchrun(args, cwd: Path, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -56,6 +56,7 @@ from ds_hydra.activation_checkpointing.selective import (
     SaveOps,
     check_matched,
     make_context_fn,
+    require_selective,
     selective_available,
 )
 from ds_hydra.errors import ConfigError, UserError
@@ -367,11 +368,8 @@ def checkpoint_activations(model: nn.Module, example_input: Any = None, **ckpt) 
         raise ConfigError(problems)
     n = len(blocks)
     budget = cfg.memory_budget is not None
-    if cfg.selective and not selective_available():
-        raise UserError(
-            f"ckpt.selective=true: needs torch >= 2.5 (torch.utils.checkpoint.create_selective_checkpoint_contexts); "
-            f"this is torch {torch.__version__}"
-        )
+    if cfg.selective:
+        require_selective()
     use_selective = (cfg.selective or budget) and selective_available() and not cfg.use_reentrant
     save_ops = SaveOps(cfg.save_ops) if use_selective else None
     if budget and example_input is None:

@@ -38,6 +38,15 @@ def selective_available() -> bool:
     return _sac is not None and _Policy is not None
 
 
+def require_selective() -> None:
+    """Refuse ckpt.selective, naming the torch it needs, when this torch lacks the API."""
+    if not selective_available():
+        raise UserError(
+            f"ckpt.selective=true: needs torch >= 2.5 (torch.utils.checkpoint.create_selective_checkpoint_contexts); "
+            f"this is torch {torch.__version__}"
+        )
+
+
 ALIASES = {
     "matmul": ("mm", "addmm", "bmm", "baddbmm", "_int_mm"),
     "attention": (
@@ -147,11 +156,7 @@ class OpRecorder:
 def make_context_fn(save_ops: SaveOps, recorder: Optional[OpRecorder]):
     """``context_fn`` for ``torch.utils.checkpoint.checkpoint``: torch's selective contexts, plus a
     counting mode (only while a ``SavedActivationCounter`` is open) that reports the saved outputs."""
-    if not selective_available():
-        raise UserError(
-            f"ckpt.selective=true: needs torch >= 2.5 (torch.utils.checkpoint.create_selective_checkpoint_contexts); "
-            f"this is torch {torch.__version__}"
-        )
+    require_selective()
     must_save, recompute = _Policy.MUST_SAVE, _Policy.PREFER_RECOMPUTE
 
     def policy(ctx, func, *args, **kwargs):

@@ -239,8 +239,9 @@ def setup_distributed(engine_cfg, device: torch.device) -> Distributed:
     if kind == "single":
         return Distributed("single", device)
     device = _rank_device(device)
-    if kind == "fsdp" and fsdp_unsupported(device) is not None:
-        raise UserError(f"engine=fsdp: {fsdp_unsupported(device)}; use engine=ddp")
+    unsupported = fsdp_unsupported(device) if kind == "fsdp" else None
+    if unsupported is not None:
+        raise UserError(f"engine=fsdp: {unsupported}; use engine=ddp")
     owns = init_process_group(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world > 1:
