@@ -174,6 +174,95 @@ def test_unknown_warmup_type_is_an_error_not_deepspeeds_fallback():
         ours.WarmupLR(our_opt, warmup_type="cosine")
 
 
+# -- the public object API: the same values from both, before the first step included ---------------
+def api_values(scheduler):
+    """What DeepSpeed-style code reads from a schedule object."""
+    try:
+        last = [float(v) for v in scheduler.get_last_lr()]
+    except AssertionError:  # DeepSpeed's OneCycle before its first step: "need to call step() first"
+        last = [float(g["lr"]) for g in scheduler.optimizer.param_groups]  # ours returns what it wrote
+    values = {
+        "get_lr": [float(v) for v in scheduler.get_lr()],
+        "get_last_lr": last,
+        "last_batch_iteration": scheduler.last_batch_iteration,
+        "state_dict[last_batch_iteration]": scheduler.state_dict()["last_batch_iteration"],
+    }
+    if hasattr(scheduler, "get_mom"):
+        values["get_mom"] = scheduler.get_mom()
+    if hasattr(scheduler, "get_lr_ratio"):
+        values["get_lr_ratio"] = scheduler.get_lr_ratio()
+    return values
+
+
+def assert_same_api_values(reference, candidate, case: str) -> None:
+    expected, actual = api_values(reference), api_values(candidate)
+    assert expected.keys() == actual.keys(), case
+    for key, want in expected.items():
+        got = actual[key]
+        flat_want, flat_got = _flatten(want), _flatten(got)
+        assert len(flat_want) == len(flat_got), f"{case}: {key}: DeepSpeed {want!r}, ours {got!r}"
+        for a, b in zip(flat_want, flat_got):
+            diff = rel_diff(a, b) if a is not None and b is not None else (0.0 if a is b else 1.0)
+            LARGEST["values"] += 1
+            LARGEST["rel_diff"] = max(LARGEST["rel_diff"], diff)
+            assert diff <= REL_TOL, f"{case}: {key}: DeepSpeed {want!r}, ours {got!r}"
+
+
+def _flatten(value):
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flatten(v)]
+    return [value]
+
+
+API_CASES = [
+    ("WarmupLR", {"warmup_num_steps": 5}),
+    ("WarmupDecayLR", {"total_num_steps": 12, "warmup_num_steps": 4, "warmup_type": "linear"}),
+    ("WarmupCosineLR", {"total_num_steps": 12, "warmup_num_steps": 4, "warmup_min_ratio": 0.1}),
+    ("OneCycle", {"cycle_min_lr": 1e-3, "cycle_max_lr": 1e-1, "cycle_first_step_size": 4, "decay_step_size": 2,
+                  "decay_lr_rate": 0.5, "decay_mom_rate": 0.1}),
+    ("OneCycle", {"cycle_min_lr": 1e-3, "cycle_max_lr": 1e-1, "cycle_first_step_size": 4, "cycle_momentum": False}),
+    ("LRRangeTest", {"lr_range_test_step_size": 3, "lr_range_test_staircase": True}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", API_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(API_CASES)])
+def test_public_api_matches_deepspeed(name, kwargs):
+    """get_lr, get_last_lr, get_mom, get_lr_ratio, last_batch_iteration and the state_dict key agree with
+    DeepSpeed's objects at construction, after every step, after step(last_batch_iteration=k) jumps
+    (forwards and back), and after loading each other's state_dict."""
+    reference_opt, our_opt = optimizer_pair()
+    reference = getattr(ds_schedules, name)(reference_opt, **kwargs)
+    candidate = getattr(ours, name)(our_opt, **kwargs)
+    assert_same_api_values(reference, candidate, f"{name} at construction")
+    for n in range(1, 16):
+        reference_opt.step()
+        our_opt.step()
+        reference.step()
+        candidate.step()
+        assert_same_api_values(reference, candidate, f"{name} after {n} steps")
+        compare_groups(reference_opt, our_opt, name, after=n)
+    for jump in (3, 20, 0, 7):
+        reference.step(jump)
+        candidate.step(last_batch_iteration=jump)
+        assert_same_api_values(reference, candidate, f"{name} after step({jump})")
+        compare_groups(reference_opt, our_opt, f"{name} step({jump})", after=jump + 1)
+
+    # DeepSpeed's state_dict is {'last_batch_iteration': n}; ours carries that key and loads theirs
+    assert reference.state_dict() == {"last_batch_iteration": 7}
+    assert candidate.state_dict()["last_batch_iteration"] == 7
+    reference.step()
+    candidate.load_state_dict(reference.state_dict())  # a DeepSpeed checkpoint's schedule state
+    assert candidate.last_batch_iteration == 8
+    reference.step()
+    candidate.step()
+    assert_same_api_values(reference, candidate, f"{name} after loading DeepSpeed's state")
+    reference.load_state_dict(candidate.state_dict())  # and DeepSpeed reads ours
+    assert reference.last_batch_iteration == candidate.last_batch_iteration == 9
+    candidate.last_batch_iteration = 2  # a settable counter, as in DeepSpeed
+    reference.last_batch_iteration = 2
+    assert_same_api_values(reference, candidate, f"{name} after setting last_batch_iteration")
+
+
 def test_report_largest_difference(capsys):
     """Runs after the comparisons above (file order): print what they saw."""
     if LARGEST["values"] == 0:

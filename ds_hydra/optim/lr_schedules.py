@@ -3,8 +3,11 @@
 ``WarmupLR``, ``WarmupDecayLR``, ``WarmupCosineLR``, ``OneCycle`` and ``LRRangeTest`` take the
 constructor arguments of ``deepspeed.runtime.lr_schedules`` (DeepSpeed 0.19.8), with the same names and
 defaults, and after ``n`` calls of ``step()`` leave every param group with the lr (and, for ``OneCycle``,
-the betas) DeepSpeed's class leaves after ``n`` calls. Being ``LRScheduler``s they also have
-``state_dict``/``load_state_dict`` and ``get_last_lr``, and resume exactly.
+the betas) DeepSpeed's class leaves after ``n`` calls. They keep DeepSpeed's public object API with its
+values, before the first step included: ``get_lr()``, ``get_last_lr()``, ``OneCycle.get_mom()``,
+``WarmupCosineLR.get_lr_ratio()``, ``step(last_batch_iteration=...)``, ``last_batch_iteration`` and
+a ``state_dict`` holding DeepSpeed's ``last_batch_iteration`` key (``load_state_dict`` takes DeepSpeed's
+own). Being ``LRScheduler``s they also resume exactly through torch's ``state_dict``.
 
 Counting. DeepSpeed's schedules count ``last_batch_iteration``: -1 at construction, +1 per ``step()``.
 torch counts ``last_epoch``: 0 right after construction (its constructor takes one step), +1 per
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -82,8 +85,19 @@ def group_lrs(optimizer: Optimizer) -> List[float]:
 
 
 # -- the base class -------------------------------------------------------------------------------
+DEEPSPEED_STATE_KEY = "last_batch_iteration"
+"""The one key of a DeepSpeed schedule's ``state_dict``; ours carry it too, and load DeepSpeed's."""
+
+
 class DeepSpeedSchedule(LRScheduler):
-    """Base: each group's lr is ``lrs_at(iteration)``, a closed form of DeepSpeed's batch iteration."""
+    """Base: each group's lr is ``lrs_at(iteration)``, a closed form of DeepSpeed's batch iteration.
+
+    DeepSpeed's public object API, with its values from construction on: ``get_lr()`` (the lrs at the
+    current iteration, computed, as DeepSpeed computes them), ``get_last_lr()`` (the lrs last written
+    into the optimizer), ``step(last_batch_iteration=None)`` (also spelt ``batch_iteration``, DeepSpeed's
+    name in ``OneCycle`` and ``LRRangeTest``), the ``last_batch_iteration`` counter (readable and
+    settable), and ``state_dict()``/``load_state_dict()`` with DeepSpeed's ``last_batch_iteration`` key.
+    """
 
     def __init__(self, optimizer: Optimizer, last_batch_iteration: int = -1):
         if last_batch_iteration != -1:
@@ -94,20 +108,49 @@ class DeepSpeedSchedule(LRScheduler):
 
     @property
     def last_batch_iteration(self) -> int:
-        """DeepSpeed's counter: -1 after construction, n - 1 after n calls of ``step()``."""
+        """DeepSpeed's counter: -1 after construction, n - 1 after n calls of ``step()``. Setting it (as
+        DeepSpeed's ``load_state_dict`` does) moves the schedule; the optimizer's lrs follow at the next
+        ``step()``."""
         return self.last_epoch - 1
+
+    @last_batch_iteration.setter
+    def last_batch_iteration(self, value: int) -> None:
+        self.last_epoch = int(value) + 1
 
     def lrs_at(self, iteration: int) -> List[float]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def get_lr(self) -> List[float]:
-        return self.lrs_at(self.last_epoch - 1)
+        """Each group's lr at the current iteration (DeepSpeed's ``get_lr``: before the first step too)."""
+        return self.lrs_at(self.last_batch_iteration)
 
-    def step(self, last_batch_iteration: Optional[int] = None) -> None:
-        """Advance one iteration, or jump to ``last_batch_iteration`` (DeepSpeed's ``step`` argument)."""
-        if last_batch_iteration is not None:
-            self.last_epoch = last_batch_iteration  # the base step adds the one
+    def step(self, last_batch_iteration: Optional[int] = None, batch_iteration: Optional[int] = None) -> None:
+        """Advance one iteration, or jump to ``last_batch_iteration`` (DeepSpeed's ``step`` argument;
+        ``batch_iteration`` is its name in DeepSpeed's ``OneCycle`` and ``LRRangeTest``)."""
+        if last_batch_iteration is not None and batch_iteration is not None and last_batch_iteration != batch_iteration:
+            raise ValueError(
+                f"step(last_batch_iteration={last_batch_iteration}, batch_iteration={batch_iteration}): two names "
+                "of the same argument; give one"
+            )
+        target = last_batch_iteration if last_batch_iteration is not None else batch_iteration
+        if target is not None:
+            self.last_epoch = int(target)  # the base step adds the one
         super().step()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's state (every attribute but the optimizer) plus DeepSpeed's ``last_batch_iteration``."""
+        state = super().state_dict()
+        state[DEEPSPEED_STATE_KEY] = self.last_batch_iteration
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Our own ``state_dict``, or a DeepSpeed schedule's (``{'last_batch_iteration': n}``, e.g. from a
+        DeepSpeed checkpoint): the schedule continues from iteration n."""
+        state = dict(state_dict)
+        iteration = state.pop(DEEPSPEED_STATE_KEY, None)
+        super().load_state_dict(state)
+        if iteration is not None:
+            self.last_batch_iteration = iteration
 
 
 # -- WarmupLR and WarmupDecayLR -------------------------------------------------------------------
@@ -225,6 +268,10 @@ class WarmupCosineLR(DeepSpeedSchedule):
     def lrs_at(self, iteration: int) -> List[float]:
         ratio = self.lr_ratio(iteration)
         return [lr * ratio for lr in self.org_lrs]
+
+    def get_lr_ratio(self) -> float:
+        """The ratio at the current iteration (DeepSpeed's ``get_lr_ratio``; 0 before the first step)."""
+        return self.lr_ratio(self.last_batch_iteration)
 
 
 # -- LRRangeTest ----------------------------------------------------------------------------------
@@ -358,25 +405,35 @@ class OneCycle(DeepSpeedSchedule):
         factor = 1.0 + self.decay_lr_rate * (decayed / self.decay_step_size)
         return [lo / factor for lo in self.min_lrs]
 
-    def betas_at(self, iteration: int) -> List[Tuple[float, float]]:
-        """Each group's ``(beta1, beta2)`` after iteration ``iteration``."""
-        if iteration < 0:
-            beta1s = self.min_moms
-        elif iteration < self.total_size:
+    def cycle_moms_at(self, iteration: int) -> List[float]:
+        """Each group's beta1 by the cycle's formula at ``iteration`` (at -1: ``cycle_max_mom``, h = 0)."""
+        if iteration < self.total_size:
             h = self.height(iteration)
-            beta1s = [hi - (hi - lo) * h for lo, hi in zip(self.min_moms, self.max_moms)]
-        elif self.skip_mom_decay:
-            beta1s = self.max_moms
-        else:
-            decayed = iteration - self.total_size + 1
-            factor = 1.0 + self.decay_mom_rate * (decayed / self.decay_step_size)
-            beta1s = [hi * factor for hi in self.max_moms]
+            return [hi - (hi - lo) * h for lo, hi in zip(self.min_moms, self.max_moms)]
+        if self.skip_mom_decay:
+            return list(self.max_moms)
+        decayed = iteration - self.total_size + 1
+        factor = 1.0 + self.decay_mom_rate * (decayed / self.decay_step_size)
+        return [hi * factor for hi in self.max_moms]
+
+    def betas_at(self, iteration: int) -> List[Tuple[float, float]]:
+        """Each group's ``(beta1, beta2)`` in the optimizer after iteration ``iteration``; at construction
+        (-1) DeepSpeed writes ``cycle_min_mom``, not the formula's value."""
+        beta1s = self.min_moms if iteration < 0 else self.cycle_moms_at(iteration)
         return [(b, ONE_CYCLE_BETA2) for b in beta1s]
 
-    def step(self, last_batch_iteration: Optional[int] = None) -> None:
-        super().step(last_batch_iteration)
+    def get_mom(self) -> Optional[List[Tuple[float, float]]]:
+        """DeepSpeed's ``get_mom``: each group's ``(beta1, 0.99)`` by the formula at the current iteration
+        (``cycle_max_mom`` before the first step, while the optimizer holds ``cycle_min_mom``, as in
+        DeepSpeed), or None when momentum is not cycled."""
+        if not self.cycle_momentum:
+            return None
+        return [(b, ONE_CYCLE_BETA2) for b in self.cycle_moms_at(self.last_batch_iteration)]
+
+    def step(self, last_batch_iteration: Optional[int] = None, batch_iteration: Optional[int] = None) -> None:
+        super().step(last_batch_iteration, batch_iteration)
         if self.cycle_momentum:
-            for group, betas in zip(self.optimizer.param_groups, self.betas_at(self.last_epoch - 1)):
+            for group, betas in zip(self.optimizer.param_groups, self.betas_at(self.last_batch_iteration)):
                 group["betas"] = betas
 
 
