@@ -411,15 +411,38 @@ def test_missing_block_list_lists_candidates():
     (dict(segments=2, full=True), r"ckpt.segments, ckpt.full each choose the recomputed blocks"),
     (dict(checkpoint_last=True), r"ckpt.checkpoint_last=true: applies only with ckpt.segments"),
     (dict(segments=2, number_checkpoints=3), r"ckpt.number_checkpoints=3: is DeepSpeed's name for ckpt.segments"),
-    (dict(full=True, partition_activations=True), r"ckpt.partition_activations=true: .*tensor-parallel"),
-    (dict(full=True, contiguous_memory_optimization=True), r"contiguous_memory_optimization=true: .*tensor parallelism"),
-    (dict(profile=True), r"ckpt.profile=true: acts on checkpointed segments"),
     (dict(selective=True, use_reentrant=True), r"ckpt.selective=true: needs the non-reentrant"),
     (dict(full=True, bogus=1), r"unknown argument\(s\) bogus; allowed: segments"),
 ])
 def test_bad_policies_are_one_clear_line(policy, message):
     with pytest.raises(UserError, match=message):
         checkpoint_activations(gpt(), **policy)
+
+
+@pytest.mark.parametrize("keys,note", [
+    (dict(partition_activations=True), "ckpt.partition_activations=true: DeepSpeed splits each checkpoint's inputs"),
+    (dict(contiguous_memory_optimization=True), "ckpt.contiguous_memory_optimization=true: DeepSpeed copies partitioned"),
+    (dict(profile=True, full=False), "ckpt.profile=true: no block policy is set, so it applies to the model's own"),
+    (dict(synchronize_checkpoint_boundary=True), "ckpt.synchronize_checkpoint_boundary=true: no block policy is set"),
+])
+def test_deepspeed_keys_without_effect_are_logged_not_refused(keys, note, caplog):
+    """As DeepSpeed without tensor parallelism: accepted, and one log line says they change nothing here."""
+    with caplog.at_level(logging.INFO, logger="ds_hydra.activation_checkpointing.apply"):
+        checkpoint_activations(gpt(), **keys)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith(note)] != []
+
+
+def test_partition_activations_leaves_gradients_as_they_were():
+    torch.manual_seed(0)
+    plain, partitioned = gpt(), gpt()
+    partitioned.load_state_dict(plain.state_dict())
+    checkpoint_activations(plain, full=True)
+    checkpoint_activations(partitioned, full=True, partition_activations=True, contiguous_memory_optimization=True)
+    x = torch.randint(0, 65, (2, 16))
+    for model in (plain, partitioned):
+        torch.manual_seed(1)
+        model(x, x)[1].backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(plain.parameters(), partitioned.parameters()))
 
 
 def test_validate_ckpt_collects_every_problem():

@@ -84,7 +84,7 @@ UNTOUCHED = {
     "negative skip_nonfinite": (["resume={run}", "trainer.skip_nonfinite=-1"], ["trainer.skip_nonfinite=-1", "must be >= 0"]),
     # conflicting options
     "fp16 on the CPU": (["hydra.run.dir={run}", "trainer.device=cpu", "trainer.precision=fp16"], ["trainer.precision=fp16", "needs CUDA", "fp32 or bf16"]),
-    "partition without tensor parallelism": (["resume={run}", "ckpt.partition_activations=true"], ["ckpt.partition_activations=true", "no tensor parallelism", "set it to false"]),
+    "checkpoint_last without segments": (["resume={run}", "ckpt.checkpoint_last=true"], ["ckpt.checkpoint_last=true", "applies only with ckpt.segments"]),
     "two recompute policies": (["hydra.run.dir={run}", "ckpt.full=true", "ckpt.every_n=2"], ["ckpt.full", "ckpt.every_n", "set one"]),
     # run directories
     "existing run without resume": (["hydra.run.dir={run}"], ["hydra.run.dir={run}: already holds a run", "resume={run}"]),

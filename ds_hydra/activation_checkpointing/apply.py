@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from dataclasses import fields
 from typing import Any, Dict, List, Optional, Sequence
@@ -29,6 +30,7 @@ from ds_hydra.activation_checkpointing.config import (
     TYPICAL_BLOCK_SAVE_RATIO,
     CkptConfig,
     any_policy,
+    deepspeed_key_notes,
     effective_segments,
     format_bytes,
     parse_budget,
@@ -51,6 +53,7 @@ from ds_hydra.activation_checkpointing.policies import (
     per_block_regions,
     segment_regions,
 )
+from ds_hydra.activation_checkpointing.rng import replaying_tracker
 from ds_hydra.activation_checkpointing.selective import (
     OpRecorder,
     SaveOps,
@@ -142,6 +145,15 @@ class _Runner:
 
     # the region's blocks, run as the parent would: each takes the previous one's output
     def _run(self, *args, **kwargs):
+        if _compiling():  # traced code keeps no Python state; compiled graphs run the model's calls as traced
+            return self._run_blocks(*args, **kwargs)
+        _REGIONS_RUNNING.depth = getattr(_REGIONS_RUNNING, "depth", 0) + 1
+        try:
+            return self._run_blocks(*args, **kwargs)
+        finally:
+            _REGIONS_RUNNING.depth -= 1
+
+    def _run_blocks(self, *args, **kwargs):
         if self.region.size == 1:
             return _original_forward(self.blocks[0])(*args, **kwargs)
         outputs = []
@@ -191,6 +203,7 @@ class _Runner:
                 f"checkpointing (ckpt.full=true, ckpt.every_n or ckpt.segments=<number of blocks>)"
             )
         run = self._timed_run if (state.profile or state.synchronize or self.norm_buffers) else self._run
+        run = replaying_tracker(run)  # named RNG states (model-parallel dropout) replay too
         self.in_forward = True
         try:
             if state.use_reentrant:
@@ -249,6 +262,19 @@ class _Runner:
         if pending.next == self.region.size:
             self.pending = None  # release the outputs: the parent holds what it still needs
         return out
+
+
+# Regions being run (forward or recompute) on this thread: a model's own ds_hydra.checkpointing.checkpoint
+# calls inside one run their function directly, since the region recomputes it already.
+_REGIONS_RUNNING = threading.local()
+
+
+def inside_checkpointed_region() -> bool:
+    """Whether a region checkpointed by ``checkpoint_activations`` is running on this thread."""
+    return getattr(_REGIONS_RUNNING, "depth", 0) > 0
+
+
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
 
 
 def _on_cuda(args) -> bool:
@@ -356,6 +382,8 @@ def checkpoint_activations(model: nn.Module, example_input: Any = None, **ckpt) 
     with every policy off the model is left untouched."""
     cfg = _config(ckpt)
     remove_activation_checkpointing(model)
+    for note in deepspeed_key_notes(cfg):
+        log.info(note)
     if not any_policy(cfg):
         problems = validate_ckpt(cfg, None)  # e.g. profile=true with nothing to profile
         if problems:

@@ -5,8 +5,9 @@ The fields are the keyword arguments of ``ds_hydra.checkpoint_activations(model,
 At most one of the block-choosing policies is set (``segments``/``number_checkpoints``, ``full``,
 ``every_n``, ``memory_budget``); ``selective`` and ``offload`` combine with any of them.
 
-DeepSpeed's ``activation_checkpointing`` keys are accepted with their meaning on one device, so that
-section of a DeepSpeed JSON config can be passed as it is.
+DeepSpeed's ``activation_checkpointing`` keys are accepted with their meaning without tensor parallelism,
+so that section of a DeepSpeed JSON config can be passed as it is. They also configure
+``ds_hydra.checkpointing`` (DeepSpeed's checkpointing module surface) for models that call it.
 """
 from __future__ import annotations
 
@@ -69,13 +70,17 @@ class CkptConfig:
     cpu_checkpointing: bool = False
     """DeepSpeed's name for ``offload``."""
     synchronize_checkpoint_boundary: bool = False
-    """DeepSpeed: synchronize the CUDA device before and after each checkpointed segment (no-op on CPU)."""
+    """DeepSpeed: synchronize the CUDA device before and after each checkpointed segment, in forward and in
+    recompute (no-op on CPU); also for the model's own ``ds_hydra.checkpointing.checkpoint`` calls."""
     profile: bool = False
-    """DeepSpeed: log every step's forward and recompute time of each checkpointed segment."""
+    """DeepSpeed: log every step's forward and recompute time of each checkpointed segment (and of the
+    model's own ``ds_hydra.checkpointing.checkpoint`` calls)."""
     partition_activations: bool = False
-    """DeepSpeed: split checkpointed activations across tensor-parallel ranks (needs tensor parallelism)."""
+    """DeepSpeed: split checkpointed activations across tensor-parallel ranks. Without tensor parallelism
+    DeepSpeed keeps each input whole, and so does ds_hydra: accepted, logged, no effect."""
     contiguous_memory_optimization: bool = False
-    """DeepSpeed: copy partitioned activations into one buffer (needs ``partition_activations``)."""
+    """DeepSpeed: copy partitioned activations into one preallocated buffer; nothing is partitioned without
+    tensor parallelism: accepted, logged, no effect."""
 
 
 _UNITS = {
@@ -178,31 +183,38 @@ def validate_ckpt(cfg, n_blocks: Optional[int], prefix: str = "ckpt") -> List[st
             problems.append(f"{prefix}.save_ops=[]: selective checkpointing needs ops to keep (e.g. [matmul, attention])")
         if cfg.use_reentrant:
             problems.append(f"{prefix}.selective=true: needs the non-reentrant checkpoint; set {prefix}.use_reentrant=false")
-    recomputes = bool(chosen) or cfg.selective
-    for key in ("profile", "synchronize_checkpoint_boundary"):
-        if getattr(cfg, key) and not recomputes:
-            problems.append(
-                f"{prefix}.{key}=true: acts on checkpointed segments, and no policy checkpoints any; "
-                f"add one ({prefix}.segments=K, {prefix}.full=true, {prefix}.every_n=N, {prefix}.memory_budget=...)"
-            )
+    return problems
+
+
+def deepspeed_key_notes(cfg) -> List[str]:
+    """One line for each DeepSpeed key that is set and does nothing in this run, saying why (logged, not
+    refused: DeepSpeed accepts them too and, without tensor parallelism, does nothing with them either)."""
+    notes = []
     if cfg.partition_activations:
-        problems.append(
-            f"{prefix}.partition_activations=true: splits activations across tensor-parallel ranks, and this run "
-            f"has one device and no tensor parallelism; set it to false (offload={'true' if cfg.offload else 'false'} "
-            f"or {prefix}.cpu_checkpointing=true moves them to host memory instead)"
+        notes.append(
+            "ckpt.partition_activations=true: DeepSpeed splits each checkpoint's inputs across the tensor-parallel "
+            "ranks; with none (a tensor-parallel size of 1, as here) every rank keeps its whole input, as in DeepSpeed: "
+            "no effect (ckpt.cpu_checkpointing=true moves them to host memory instead)"
         )
     if cfg.contiguous_memory_optimization:
-        problems.append(
-            f"{prefix}.contiguous_memory_optimization=true: packs tensor-parallel partitions of activations into one "
-            f"buffer; it needs {prefix}.partition_activations and tensor parallelism, which one device does not have; "
-            f"set it to false"
+        notes.append(
+            "ckpt.contiguous_memory_optimization=true: DeepSpeed copies partitioned checkpoint inputs into one "
+            "preallocated buffer; without tensor parallelism nothing is partitioned: no effect"
         )
-    return problems
+    for key in ("profile", "synchronize_checkpoint_boundary"):
+        if getattr(cfg, key) and not recomputes_blocks(cfg):
+            notes.append(
+                f"ckpt.{key}=true: no block policy is set, so it applies to the model's own "
+                f"ds_hydra.checkpointing.checkpoint calls only (add ckpt.segments=K, ckpt.full=true, ... for ds_hydra's)"
+            )
+    return notes
+
+
+def recomputes_blocks(cfg) -> bool:
+    """Whether a policy chooses blocks to recompute."""
+    return bool(effective_segments(cfg) or cfg.full or cfg.every_n or cfg.selective or cfg.memory_budget is not None)
 
 
 def any_policy(cfg) -> bool:
     """Whether the config asks for anything at all (False: the model is left untouched)."""
-    return bool(
-        effective_segments(cfg) or cfg.full or cfg.every_n or cfg.selective or cfg.memory_budget is not None
-        or cfg.offload or cfg.cpu_checkpointing
-    )
+    return recomputes_blocks(cfg) or bool(cfg.offload or cfg.cpu_checkpointing)

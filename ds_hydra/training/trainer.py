@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
+from ds_hydra import checkpointing as deepspeed_checkpointing
 from ds_hydra.activation_checkpointing import SavedActivationCounter, checkpoint_activations, checkpointing_state
 from ds_hydra.data.batches import RandomBlocks
 from ds_hydra.engine import deepspeed_engine
@@ -83,6 +84,7 @@ def prepare_model(
     example = lambda: (torch.zeros(shape, dtype=torch.long, device=device),) * 2  # noqa: E731
     with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
         checkpoint_activations(model, example_input=example, **OmegaConf.to_container(cfg.ckpt, resolve=True))
+    deepspeed_checkpointing.configure_for_run(cfg.ckpt)  # models calling ds_hydra.checkpointing obey ckpt too
     if _compile_enabled(cfg.trainer.compile, device):
         _refuse_compiled_segments_on_old_torch(model)
         _room_for_block_graphs(len(model.blocks))
