@@ -36,9 +36,11 @@ def run_task(cfg) -> Optional[Dict[str, Any]]:
     global _run_error
     from ds_hydra.engine.launch import on_task_start
     from ds_hydra.sweeps import note_job_metrics, select_objective
+    from ds_hydra.training.preflight import say_deferred
     from ds_hydra.training.signals import Stopped
 
     on_task_start()  # several processes: rank 0 shares its run dir; the others log quietly
+    say_deferred()  # e.g. the run dir's name was taken: into the run's log, now that it has one
     try:
         metrics = dispatch(cfg)
         note_job_metrics(metrics)  # the sweep report shows every metric, even when `objective` picks one
@@ -99,6 +101,7 @@ def cli_main() -> None:
     main = hydra.main(version_base=None, config_path=config_dir(), config_name="config")(run_task)
     from ds_hydra.training.preflight import RunRefused
     from ds_hydra.training.resume import continue_after_restart, expand_resume_args
+    from ds_hydra.training.run_lock import release_all
     from ds_hydra.training.signals import Stopped, stop_on_signals
     from ds_hydra.engine.launch import after_hydra, before_hydra, strip_local_rank, wait_for_all_ranks
 
@@ -137,6 +140,7 @@ def cli_main() -> None:
         raise
     finally:
         after_hydra()  # several processes: release the other ranks if rank 0 stopped before its run dir
+        release_all()  # the run (or sweep) dir's lock: the next writer may take it
 
 
 def _say(line: str) -> None:

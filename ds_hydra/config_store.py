@@ -37,7 +37,7 @@ from ds_hydra.optim.config import (
     WarmupLRConfig,
     WSDSchedulerConfig,
 )
-from ds_hydra.training.config import LoggerConfig, TrainerConfig
+from ds_hydra.training.config import LoggerConfig, RunConfig, TrainerConfig
 
 
 class Task(Enum):
@@ -64,6 +64,8 @@ class DSHydraConfig:
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    """How a run owns its directory: the lock's staleness and take-over."""
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     engine: Any = MISSING
     """auto, ddp, fsdp or deepspeed (conf/engine)."""

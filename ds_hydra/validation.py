@@ -10,7 +10,7 @@ from ds_hydra.errors import ConfigError
 from ds_hydra.inference.config import validate_inference
 from ds_hydra.models.config import validate_model
 from ds_hydra.optim.config import validate_optimizer, validate_param_groups, validate_scheduler
-from ds_hydra.training.config import validate_trainer
+from ds_hydra.training.config import validate_run, validate_trainer
 
 
 def config_problems(cfg) -> List[str]:
@@ -19,6 +19,7 @@ def config_problems(cfg) -> List[str]:
     problems += validate_model(cfg.model)
     problems += validate_data(cfg.data)
     problems += validate_trainer(cfg.trainer)
+    problems += validate_run(cfg.run) if "run" in cfg else []
     problems += validate_optimizer(cfg.optimizer)
     problems += validate_param_groups(cfg.param_groups)
     if cfg.trainer.max_steps >= 1:  # else schedule lengths interpolated from it would only echo that problem

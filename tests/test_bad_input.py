@@ -10,6 +10,7 @@ import hashlib
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,26 @@ def test_bad_input_leaves_the_finished_run_untouched(finished, case):
     proc = run_cli(args if resuming else [*RUN, *args], env=ONE_THREAD)  # a resumed run brings its own overrides
     assert_one_line(proc, 2, *(f.format(run=finished) for f in fragments))
     assert_unchanged(before, snapshot(finished))
+
+
+def test_a_live_run_is_neither_resumed_nor_launched_into(finished):
+    """Another process holds the run's lock: both commands are refused naming it, and touch nothing."""
+    from test_run_dirs import record_of, write_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        before = snapshot(finished)
+        lock = write_lock(finished, **record_of(holder.pid, since_text="2024-05-01 12:00:03"))
+        for args in ([f"resume={finished}"], [*RUN, f"hydra.run.dir={finished}"]):
+            proc = run_cli(args, env=ONE_THREAD)
+            assert_one_line(proc, 2, f"in use by another ds_hydra process (pid {holder.pid} on {socket.gethostname()}, "
+                                     f"since 2024-05-01 12:00:03; lock {finished}/run.lock)", "let it finish or stop it")
+        lock.unlink()
+        assert_unchanged(before, snapshot(finished))
+    finally:
+        (finished / "run.lock").unlink(missing_ok=True)
+        holder.kill()
+        holder.wait()
 
 
 def test_unwritable_run_dir_under_proc(tmp_path):

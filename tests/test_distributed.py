@@ -22,13 +22,16 @@ STEPS = ENGINE_STEPS
 RUN = [*ENGINE_RUN, "scheduler=constant"]
 
 
-def torchrun(args, cwd: Path, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+def torchrun_cmd(args, nproc: int = 2):
     """``torchrun --standalone --nproc_per_node=N -m ds_hydra ARGS`` (a free port, gloo on the CPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "ds_hydra", *args]
+
+
+def torchrun(args, cwd: Path, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "ds_hydra", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(torchrun_cmd(args, nproc), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def only_run_dir(cwd: Path) -> Path:

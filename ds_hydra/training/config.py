@@ -52,11 +52,30 @@ class TrainerConfig:
 
 
 @dataclass
+class RunConfig:
+    """How a run owns its directory (see ds_hydra.training.run_lock and README "Outputs")."""
+
+    lock_stale_after_s: float = 600.0
+    """A run dir's lock (run.lock) whose holder has not refreshed it for this many seconds is taken over,
+    even when the holder is on another host (shared filesystems); the holder refreshes it every
+    min(30, this / 4) seconds. On the holder's own host a dead holder is detected at once. 0: never by age."""
+    break_lock: bool = False
+    """Take over the run dir's lock whoever holds it, for a holder on another host that you know is gone
+    (a crashed node). Applies to this command only: a later resume= does not inherit it."""
+
+
+@dataclass
 class LoggerConfig:
     """metrics.jsonl and a loss-curve PNG are always written; TensorBoard events optionally."""
 
     tensorboard: bool = False
     """Also write TensorBoard event files into <run dir>/tensorboard (needs the tensorboard package)."""
+
+
+def validate_run(cfg, prefix: str = "run") -> List[str]:
+    if cfg.lock_stale_after_s < 0:
+        return [f"{prefix}.lock_stale_after_s={cfg.lock_stale_after_s}: must be >= 0 (0: a lock never goes stale by age)"]
+    return []
 
 
 def validate_trainer(cfg, prefix: str = "trainer") -> List[str]:

@@ -1,4 +1,4 @@
-"""Checks that run before Hydra writes anything into the run directory.
+"""Checks that run, and the run directory taken, before Hydra writes anything into it.
 
 Hydra creates the run directory and writes ``.hydra/`` into it before it calls the task function,
 so a problem found only there would already have touched the directory, and when that directory is
@@ -8,24 +8,38 @@ an earlier run (``resume=<run>``, or ``hydra.run.dir=<run>``) it would overwrite
 
 1. the config (``ds_hydra.validation``): every range and cross-field problem;
 2. a CUDA device is there when ``trainer.device`` asks for one;
-3. the run directory can be created and written (``hydra.run.dir``);
+3. the run directory can be created and written (``hydra.run.dir``), then takes it: a directory named
+   from the clock (``${now:...}``) is claimed exclusively, under the next free name if another launch
+   took it (``hydra.run.dir`` is set to the name claimed); any other is created if missing; either
+   way it is locked for this process (``ds_hydra.training.run_lock``; under torchrun rank 0 holds
+   the lock for every rank);
 4. the directory does not already hold a run, unless ``resume=`` continues it;
 5. when resuming, the checkpoint loads safely and was saved by the same model.
 
-Sweep jobs (``-m``) are checked by the task itself, each in its own fresh job directory.
+A refused run leaves nothing behind: the lock is released and a directory created here removed.
+``on_multirun_start`` claims and locks the sweep directory the same way (``hydra.sweep.dir``); sweep
+jobs are checked by the task itself, each in its own fresh job directory.
 
 Hydra turns an ``Exception`` raised in a callback into a warning and carries on, so a refusal leaves
 the callback as ``RunRefused`` (a ``BaseException``); ``cli_main`` unwraps it into its one line.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, List, Optional, Tuple
 
 from hydra.experimental.callback import Callback
+from omegaconf import read_write
 
 from ds_hydra.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# (level, line) for the run's log, said once Hydra has set up logging into the run dir (``say_deferred``).
+_deferred: List[Tuple[int, str]] = []
 
 
 class RunRefused(BaseException):
@@ -37,31 +51,67 @@ class RunRefused(BaseException):
 
 
 class Preflight(Callback):
-    """``on_run_start``: refuse a bad run before its directory is touched."""
+    """``on_run_start``: refuse a bad run before its directory is touched; take the directory.
+    ``on_multirun_start``: take the sweep directory."""
 
     def on_run_start(self, config, **kwargs: Any) -> None:
         from omegaconf.errors import OmegaConfBaseException
 
+        taken = None
         try:
-            check_before_run(config)
+            check_config(config)
+            taken = take_run_dir(config)
+            check_run_dir(config)
         except (UserError, OmegaConfBaseException) as exc:
+            if taken is not None:
+                taken.give_back()
             raise RunRefused(exc) from exc
 
+    def on_run_end(self, config, **kwargs: Any) -> None:
+        _release(config.hydra.run.dir)  # (cli_main releases too, when an error skips this)
 
-def check_before_run(config) -> None:
-    """Raise ``UserError`` for a run that would fail, before anything is written."""
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        try:
+            take_sweep_dir(config)
+        except UserError as exc:
+            raise RunRefused(exc) from exc
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        _release(config.hydra.sweep.dir)
+
+
+def _release(folder) -> None:
+    from ds_hydra.training.run_lock import held_lock
+
+    lock = held_lock(Path(str(folder)))
+    if lock is not None:
+        lock.release()
+
+
+def _task(config) -> str:
+    return getattr(config.task, "value", config.task)
+
+
+def check_config(config) -> None:
+    """The config's own problems, and a CUDA device it asks for."""
     from hydra.core.hydra_config import HydraConfig
 
-    from ds_hydra.training.resume import check_compatible, plan_start
     from ds_hydra.validation import validate_config
 
     HydraConfig.instance().set_config(config)  # lets ${hydra:...} resolve while validating
-    task = getattr(config.task, "value", config.task)
+    task = _task(config)
     if task != "validate":  # task=validate reports these problems itself, with its own
         validate_config(config)
-    if task not in ("train", "resume"):
+    if task in ("train", "resume"):
+        check_device(config)
+
+
+def check_run_dir(config) -> None:
+    """Training: the run dir holds no other run, and a checkpoint to continue fits this model."""
+    from ds_hydra.training.resume import check_compatible, plan_start
+
+    if _task(config) not in ("train", "resume"):
         return
-    check_device(config)
     run_dir = Path(str(config.hydra.run.dir))
     ensure_writable(run_dir, key="hydra.run.dir")
     plan = plan_start(config, run_dir)
@@ -70,6 +120,98 @@ def check_before_run(config) -> None:
 
         saved = load_train_state(plan.checkpoint, mmap=True)  # maps the tensors; reads only the index
         check_compatible(saved["config"], config, plan.checkpoint, strict=False)
+
+
+@dataclass
+class TakenDir:
+    """A run or sweep directory this process took: ``give_back`` undoes it (a refused run)."""
+
+    path: Path
+    created: bool
+
+    def give_back(self) -> None:
+        _release(self.path)
+        if self.created:
+            try:
+                self.path.rmdir()  # only if still empty
+            except OSError:
+                pass
+
+
+def _other_rank() -> bool:
+    """A rank other than 0 of a multi-process launch: rank 0 took the run dir for it."""
+    import os
+
+    from ds_hydra.engine.launch import multi_process
+
+    return multi_process() and os.environ.get("RANK", "0") != "0"
+
+
+def take_run_dir(config) -> Optional[TakenDir]:
+    """Claim (a name from the clock) or create ``hydra.run.dir``, then lock it for this process."""
+    if _other_rank():
+        return None
+    taken = _take(config, "run")
+    if taken.path != Path(str(config.hydra.run.dir)):
+        wanted = str(config.hydra.run.dir)
+        _set_hydra_dir(config, "run", taken.path)
+        _deferred.append((logging.INFO, f"hydra.run.dir: {wanted} was taken by another run; this run writes into {taken.path}"))
+    return taken
+
+
+def take_sweep_dir(config) -> TakenDir:
+    """``take_run_dir`` for a multirun's ``hydra.sweep.dir``; the jobs inherit the name claimed."""
+    taken = _take(config, "sweep")
+    wanted = Path(str(config.hydra.sweep.dir))
+    if taken.path != wanted:
+        from ds_hydra.training.resume import quote
+
+        _set_hydra_dir(config, "sweep", taken.path)
+        with read_write(config.hydra.overrides):  # each job's config is composed again from these overrides
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir={quote(taken.path)}")
+        log.info("hydra.sweep.dir: %s was taken by another sweep; this sweep writes into %s", wanted, taken.path)
+    return taken
+
+
+def _take(config, kind: str) -> TakenDir:
+    from omegaconf import OmegaConf
+
+    from ds_hydra.training.run_dir import claim_new_dir, names_the_clock
+    from ds_hydra.training.run_lock import LockSettings, acquire
+
+    key = f"hydra.{kind}.dir"
+    node = OmegaConf.select(config, f"hydra.{kind}")
+    wanted = Path(str(node.dir))
+    ensure_writable(wanted, key=key)
+    try:
+        if names_the_clock(node._get_node("dir")._value()):
+            taken = TakenDir(claim_new_dir(wanted), created=True)
+        else:
+            taken = TakenDir(wanted, created=not wanted.exists())
+            wanted.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{key}={wanted}: cannot write there: {exc.strerror or exc}; choose a writable directory") from None
+    try:
+        lock = acquire(taken.path, LockSettings.from_config(config), what=f"{kind} dir", announce=kind == "sweep")
+    except BaseException:
+        taken.give_back()
+        raise
+    if lock.took_over and kind == "run":
+        _deferred.append((logging.WARNING, lock.took_over))
+    return taken
+
+
+def _set_hydra_dir(config, kind: str, path: Path) -> None:
+    """Point ``hydra.<kind>.dir`` at the directory taken: Hydra reads it after this callback."""
+    node = config.hydra[kind]
+    with read_write(node):
+        node.dir = str(path)
+
+
+def say_deferred() -> None:
+    """Log what preflight found before the run's log existed (called first in the task function)."""
+    while _deferred:
+        log.log(*_deferred.pop(0))
 
 
 def check_device(config) -> None:
@@ -86,8 +228,7 @@ def check_device(config) -> None:
 def ensure_writable(folder: Path, key: str) -> None:
     """``folder`` (or, if it does not exist yet, its nearest existing parent) takes a temp file.
 
-    Nothing is created: a timestamped run dir resolved here may differ by a second from the one
-    Hydra resolves next, and an empty folder would be left behind.
+    Nothing is created: checked before a directory is made, so a refusal leaves nothing behind.
     """
     existing = folder.absolute()
     while not existing.exists() and existing != existing.parent:

@@ -50,7 +50,9 @@ OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 HYDRA_FILE = Path(".hydra") / "hydra.yaml"
 
 # Keys whose values may differ between the saved run and its continuation without any effect on it.
-VOLATILE_KEYS = ("resume", "trainer.progress", "objective", "name")
+VOLATILE_KEYS = ("resume", "trainer.progress", "objective", "name", "run")
+# Overrides that apply to one command only: a resume does not repeat them from the saved ones.
+ONE_SHOT_KEYS = ("resume", "run.break_lock")
 
 _RESUME_ARG = re.compile(r"^(\+\+|\+)?resume=(.*)$")
 
@@ -91,7 +93,7 @@ def expand_resume_args(argv: Sequence[str]) -> List[str]:
             f"{run_dir / OVERRIDES_FILE}: sets {widening[-1]}, and a run directory may not widen the _target_ "
             f"allowlist on its own; if you trust that run, repeat {widening[-1]} on the resume command"
         )
-    kept = [o for o in saved if _override_key(o) not in user_keys and _override_key(o) != "resume" and o != "task=resume"]
+    kept = [o for o in saved if _override_key(o) not in user_keys and _override_key(o) not in ONE_SHOT_KEYS and o != "task=resume"]
     target = checkpoint if checkpoint is not None else run_dir
     # hydra.output_subdir=null: Hydra leaves the run's .hydra/ alone; train records the continuation
     # there only once the checkpoint has loaded (record_continuation), so a failed resume changes nothing.

@@ -29,6 +29,7 @@ from ds_hydra.errors import UserError
 from ds_hydra.instantiate import instantiate
 from ds_hydra.optim.build import build_optimizer, build_scheduler
 from ds_hydra.training import resume as resume_io
+from ds_hydra.training import run_lock
 from ds_hydra.training import signals
 from ds_hydra.training import state as state_io
 from ds_hydra.training.metrics import LOSS_CURVE_FILE, MetricsLogger, plot_loss_curve
@@ -368,6 +369,11 @@ def train(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     """Train from a composed config; returns the final metrics dict."""
     started = time.perf_counter()
     run_dir = resolve_run_dir(run_dir if run_dir is not None else resume_io.resume_target(cfg)[0])
+    with run_lock.holding(run_dir, cfg):  # one writer per run dir (the CLI took the lock already)
+        return _train(cfg, run_dir, started)
+
+
+def _train(cfg, run_dir: Path, started: float) -> Dict[str, Any]:
     plan = resume_io.plan_start(cfg, run_dir)  # refuses to start a new run over an old one
     if plan.completed is not None:
         log.info("%s finished earlier (%s): returning its final metrics", run_dir, resume_io.COMPLETED_FILE)
