@@ -37,7 +37,8 @@ from ds_hydra.optim.config import (
     WarmupLRConfig,
     WSDSchedulerConfig,
 )
-from ds_hydra.training.config import LoggerConfig, RunConfig, TrainerConfig
+from ds_hydra.tracking.config import LoggerConfig
+from ds_hydra.training.config import RunConfig, TrainerConfig
 
 
 class Task(Enum):

@@ -10,6 +10,7 @@ from ds_hydra.errors import ConfigError
 from ds_hydra.inference.config import validate_inference
 from ds_hydra.models.config import validate_model
 from ds_hydra.optim.config import validate_optimizer, validate_param_groups, validate_scheduler
+from ds_hydra.tracking.config import validate_logger
 from ds_hydra.training.config import validate_run, validate_trainer
 
 
@@ -27,6 +28,7 @@ def config_problems(cfg) -> List[str]:
     problems += validate_ckpt(cfg.ckpt, n_blocks=cfg.model.n_layer)
     problems += validate_inference(cfg.inference, task=cfg.task.value)
     problems += validate_engine(cfg.engine, cfg.trainer, task=cfg.task.value, ckpt=cfg.ckpt, n_blocks=cfg.model.n_layer)
+    problems += validate_logger(cfg.logger, task=cfg.task.value)
     return problems
 
 

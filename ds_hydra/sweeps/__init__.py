@@ -5,14 +5,14 @@ sweep directory holds ``sweep_summary.csv``, ``sweep_summary.md`` and ``sweep_su
 Torch-free: Hydra instantiates the callback before any job runs.
 """
 from ds_hydra.sweeps.callback import (
-    JOB_RECORD_FILE,
     SweepOutcome,
     SweepSummary,
     finish_active_sweep,
     note_job_metrics,
     select_objective,
 )
-from ds_hydra.sweeps.report import SUMMARY_FILES, collect_job_records, write_sweep_report
+from ds_hydra.sweeps.records import JOB_RECORD_FILE, collect_job_records
+from ds_hydra.sweeps.report import SUMMARY_FILES, write_sweep_report
 
 __all__ = [
     "JOB_RECORD_FILE",

@@ -8,7 +8,6 @@ exception once its batch is done and never calls ``on_multirun_end``; the CLI th
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -20,10 +19,9 @@ from typing import Any, Dict, Optional
 from hydra.experimental.callback import Callback
 
 from ds_hydra.errors import UserError
+from ds_hydra.sweeps.records import write_job_record
 
 log = logging.getLogger(__name__)
-
-JOB_RECORD_FILE = "sweep_job.json"
 
 # The full metrics of the job running in this process: the task may hand the sweeper a single
 # number (``objective``), but the report wants every metric.
@@ -127,11 +125,7 @@ class SweepSummary(Callback):
             "dir": str(hydra_cfg.runtime.output_dir),
             "job_wall_s": time.perf_counter() - self._job_started if self._job_started else None,
         }
-        out = Path(hydra_cfg.runtime.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (JOB_RECORD_FILE + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
-        tmp.replace(out / JOB_RECORD_FILE)
+        write_job_record(Path(hydra_cfg.runtime.output_dir), record)
         note_job_metrics(None)
 
 
@@ -165,6 +159,9 @@ def finish_active_sweep() -> Optional[SweepOutcome]:
         log.info(
             "sweep summary: %d jobs, %d failed, %.1f s: %s", len(report.records), len(failed), wall_s, report.markdown
         )
+    from ds_hydra.tracking.sweep import finish_sweep
+
+    finish_sweep(_active.sweep_dir, failed=len(failed), files=[report.markdown, report.csv, report.png])  # MLflow's parent run
     return _active.outcome
 
 

@@ -9,11 +9,12 @@ from the jobs' ``metrics.jsonl``.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from ds_hydra.sweeps.records import collect_job_records
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +30,6 @@ class SweepReport:
     csv: Path
     markdown: Path
     png: Optional[Path]
-
-
-def collect_job_records(sweep_dir: Path, sweep_id: Optional[str] = None) -> List[Dict[str, Any]]:
-    """The job records under ``sweep_dir`` (of sweep ``sweep_id`` only, when given), by job number."""
-    from ds_hydra.sweeps.callback import JOB_RECORD_FILE
-
-    records = []
-    for path in Path(sweep_dir).rglob(JOB_RECORD_FILE):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            log.warning("skipping unreadable job record %s: %s", path, exc)
-            continue
-        if sweep_id is None or record.get("sweep_id") in (None, sweep_id):
-            records.append(record)
-    return sorted(records, key=lambda r: r.get("num", 0))
 
 
 def write_sweep_report(

@@ -1,4 +1,4 @@
-"""Schemas of the ``trainer`` and ``logger`` config groups (torch-free)."""
+"""Schema of the ``trainer`` config group (torch-free); ``logger`` is in ds_hydra.tracking.config."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,14 +62,6 @@ class RunConfig:
     break_lock: bool = False
     """Take over the run dir's lock whoever holds it, for a holder on another host that you know is gone
     (a crashed node). Applies to this command only: a later resume= does not inherit it."""
-
-
-@dataclass
-class LoggerConfig:
-    """metrics.jsonl and a loss-curve PNG are always written; TensorBoard events optionally."""
-
-    tensorboard: bool = False
-    """Also write TensorBoard event files into <run dir>/tensorboard (needs the tensorboard package)."""
 
 
 def validate_run(cfg, prefix: str = "run") -> List[str]:

@@ -1,13 +1,13 @@
-"""Run metrics: ``metrics.jsonl`` (one JSON object a line), optional TensorBoard, the loss-curve PNG."""
+"""Run metrics: ``metrics.jsonl`` (one JSON object a line, always), the loss-curve PNG, and the trackers
+``logger`` chooses (CSV, TensorBoard, W&B, MLflow: ds_hydra.tracking) fed the same records."""
 from __future__ import annotations
 
 import json
 import logging
 import math
+import textwrap
 from pathlib import Path
-from typing import Any, Dict, List
-
-from ds_hydra.errors import UserError
+from typing import Any, Dict, List, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -16,12 +16,22 @@ LOSS_CURVE_FILE = "loss_curve.png"
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool = False, enabled: bool = True):
-        self.records: List[Dict[str, Any]] = []
+    """The run's records: appended to ``metrics.jsonl``, kept for the loss curve, sent to the trackers.
+
+    ``enabled=False`` (ranks other than 0) keeps the records in memory only. ``finish`` draws the
+    loss curve and closes the trackers with the final metrics; ``close`` ends them after a failure.
+    """
+
+    def __init__(self, run_dir: Path, cfg=None, enabled: bool = True, earlier_records: Sequence[Dict[str, Any]] = (), start_step: int = 0):
+        self.records: List[Dict[str, Any]] = list(earlier_records)  # the loss curve shows the whole run
         self.enabled = enabled
-        self.path = Path(run_dir) / METRICS_FILE
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
+        self.title = run_title(cfg, self.run_dir)
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None
-        self._tb = _summary_writer(Path(run_dir) / "tensorboard") if (tensorboard and enabled) else None
+        from ds_hydra.tracking.session import Trackers, open_trackers
+
+        self.trackers = open_trackers(cfg, self.run_dir, start_step, self.records) if (enabled and cfg is not None) else Trackers([])
 
     def log(self, step: int, **values: Any) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
@@ -29,18 +39,38 @@ class MetricsLogger:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
+        self.trackers.log(step, {k: v for k, v in record.items() if k != "step"})
 
-    def close(self) -> None:
+    def finish(self, final: Dict[str, Any]) -> None:
+        """The run is done: the loss-curve PNG, then the final metrics and files to every tracker."""
+        try:
+            if self.enabled:
+                plot_loss_curve(self.records, self.run_dir / LOSS_CURVE_FILE, title=self.title)
+        finally:
+            self.close(final=final)
+
+    def close(self, error: Optional[BaseException] = None, final: Optional[Dict[str, Any]] = None) -> None:
+        """Close metrics.jsonl and the trackers (after ``error``: the trackers mark the run failed or stopped)."""
+        from ds_hydra.tracking.base import FAILED, FINISHED, STOPPED
+        from ds_hydra.training.run_dir import RESOLVED_CONFIG_FILE
+        from ds_hydra.training.signals import Stopped
+
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        status = FINISHED if error is None else (STOPPED if isinstance(error, Stopped) else FAILED)
+        files = [self.run_dir / LOSS_CURVE_FILE, self.run_dir / RESOLVED_CONFIG_FILE] if error is None else []
+        self.trackers.finish(final or {}, files=files, status=status)
+
+
+def run_title(cfg, run_dir: Path) -> str:
+    """The loss curve's title: what the run was (its name or overrides) and where it is."""
+    from ds_hydra.tracking.naming import describe_run, short_dir
+
+    what = describe_run(cfg, run_dir)
+    where = short_dir(run_dir)
+    lines = textwrap.wrap(what, width=90, max_lines=3, placeholder=" ...") or [where]
+    return "\n".join(lines if where in what else [*lines, where])
 
 
 def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
@@ -66,20 +96,12 @@ def plot_loss_curve(records: List[Dict[str, Any]], path: Path, title: str = "") 
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val (estimate)")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _summary_writer(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("logger=tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(log_dir=str(folder))
 
 
 def _plain(value: Any) -> Any:

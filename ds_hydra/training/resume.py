@@ -50,7 +50,7 @@ OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 HYDRA_FILE = Path(".hydra") / "hydra.yaml"
 
 # Keys whose values may differ between the saved run and its continuation without any effect on it.
-VOLATILE_KEYS = ("resume", "trainer.progress", "objective", "name", "run")
+VOLATILE_KEYS = ("resume", "trainer.progress", "objective", "name", "run", "logger")
 # Overrides that apply to one command only: a resume does not repeat them from the saved ones.
 ONE_SHOT_KEYS = ("resume", "run.break_lock")
 

@@ -32,7 +32,7 @@ from ds_hydra.training import resume as resume_io
 from ds_hydra.training import run_lock
 from ds_hydra.training import signals
 from ds_hydra.training import state as state_io
-from ds_hydra.training.metrics import LOSS_CURVE_FILE, MetricsLogger, plot_loss_curve
+from ds_hydra.training.metrics import MetricsLogger
 from ds_hydra.training.nonfinite import NonFiniteLoss, NonFiniteWatch
 from ds_hydra.training.run_dir import resolve_run_dir, write_resolved_config
 from ds_hydra.training.throughput import Throughput
@@ -415,19 +415,20 @@ def _train(cfg, run_dir: Path, started: float) -> Dict[str, Any]:
             "%.4g FLOPs per token (6N + 12 L d T); device peak %s",
             trainer.throughput.flops_per_token, f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown: no MFU",
         )
-    metrics = MetricsLogger(run_dir, tensorboard=cfg.logger.tensorboard, enabled=is_main)
-    metrics.records[:0] = earlier_records  # the loss curve shows the whole run
+    # metrics.jsonl and the trackers chosen in `logger` (rank 0 only)
+    metrics = MetricsLogger(run_dir, cfg, enabled=is_main, earlier_records=earlier_records, start_step=trainer.step)
     try:
         with signals.stop_on_signals():  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, raise Stopped
             final = _fit(trainer, metrics)
+    except BaseException as exc:
+        metrics.close(error=exc)  # the trackers mark the run failed (or stopped)
+        raise
     finally:
-        metrics.close()
         trainer.distributed.close()  # a process group this run created (not a launcher's)
     final["wall_s"] = time.perf_counter() - started
     final["run_dir"] = str(run_dir)
     final["activation_bytes"] = trainer.activation_bytes
-    if is_main:
-        plot_loss_curve(metrics.records, run_dir / LOSS_CURVE_FILE, title=str(run_dir.name))
+    metrics.finish(final)  # loss_curve.png, then the final metrics and files to the trackers
     log.info(
         "done: step %d, train loss %.4f, val loss %.4f, %.0f tokens/s, %.1f s",
         final["step"], final["train_loss"], final["val_loss"], final["tokens_per_s"], final["wall_s"],
