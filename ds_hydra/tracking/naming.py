@@ -12,7 +12,7 @@ SWEEP_DIR_ENV = "DS_HYDRA_SWEEP_DIR"
 JOB_NUM_ENV = "DS_HYDRA_JOB_NUM"
 
 # Overrides that say where, how or to which trackers a run was launched, not what it trains.
-_PLUMBING = ("hydra.", "hydra/", "~hydra", "resume=", "task=resume", "logger=", "logger.", "trainer.progress=")
+_PLUMBING = ("hydra.", "hydra/", "~hydra", "resume=", "task=resume", "run.", "logger=", "logger.", "trainer.progress=")
 
 
 def run_overrides() -> List[str]:

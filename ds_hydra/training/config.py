@@ -1,4 +1,4 @@
-"""Schema of the ``trainer`` config group (torch-free); ``logger`` is in ds_hydra.tracking.config."""
+"""Schemas of the ``trainer`` and ``run`` config groups (torch-free); ``logger`` is in ds_hydra.tracking.config."""
 from __future__ import annotations
 
 from dataclasses import dataclass
