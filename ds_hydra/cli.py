@@ -72,7 +72,12 @@ TASKS = {
     "validate": "ds_hydra.validation:validate_task",
     "resume": "ds_hydra.training.trainer:train",  # with resume=<run>: continue that run
     "export_deepspeed": "ds_hydra.engine.deepspeed_engine:export_deepspeed",  # the DeepSpeed JSON, no training
+    "prepare": "ds_hydra.data.prepare:prepare_task",  # token files from text, JSONL or Parquet
 }
+
+
+# Tasks that read only some sections of the config log only those.
+TASK_SECTIONS = {"prepare": ["task", "tokenizer", "prepare"]}
 
 
 def dispatch(cfg) -> Dict[str, Any]:
@@ -85,7 +90,8 @@ def dispatch(cfg) -> Dict[str, Any]:
     module, _, function = TASKS[task].partition(":")
     from omegaconf import OmegaConf
 
-    log.info("task=%s; resolved config:\n%s", task, OmegaConf.to_yaml(cfg, resolve=True).rstrip())
+    shown = OmegaConf.masked_copy(cfg, TASK_SECTIONS[task]) if task in TASK_SECTIONS else cfg
+    log.info("task=%s; resolved config:\n%s", task, OmegaConf.to_yaml(shown, resolve=True).rstrip())
     return getattr(import_module(module), function)(cfg)
 
 

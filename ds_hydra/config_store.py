@@ -14,7 +14,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from ds_hydra.activation_checkpointing.config import CkptConfig
-from ds_hydra.data.config import CharCorpusConfig, SyntheticConfig
+from ds_hydra.data.config import CharCorpusConfig, SFTConfig, SyntheticConfig, TextConfig, TokensConfig
+from ds_hydra.data.prepare_config import PrepareConfig
+from ds_hydra.data.tokenizer_config import BPETokenizerConfig, BytesTokenizerConfig, CharTokenizerConfig, HFTokenizerConfig
 from ds_hydra.engine.config import AutoEngineConfig, DDPEngineConfig, DeepSpeedEngineConfig, FSDPEngineConfig
 from ds_hydra.inference.config import InferenceConfig
 from ds_hydra.models.config import GPTConfig
@@ -48,6 +50,7 @@ class Task(Enum):
     resume = "resume"  # continue the run named by resume=<run dir> (the same as train with resume set)
     validate = "validate"  # check the config, print param groups, LR curve and checkpoint plan; build nothing heavy
     export_deepspeed = "export_deepspeed"  # write the DeepSpeed JSON of engine=deepspeed without training
+    prepare = "prepare"  # tokenize prepare.input into train.bin/val.bin in prepare.output (tokenizer group)
 
 
 @dataclass
@@ -58,6 +61,10 @@ class DSHydraConfig:
     """What to do with the composed config."""
     model: GPTConfig = MISSING
     data: Any = MISSING
+    tokenizer: Any = MISSING
+    """char, bytes, bpe or hf (conf/tokenizer): how task=prepare, data=text and data=sft tokenize text."""
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    """What task=prepare reads and writes."""
     optimizer: Any = MISSING
     scheduler: Any = MISSING
     param_groups: ParamGroupsConfig = field(default_factory=ParamGroupsConfig)
@@ -86,6 +93,14 @@ SCHEMAS = [
     ("model", "gpt", GPTConfig),
     ("data", "char_corpus", CharCorpusConfig),
     ("data", "synthetic", SyntheticConfig),
+    ("data", "tokens", TokensConfig),
+    ("data", "text", TextConfig),
+    ("data", "sft", SFTConfig),
+    ("tokenizer", "char", CharTokenizerConfig),
+    ("tokenizer", "bytes", BytesTokenizerConfig),
+    ("tokenizer", "bpe", BPETokenizerConfig),
+    ("tokenizer", "hf", HFTokenizerConfig),
+    ("prepare", "prepare", PrepareConfig),
     ("optimizer", "adam", AdamConfig),
     ("optimizer", "adamw", AdamWConfig),
     ("optimizer", "sgd", SGDConfig),

@@ -5,6 +5,8 @@ from typing import List
 
 from ds_hydra.activation_checkpointing.config import validate_ckpt
 from ds_hydra.data.config import validate_data
+from ds_hydra.data.prepare_config import validate_prepare
+from ds_hydra.data.tokenizer_config import validate_tokenizer
 from ds_hydra.engine.config import validate_engine
 from ds_hydra.errors import ConfigError
 from ds_hydra.inference.config import validate_inference
@@ -19,6 +21,10 @@ def config_problems(cfg) -> List[str]:
     problems: List[str] = []
     problems += validate_model(cfg.model)
     problems += validate_data(cfg.data)
+    if "tokenizer" in cfg:
+        problems += validate_tokenizer(cfg.tokenizer)
+    if cfg.task.value == "prepare":
+        problems += validate_prepare(cfg.prepare)
     problems += validate_trainer(cfg.trainer)
     problems += validate_run(cfg.run) if "run" in cfg else []
     problems += validate_optimizer(cfg.optimizer)

@@ -1,0 +1,56 @@
+"""A stream of token ids to cut windows from: an array in memory, or a token file read through np.memmap.
+
+A file is mapped afresh for every batch and unmapped after it (nanoGPT's way): pages a batch touched
+do not stay mapped into the process, so resident memory stays flat however large the file and
+however long the run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class TokenSource:
+    """``len()`` tokens; ``windows(offsets, length)`` copies out ``(len(offsets), length)`` of them."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def windows(self, offsets: np.ndarray, length: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def array(self) -> np.ndarray:
+        """The whole stream as an array (a read-only memmap for a file)."""
+        raise NotImplementedError
+
+
+class ArrayTokens(TokenSource):
+    def __init__(self, tokens: np.ndarray):
+        self.tokens = np.asarray(tokens)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def windows(self, offsets: np.ndarray, length: int) -> np.ndarray:
+        return self.tokens[np.asarray(offsets)[:, None] + np.arange(length)]
+
+    def array(self) -> np.ndarray:
+        return self.tokens
+
+
+class FileTokens(TokenSource):
+    """A headerless file of ``dtype`` token ids (nanoGPT's ``train.bin``)."""
+
+    def __init__(self, path: Path, dtype, length: int):
+        self.path, self.dtype, self.length = Path(path), np.dtype(dtype), length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def windows(self, offsets: np.ndarray, length: int) -> np.ndarray:
+        # fancy indexing copies, so the temporary map is dropped (unmapped) as soon as this returns
+        return self.array()[np.asarray(offsets)[:, None] + np.arange(length)]
+
+    def array(self) -> np.ndarray:
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.length,))
