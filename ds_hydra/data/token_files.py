@@ -32,7 +32,7 @@ DATA_FORMAT = "ds_hydra.tokens.v1"
 TRAIN_FILE, VAL_FILE, META_FILE, NANOGPT_META_FILE = "train.bin", "val.bin", "meta.json", "meta.pkl"
 GPT2_VOCAB = 50257  # nanoGPT's directories without meta.pkl hold GPT-2 token ids
 _MAX_META_PKL = 64 << 20
-_SCAN = 1 << 26  # tokens per step of the largest-id scan
+_SCAN = 1 << 24  # tokens per part of the largest-id scan (32 MiB of uint16)
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -93,8 +93,8 @@ def _itos_tokenizer(meta: dict, path: Path) -> Optional[CharTokenizer]:
 
 
 def largest_id(tokens: FileTokens) -> int:
-    mapped = tokens.array()
-    return max(int(mapped[i:i + _SCAN].max()) for i in range(0, len(mapped), _SCAN)) if len(mapped) else -1
+    """The largest id in the file, read part by part (resident memory stays at one part)."""
+    return max((int(tokens.part(i, i + _SCAN).max()) for i in range(0, len(tokens), _SCAN)), default=-1)
 
 
 class TokenFiles(TokenStreams):

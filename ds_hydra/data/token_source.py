@@ -54,3 +54,9 @@ class FileTokens(TokenSource):
 
     def array(self) -> np.ndarray:
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.length,))
+
+    def part(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` through a map of that part only (whole-file passes go part by part,
+        so no more than one part is ever mapped)."""
+        stop = min(stop, self.length)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=start * self.dtype.itemsize, shape=(stop - start,))
