@@ -35,6 +35,7 @@ def run_task(cfg) -> Optional[Dict[str, Any]]:
     """Hydra's task function: in a sweep, errors propagate so the sweep records the job as failed."""
     global _run_error
     from ds_hydra.engine.launch import on_task_start
+    from ds_hydra.engine.torchrun_job import launcher_runs_this, run_under_torchrun
     from ds_hydra.sweeps import note_job_metrics, select_objective
     from ds_hydra.training.preflight import say_deferred
     from ds_hydra.training.signals import Stopped
@@ -42,7 +43,8 @@ def run_task(cfg) -> Optional[Dict[str, Any]]:
     on_task_start()  # several processes: rank 0 shares its run dir; the others log quietly
     say_deferred()  # e.g. the run dir's name was taken: into the run's log, now that it has one
     try:
-        metrics = dispatch(cfg)
+        # hydra/launcher=torchrun on a single run: its ranks run under torchrun, in this run's directory
+        metrics = run_under_torchrun() if launcher_runs_this() else dispatch(cfg)
         note_job_metrics(metrics)  # the sweep report shows every metric, even when `objective` picks one
         return select_objective(cfg, metrics)
     except (UserError, OSError, Stopped) as exc:  # OSError: a full disk, an unwritable file
@@ -96,6 +98,13 @@ def dispatch(cfg) -> Dict[str, Any]:
 
 
 def cli_main() -> None:
+    from ds_hydra.engine.torchrun_job import reporting_to_launcher
+
+    with reporting_to_launcher():  # a rank of a job the torchrun launcher started: its outcome for the launcher
+        _cli_main()
+
+
+def _cli_main() -> None:
     from ds_hydra.config_store import register_configs
 
     register_configs()

@@ -30,6 +30,10 @@ def test_wheel_contains_configs_corpus_and_plugin(wheel):
         "ds_hydra/conf/model/gpt_small.yaml",
         "ds_hydra/conf/experiment/nanogpt_cpu.yaml",
         "ds_hydra/data/tinyshakespeare.txt.gz",
+        "hydra_plugins/ds_hydra_searchpath/ds_hydra_searchpath.py",
+        "hydra_plugins/ds_hydra_torchrun_launcher/config.py",
+        "hydra_plugins/ds_hydra_torchrun_launcher/torchrun_launcher.py",
+        "hydra_plugins/ds_hydra_torchrun_launcher/_core.py",
     ):
         assert required in names, required
     shipped = {n for n in names if n.startswith("ds_hydra/conf/") and n.endswith(".yaml")}

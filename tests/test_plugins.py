@@ -60,8 +60,11 @@ def test_plugin_appends_for_other_apps_and_skips_ds_hydra_itself():
 def test_plugin_discovery_imports_no_torch():
     code = (
         "import sys; from hydra.core.plugins import Plugins; from hydra.plugins.search_path_plugin import SearchPathPlugin;"
+        "from hydra.plugins.launcher import Launcher;"
         "names = [p.__name__ for p in Plugins.instance().discover(SearchPathPlugin)];"
-        "assert 'DSHydraSearchPathPlugin' in names, names; assert 'torch' not in sys.modules; print('ok')"
+        "assert 'DSHydraSearchPathPlugin' in names, names;"
+        "launchers = [p.__name__ for p in Plugins.instance().discover(Launcher)];"
+        "assert 'TorchrunLauncher' in launchers, launchers; assert 'torch' not in sys.modules; print('ok')"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
@@ -119,3 +122,14 @@ def test_foreign_app_composes_ds_hydra_groups_with_their_schemas(installed):
     assert typo.returncode != 0 and "Key 'n_layr' not in 'GPTConfig'" in typo.stderr
     wrong_type = run_foreign_app(installed, "optimizer.lr=fast")
     assert wrong_type.returncode != 0 and "optimizer.lr" in wrong_type.stderr
+
+
+def test_installed_torchrun_launcher_is_discovered(installed):
+    """After a real install, any Hydra app finds hydra/launcher=torchrun (the plugin registers its config)."""
+    plugins = run_foreign_app(installed, "--info", "plugins")
+    assert plugins.returncode == 0, plugins.stderr
+    launchers = plugins.stdout.split("Launcher:")[1].split("Sweeper:")[0].split()
+    assert "TorchrunLauncher" in launchers
+    config = run_foreign_app(installed, "hydra/launcher=torchrun", "hydra.launcher.nproc_per_node=2", "--cfg", "hydra", "-p", "hydra.launcher")
+    assert config.returncode == 0, config.stderr
+    assert "nproc_per_node: '2'" in config.stdout and "TorchrunLauncher" in config.stdout

@@ -34,6 +34,11 @@ def note_job_metrics(metrics: Any) -> None:
     _job_metrics = dict(metrics) if isinstance(metrics, dict) else None
 
 
+def noted_job_metrics() -> Optional[Dict[str, Any]]:
+    """The metrics the task noted last (a torchrun'd job's rank 0 hands them to its launcher)."""
+    return _job_metrics
+
+
 def select_objective(cfg, metrics: Any) -> Any:
     """The task's return value: the ``objective`` metric as a float when set, else all metrics."""
     name = cfg.get("objective", None) if hasattr(cfg, "get") else None

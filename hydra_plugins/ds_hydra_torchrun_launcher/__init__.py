@@ -1,0 +1,1 @@
+"""Hydra launcher plugin: each job of a run or a sweep under torchrun (``hydra/launcher=torchrun``)."""
