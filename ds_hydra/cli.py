@@ -75,6 +75,7 @@ TASKS = {
     "resume": "ds_hydra.training.trainer:train",  # with resume=<run>: continue that run
     "export_deepspeed": "ds_hydra.engine.deepspeed_engine:export_deepspeed",  # the DeepSpeed JSON, no training
     "prepare": "ds_hydra.data.prepare:prepare_task",  # token files from text, JSONL or Parquet
+    "import_deepspeed": "ds_hydra.engine.deepspeed_import:import_task",  # deepspeed_config=<file> as a preset
 }
 
 
@@ -87,6 +88,9 @@ def dispatch(cfg) -> Dict[str, Any]:
     from ds_hydra.validation import validate_config
 
     task = cfg.task.value
+    from ds_hydra.engine.deepspeed_import import log_import
+
+    log_import(cfg)  # what deepspeed_config=<file> mapped to, what it left to ds_hydra, what it ignored
     if task != "validate":  # task=validate collects these problems together with its own
         validate_config(cfg)
     module, _, function = TASKS[task].partition(":")
@@ -115,6 +119,7 @@ def _cli_main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     main = hydra.main(version_base=None, config_path=config_dir(), config_name="config")(run_task)
     from ds_hydra.training.preflight import RunRefused
+    from ds_hydra.engine.deepspeed_import import expand_deepspeed_config_args
     from ds_hydra.training.resume import continue_after_restart, expand_resume_args
     from ds_hydra.training.run_lock import release_all
     from ds_hydra.training.signals import Stopped, stop_on_signals
@@ -124,6 +129,8 @@ def _cli_main() -> None:
         # resume=<run>: the run's saved overrides, in its own directory (before Hydra parses argv)
         sys.argv = [sys.argv[0], *strip_local_rank(sys.argv[1:])]  # launchers may pass --local-rank=N
         sys.argv = [sys.argv[0], *continue_after_restart(sys.argv[1:])]  # torchrun --max-restarts
+        # deepspeed_config=<ds_config.json>: the file's settings as overrides, before the command line's own
+        sys.argv = [sys.argv[0], *expand_deepspeed_config_args(sys.argv[1:])]
         sys.argv = [sys.argv[0], *expand_resume_args(sys.argv[1:])]
         # several processes (torchrun): one process group, one run dir, a log per rank
         sys.argv = [sys.argv[0], *before_hydra(sys.argv[1:])]

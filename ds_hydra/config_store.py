@@ -51,6 +51,7 @@ class Task(Enum):
     validate = "validate"  # check the config, print param groups, LR curve and checkpoint plan; build nothing heavy
     export_deepspeed = "export_deepspeed"  # write the DeepSpeed JSON of engine=deepspeed without training
     prepare = "prepare"  # tokenize prepare.input into train.bin/val.bin in prepare.output (tokenizer group)
+    import_deepspeed = "import_deepspeed"  # write deepspeed_config=<file> as an experiment preset; train nothing
 
 
 @dataclass
@@ -84,6 +85,9 @@ class DSHydraConfig:
     resume: Optional[str] = None
     """A run directory (or one of its checkpoints/step_*.pt) to continue: ``python -m ds_hydra resume=<run dir>``
     re-runs that run's saved overrides in its own directory from its newest checkpoint."""
+    deepspeed_config: Optional[str] = None
+    """A DeepSpeed JSON config (ds_config.json) whose settings apply as overrides, before the command line's own:
+    ``python -m ds_hydra deepspeed_config=ds_config.json`` (ds_hydra.engine.deepspeed_import says what maps)."""
     objective: Optional[str] = None
     """A metric name (e.g. val_loss): the task then returns that number alone, as optimizing sweepers need."""
 

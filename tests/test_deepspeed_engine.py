@@ -68,7 +68,12 @@ def test_exported_json_is_what_deepspeed_accepts(tmp_path, monkeypatch, override
     assert parsed.zero_optimization_stage == expect["stage"]
     assert parsed.bfloat16_config.enabled == expect.get("bf16", False)
     assert parsed.float16_config.enabled == expect.get("fp16", False)
-    assert parsed.steps_per_print > 10**9  # DeepSpeed's own step prints are off; ds_hydra logs
+    assert parsed.steps_per_print == cfg.trainer.log_interval  # the file prints as the run logs
+    assert parsed.optimizer_name == "adamw" and parsed.optimizer_params["lr"] == cfg.optimizer.lr
+    assert parsed.scheduler_name is None  # ds_hydra's cosine schedule has no DeepSpeed type
+    from ds_hydra.engine.deepspeed_engine import deepspeed_config
+
+    assert deepspeed_config(cfg, world, "fp32")["steps_per_print"] > 10**9  # training: DeepSpeed's prints off
     if "offload" in expect:
         assert parsed.zero_config.offload_optimizer.device == expect["offload"]
         assert config["zero_force_ds_cpu_optimizer"] is False  # ds_hydra passes a torch optimizer

@@ -101,8 +101,10 @@ class DeepSpeedEngineConfig(EngineConfig):
     """Where task=export_deepspeed writes the JSON; null: <run dir>/deepspeed_config.json."""
     extra: Dict[str, Any] = field(default_factory=dict)
     """Merged into the generated JSON last, for DeepSpeed settings ds_hydra does not model
-    (e.g. {zero_optimization: {stage3_max_live_parameters: 1e8}}); it may not set what ds_hydra
-    derives from the config (batch sizes, clipping, precision, optimizer, scheduler, ZeRO stage)."""
+    (e.g. {zero_optimization: {stage3_max_live_parameters: 1e8}}, {fp16: {initial_scale_power: 12}},
+    {zero_optimization: {offload_optimizer: {pin_memory: false}}}); it may not set what ds_hydra
+    derives from the config (batch sizes, clipping, precision's ``enabled``, optimizer, scheduler, ZeRO
+    stage, offload devices)."""
 
 
 # DeepSpeed JSON keys ds_hydra derives, and the config keys to set instead.
@@ -111,20 +113,21 @@ DERIVED_DEEPSPEED_KEYS = {
     "train_micro_batch_size_per_gpu": "trainer.batch_size",
     "gradient_accumulation_steps": "trainer.grad_accum_steps",
     "gradient_clipping": "trainer.grad_clip",
-    "bf16": "trainer.precision",
-    "fp16": "trainer.precision",
     "optimizer": "optimizer=...",
     "scheduler": "scheduler=...",
 }
-DERIVED_ZERO_KEYS = {
-    "stage": "engine.zero_stage",
-    "offload_optimizer": "engine.offload_optimizer",
-    "offload_param": "engine.offload_param",
+DERIVED_ZERO_KEYS = {"stage": "engine.zero_stage"}
+# Keys inside sections whose other keys extra may set: (section path, key) -> the config key to set instead.
+DERIVED_NESTED_KEYS = {
+    ("fp16",): {"enabled": "trainer.precision"},
+    ("bf16",): {"enabled": "trainer.precision"},
+    ("zero_optimization", "offload_optimizer"): {"device": "engine.offload_optimizer", "nvme_path": "engine.nvme_path"},
+    ("zero_optimization", "offload_param"): {"device": "engine.offload_param", "nvme_path": "engine.nvme_path"},
 }
 
 
 # Tasks with nothing to share between processes: under torchrun every rank would write the same files.
-SINGLE_PROCESS_TASKS = ("infer", "eval", "validate", "export_deepspeed")
+SINGLE_PROCESS_TASKS = ("infer", "eval", "validate", "export_deepspeed", "import_deepspeed")
 
 
 def validate_engine(cfg, trainer=None, task: str = "train", ckpt=None, n_blocks: Optional[int] = None, prefix: str = "engine") -> List[str]:
@@ -187,6 +190,15 @@ def _validate_deepspeed(cfg, prefix: str) -> List[str]:
     for key, instead in DERIVED_ZERO_KEYS.items():
         if key in zero:
             problems.append(f"{prefix}.extra.zero_optimization.{key}: derived by ds_hydra; set {instead} instead")
+    for path, keys in DERIVED_NESTED_KEYS.items():
+        section = extra
+        for part in path:
+            section = section.get(part) if hasattr(section, "get") else None
+        if not hasattr(section, "get"):
+            continue
+        for key, instead in keys.items():
+            if key in section:
+                problems.append(f"{prefix}.extra.{'.'.join(path)}.{key}: derived by ds_hydra; set {instead} instead")
     return problems
 
 

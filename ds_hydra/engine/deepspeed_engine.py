@@ -15,12 +15,15 @@ How the config maps (DeepSpeed key <- ds_hydra key):
 * ``bf16``/``fp16`` <- ``trainer.precision`` (auto: bf16 on a bf16-capable GPU, fp16 on older ones,
   fp32 on the CPU); DeepSpeed then keeps fp32 master weights and, for fp16, scales the loss;
 * ``zero_optimization`` <- ``engine.zero_stage``, ``engine.offload_*`` and the other engine keys;
-* ``activation_checkpointing`` <- ``ckpt`` (for the record: DeepSpeed's engine only uses that section
+* ``activation_checkpointing`` <- ``ckpt``, every key (for the record: DeepSpeed's engine only uses that section
   in models that call ``deepspeed.checkpointing``; ds_hydra applies activation checkpointing itself,
   in ``prepare_model``, before DeepSpeed wraps the model);
 * ``engine.extra`` is merged last, for DeepSpeed keys ds_hydra does not model.
 
-``task=export_deepspeed`` writes that JSON without training (``export_deepspeed``). Checkpoints: rank 0
+``task=export_deepspeed`` writes that JSON without training (``export_deepspeed``), adding the
+``optimizer`` and ``scheduler`` sections DeepSpeed would build the same optimizer and schedule from, and
+``steps_per_print`` = ``trainer.log_interval``; ``deepspeed_config=<file>`` reads such a file back
+(``deepspeed_import``). Checkpoints: rank 0
 writes ``checkpoints/step_N.pt`` whose ``model`` entry is the full model in fp32 (loadable by one
 process, with no DeepSpeed), and every rank writes DeepSpeed's own checkpoint (ZeRO shards, fp32 master
 weights, optimizer state) under ``checkpoints/deepspeed/step_N``, from which training resumes.
@@ -50,8 +53,10 @@ _NO_PRINT = 2**31 - 1  # DeepSpeed's own periodic step print: off (ds_hydra logs
 
 
 # -- the JSON config ------------------------------------------------------------------------------
-def deepspeed_config(cfg, world_size: int, precision: str) -> Dict[str, Any]:
-    """DeepSpeed's config dict for this run; ``precision`` is resolved (fp32, bf16 or fp16)."""
+def deepspeed_config(cfg, world_size: int, precision: str, for_file: bool = False) -> Dict[str, Any]:
+    """DeepSpeed's config dict for this run; ``precision`` is resolved (fp32, bf16 or fp16). ``for_file``
+    (task=export_deepspeed): also the optimizer and scheduler sections (training hands DeepSpeed callables
+    instead) and ``steps_per_print`` = ``trainer.log_interval`` (training turns DeepSpeed's prints off)."""
     from omegaconf import OmegaConf
 
     tcfg, ecfg = cfg.trainer, cfg.engine
@@ -79,9 +84,11 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> Dict[str, Any]:
                  "hysteresis": 2, "min_loss_scale": 1} if precision == "fp16" else {"enabled": False},
         "zero_optimization": zero,
         "activation_checkpointing": _activation_checkpointing_section(cfg),
-        "steps_per_print": _NO_PRINT,
+        "steps_per_print": int(tcfg.log_interval) if for_file else _NO_PRINT,
         "wall_clock_breakdown": False,
     }
+    if for_file:
+        config.update(optimizer_and_scheduler_sections(cfg))
     if _value(ecfg.offload_optimizer) != "none":
         # ds_hydra passes a torch optimizer; DeepSpeed otherwise insists on its own CPU Adam here.
         config["zero_force_ds_cpu_optimizer"] = False
@@ -95,13 +102,65 @@ def _activation_checkpointing_section(cfg) -> Dict[str, Any]:
     if not number and ckpt.get("full"):
         number = int(cfg.model.n_layer)
     return {
-        "partition_activations": False,
-        "cpu_checkpointing": bool(ckpt.get("offload", False)),
-        "contiguous_memory_optimization": False,
+        "partition_activations": bool(ckpt.get("partition_activations", False)),
+        "cpu_checkpointing": bool(ckpt.get("offload", False) or ckpt.get("cpu_checkpointing", False)),
+        "contiguous_memory_optimization": bool(ckpt.get("contiguous_memory_optimization", False)),
         "number_checkpoints": int(number) if number else None,
-        "synchronize_checkpoint_boundary": False,
-        "profile": False,
+        "synchronize_checkpoint_boundary": bool(ckpt.get("synchronize_checkpoint_boundary", False)),
+        "profile": bool(ckpt.get("profile", False)),
     }
+
+
+# ds_hydra optimizer _target_ -> DeepSpeed's type name. Adam and AdamW become DeepSpeed's fused Adam, which
+# takes only these params unless "torch_adam" asks for torch's class (which takes the rest).
+DEEPSPEED_OPTIMIZER_NAMES = {
+    "torch.optim.Adam": "Adam", "torch.optim.AdamW": "AdamW", "torch.optim.Adagrad": "Adagrad",
+    "torch.optim.SGD": "SGD", "torch.optim.RMSprop": "RMSprop", "torch.optim.Adamax": "Adamax",
+    "torch.optim.NAdam": "NAdam", "torch.optim.RAdam": "RAdam",
+}
+FUSED_ADAM_PARAMS = ("lr", "betas", "eps", "weight_decay")
+DEEPSPEED_SCHEDULER_NAMES = {
+    "ds_hydra.optim.lr_schedules.WarmupLR": "WarmupLR", "ds_hydra.optim.lr_schedules.WarmupDecayLR": "WarmupDecayLR",
+    "ds_hydra.optim.lr_schedules.WarmupCosineLR": "WarmupCosineLR", "ds_hydra.optim.lr_schedules.OneCycle": "OneCycle",
+    "ds_hydra.optim.lr_schedules.LRRangeTest": "LRRangeTest",
+}
+
+
+def optimizer_and_scheduler_sections(cfg) -> Dict[str, Any]:
+    """DeepSpeed's ``optimizer`` and ``scheduler`` sections for the config's optimizer and schedule (what
+    DeepSpeed builds from them is what ds_hydra trains with); a schedule DeepSpeed lacks is left out."""
+    from omegaconf import OmegaConf
+
+    sections: Dict[str, Any] = {}
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    name = DEEPSPEED_OPTIMIZER_NAMES.get(optimizer.pop("_target_", None))
+    optimizer.pop("_partial_", None)
+    if name is not None:
+        params = {k: _value(v) for k, v in optimizer.items() if v is not None}
+        if name in ("Adam", "AdamW"):
+            params = _adam_params(name, params)
+        sections["optimizer"] = {"type": name, "params": params}
+    scheduler = OmegaConf.to_container(cfg.scheduler, resolve=True)
+    name = DEEPSPEED_SCHEDULER_NAMES.get(scheduler.pop("_target_", None))
+    scheduler.pop("_partial_", None)
+    if name is not None:
+        sections["scheduler"] = {"type": name, "params": {k: _value(v) for k, v in scheduler.items()}}
+    else:
+        log.info("scheduler %s has no DeepSpeed type: the file has no scheduler section", cfg.scheduler._target_)
+    return sections
+
+
+def _adam_params(name: str, params: Dict[str, Any]) -> Dict[str, Any]:
+    """torch's Adam/AdamW arguments as DeepSpeed's Adam params: ``adam_w_mode`` says which (DeepSpeed's
+    Adam is AdamW unless it is false); options the fused kernel lacks ask for torch's class."""
+    decoupled = name == "AdamW" or bool(params.pop("decoupled_weight_decay", False))
+    out = {k: params[k] for k in FUSED_ADAM_PARAMS if k in params}
+    torch_only = {k: v for k, v in params.items() if k not in FUSED_ADAM_PARAMS and v is not False and v is not None}
+    if name == "Adam":
+        out["adam_w_mode"] = decoupled
+    if torch_only:
+        out.update(torch_only, torch_adam=True)
+    return out
 
 
 def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
@@ -135,7 +194,7 @@ def export_deepspeed(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     ecfg = cfg.engine
     world = int(ecfg.export_world_size or env_world_size())
     precision = export_precision(cfg)
-    config = deepspeed_config(cfg, world, precision)
+    config = deepspeed_config(cfg, world, precision, for_file=True)
     if ecfg.config_file:
         path = Path(ecfg.config_file)
     else:

@@ -1,14 +1,167 @@
-"""Reading DeepSpeed's JSON config files (torch-free)."""
+"""``deepspeed_config=<ds_config.json>``: a DeepSpeed JSON config as ds_hydra overrides (torch-free).
+
+``python -m ds_hydra deepspeed_config=ds_config.json model=...`` reads the file before Hydra composes
+(``expand_deepspeed_config_args``, called by the CLI like ``resume=``) and puts the overrides it maps to
+first, the command line's own after them, so the command line wins: an override of a key, or of a
+group (``optimizer=sgd``), drops what the file set there. ``task=import_deepspeed`` writes the same
+overrides as an ``experiment`` preset into the run dir (``write_experiment``) and prints them.
+
+What maps (DeepSpeed 0.19.8's keys; a key the file leaves out takes DeepSpeed's default, as DeepSpeed
+would; a value ``"auto"`` is left to ds_hydra's defaults and derivations):
+
+* the batch triple -> ``trainer.batch_size`` (``train_micro_batch_size_per_gpu``) and
+  ``trainer.grad_accum_steps``; ``train_batch_size = micro x accumulation x world size`` (WORLD_SIZE
+  under a launcher, else 1); a missing one is derived from the other two as DeepSpeed derives it, an
+  inconsistent or indivisible triple is refused with the arithmetic;
+* ``optimizer`` -> ``optimizer=<option>`` and its params (``Adam`` is AdamW unless ``adam_w_mode`` is
+  false, as in DeepSpeed); ``scheduler`` -> DeepSpeed's five schedules and their params;
+  ``total_num_steps`` also sets ``trainer.max_steps`` (both count optimizer steps);
+* ``gradient_clipping`` -> ``trainer.grad_clip``; ``fp16``/``bf16``/``torch_autocast`` ->
+  ``trainer.precision`` (neither enabled: fp32, as in DeepSpeed);
+* ``zero_optimization`` -> ``engine=deepspeed`` with ``engine.zero_stage``, offload devices and bucket
+  settings (the other ZeRO keys go to DeepSpeed in ``engine.extra``); without DeepSpeed installed, the
+  nearest native engine: stage 0 -> auto, 1-2 -> ddp, 3 -> fsdp;
+* ``activation_checkpointing`` -> ``ckpt.<same key>``; ``steps_per_print`` -> ``trainer.log_interval``;
+* keys only DeepSpeed's engine reads (``wall_clock_breakdown``, ``communication_data_type``, fp16 loss
+  scaling, ...) -> ``engine.extra`` when the engine is DeepSpeed's.
+
+Every other key is listed once in one log line with why it has no meaning here; keys DeepSpeed would
+refuse (an unknown optimizer, ``max_grad_norm``, fp16 and bf16 both on, a bad batch triple, negative
+clipping, a warmup of 0 steps) are refused with one line each, exit code 2.
+"""
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import os
+import re
+import shlex
+from dataclasses import dataclass, field, fields
+from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ds_hydra.errors import UserError
+from ds_hydra.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+EXPERIMENT_DIR = "experiment"  # under the run dir: <run dir>/experiment/<name>.yaml
+
+# -- DeepSpeed's names ----------------------------------------------------------------------------
+# optimizer.type (lower-cased) -> ds_hydra optimizer option. DeepSpeed's own names are
+# case-insensitive; other names are torch.optim classes, which DeepSpeed looks up as written.
+OPTIMIZER_TYPES = {
+    "adam": "adam",  # AdamW unless params.adam_w_mode is false (DeepSpeed's default is true)
+    "adamw": "adamw",
+    "adagrad": "adagrad",
+    "sgd": "sgd",
+    "rmsprop": "rmsprop",
+    "adamax": "adamax",
+    "nadam": "nadam",
+    "radam": "radam",
+}
+OPTIMIZER_SPELLING = {"adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad", "sgd": "SGD", "rmsprop": "RMSprop",
+                      "adamax": "Adamax", "nadam": "NAdam", "radam": "RAdam"}
+NO_TORCH_EQUIVALENT = ("Lamb", "OneBitAdam", "ZeroOneAdam", "OneBitLamb", "Lion", "Muon", "MuAdam", "MuAdamW", "MuSGD")
+
+# What DeepSpeed builds when optimizer.params leaves a key out: FusedAdam's (and CPU Adam's) defaults
+# for Adam/AdamW, torch's for the torch.optim types.
+_ADAM_BETAS = [0.9, 0.999]
+OPTIMIZER_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "adam": {"lr": 1e-3, "betas": _ADAM_BETAS, "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False},
+    "adamw": {"lr": 1e-3, "betas": _ADAM_BETAS, "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False},
+    "adagrad": {"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0, "eps": 1e-10},
+    "sgd": {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False},
+    "rmsprop": {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0, "centered": False},
+    "adamax": {"lr": 2e-3, "betas": _ADAM_BETAS, "eps": 1e-8, "weight_decay": 0.0},
+    "nadam": {"lr": 2e-3, "betas": _ADAM_BETAS, "eps": 1e-8, "weight_decay": 0.0, "momentum_decay": 4e-3,
+              "decoupled_weight_decay": False},
+    "radam": {"lr": 1e-3, "betas": _ADAM_BETAS, "eps": 1e-8, "weight_decay": 0.0, "decoupled_weight_decay": False},
+}
+# Adam/AdamW params of DeepSpeed that are not torch arguments.
+ADAM_ONLY_PARAMS = ("adam_w_mode", "torch_adam", "bias_correction", "set_grad_none", "fp32_optimizer_states")
+
+# scheduler.type -> ds_hydra scheduler option, and DeepSpeed's defaults for the params left out
+# (required arguments have none: ds_hydra's option fills them, from the run, and says so).
+SCHEDULER_TYPES = {
+    "WarmupLR": "warmup_lr",
+    "WarmupDecayLR": "warmup_decay_lr",
+    "WarmupCosineLR": "warmup_cosine_lr",
+    "OneCycle": "one_cycle",
+    "LRRangeTest": "lr_range_test",
+}
+SCHEDULER_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "WarmupLR": {"warmup_min_lr": 0.0, "warmup_max_lr": None, "warmup_num_steps": 1000, "warmup_type": "log"},
+    "WarmupDecayLR": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.001, "warmup_num_steps": 1000, "warmup_type": "log"},
+    "WarmupCosineLR": {"warmup_min_ratio": 0.0, "warmup_num_steps": 1000, "cos_min_ratio": 0.0001, "warmup_type": "log"},
+    "OneCycle": {"decay_lr_rate": 0.0, "cycle_first_step_size": 2000, "cycle_second_step_size": None,
+                 "cycle_first_stair_count": 0, "cycle_second_stair_count": None, "decay_step_size": 0,
+                 "cycle_momentum": True, "cycle_min_mom": 0.8, "cycle_max_mom": 0.9, "decay_mom_rate": 0.0},
+    "LRRangeTest": {"lr_range_test_min_lr": 1e-3, "lr_range_test_step_size": 2000, "lr_range_test_step_rate": 1.0,
+                    "lr_range_test_staircase": False},
+}
+SCHEDULER_REQUIRED = {
+    "WarmupDecayLR": {"total_num_steps": "trainer.max_steps"},
+    "WarmupCosineLR": {"total_num_steps": "trainer.max_steps"},
+    "OneCycle": {"cycle_min_lr": "1e-4", "cycle_max_lr": "optimizer.lr"},
+}
+
+ACTIVATION_CHECKPOINTING_KEYS = ("partition_activations", "contiguous_memory_optimization", "cpu_checkpointing",
+                                 "number_checkpoints", "synchronize_checkpoint_boundary", "profile")
+FP16_LOSS_SCALE_KEYS = ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
+                        "consecutive_hysteresis", "min_loss_scale")
+ZERO_ENGINE_KEYS = ("overlap_comm", "contiguous_gradients", "reduce_bucket_size")
+NATIVE_ENGINE = {0: "auto", 1: "ddp", 2: "ddp", 3: "fsdp"}
+
+# Top-level keys only DeepSpeed's engine reads: passed to it in engine.extra when it runs.
+ENGINE_ONLY_KEYS = (
+    "communication_data_type", "seq_parallel_communication_data_type", "prescale_gradients",
+    "gradient_predivide_factor", "gradient_allreduce_op", "wall_clock_breakdown", "memory_breakdown",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "flops_profiler", "comms_logger", "checkpoint",
+    "aio", "data_types", "dump_state", "timers", "disable_allgather", "disable_python_gc", "log_level",
+    "managed_gradient_accumulation", "use_data_before_expert_parallelism", "gradient_accumulation_dtype",
+)
+# Top-level DeepSpeed keys with no meaning in ds_hydra, and why.
+IGNORED_KEYS = {
+    "tensorboard": "DeepSpeed's metric writer; ds_hydra writes metrics.jsonl itself, and TensorBoard events with logger=tensorboard",
+    "wandb": "DeepSpeed's metric writer; ds_hydra writes metrics.jsonl itself",
+    "csv_monitor": "DeepSpeed's metric writer; ds_hydra writes metrics.jsonl itself",
+    "comet": "DeepSpeed's metric writer; ds_hydra writes metrics.jsonl itself",
+    "pipeline": "pipeline parallelism; ds_hydra trains data-parallel (DDP, FSDP, ZeRO)",
+    "tensor_parallel": "tensor parallelism; ds_hydra has none",
+    "expert_parallel": "expert parallelism; ds_hydra has none",
+    "hybrid_engine": "DeepSpeed-Chat's RLHF engine",
+    "weight_quantization": "DeepSpeed's quantized training/inference of weights",
+    "autotuning": "for DeepSpeed's launcher's autotuner, not for a run",
+    "data_efficiency": "DeepSpeed's data sampling/routing; needs DeepSpeed's data loader in the training code",
+    "dataloader_drop_last": "ds_hydra samples windows of its corpus: there is no last partial batch",
+    "compile": "DeepSpeed's engine.compile(); set trainer.compile instead",
+    "vocabulary_size": "the model's vocabulary comes from model.vocab_size (or the data)",
+}
+# Top-level keys DeepSpeed 0.19.8 removed (it refuses them); ignored here, with DeepSpeed's advice.
+REMOVED_KEYS = {
+    "amp": "Apex AMP, removed from DeepSpeed; set trainer.precision",
+    "elasticity": "elastic batch sizes, removed from DeepSpeed; the batch triple fixes the batch",
+    "curriculum_learning": "removed from DeepSpeed (now data_efficiency's)",
+    "sparse_attention": "removed from DeepSpeed",
+    "sparse_gradients": "removed from DeepSpeed",
+    "compression_training": "removed from DeepSpeed",
+    "quantize_training": "removed from DeepSpeed",
+    "nebula": "removed from DeepSpeed",
+    "eigenvalue": "removed from DeepSpeed",
+    "graph_harvesting": "removed from DeepSpeed",
+    "progressive_layer_drop": "removed from DeepSpeed",
+}
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+PRECISION_KEYS = ("fp16", "bf16", "bfloat16", "torch_autocast")
+MAPPED_KEYS = BATCH_KEYS + PRECISION_KEYS + ("optimizer", "scheduler", "gradient_clipping", "zero_optimization",
+                                             "activation_checkpointing", "steps_per_print")
+KNOWN_KEYS = MAPPED_KEYS + ENGINE_ONLY_KEYS + tuple(IGNORED_KEYS) + tuple(REMOVED_KEYS)
 
 
+# -- reading the file -----------------------------------------------------------------------------
 def read_deepspeed_json(path, key: str = "deepspeed_config") -> Dict[str, Any]:
     """The JSON object in ``path``, read as DeepSpeed reads it (duplicate keys refused); one clear
     ``UserError`` line naming ``key`` and the file when it is missing, unreadable or not a JSON object."""
@@ -43,3 +196,812 @@ def _refuse_duplicate_keys(pairs):
             raise _DuplicateKey(name)
         seen[name] = value
     return seen
+
+
+# -- the mapping ----------------------------------------------------------------------------------
+@dataclass
+class Override:
+    """One ds_hydra override and the DeepSpeed key it comes from."""
+
+    key: str  # e.g. optimizer.lr; a group choice is the group's name (optimizer)
+    value: Any
+    source: str  # e.g. optimizer.params.lr, or "DeepSpeed's default"
+    add: bool = False  # ++key=value: a key the schema does not declare (engine.extra.*)
+
+    def text(self) -> str:
+        return f"{'++' if self.add else ''}{self.key}={hydra_value(self.value)}"
+
+
+@dataclass
+class Imported:
+    """What a DeepSpeed config maps to, for one world size and the command line's own overrides."""
+
+    path: str
+    world_size: int
+    overrides: List[Override] = field(default_factory=list)  # in order; the command line's keys removed
+    overridden: List[Override] = field(default_factory=list)  # what the command line replaced
+    notes: List[str] = field(default_factory=list)  # derivations and choices, one line each
+    auto: List[str] = field(default_factory=list)  # DeepSpeed keys left to ds_hydra ("auto")
+    ignored: Dict[str, str] = field(default_factory=dict)  # DeepSpeed key -> why it has no meaning here
+    consumed: List[str] = field(default_factory=list)  # keys that chose or derived a value (type, enabled, ...)
+
+    @property
+    def override_texts(self) -> List[str]:
+        return [o.text() for o in self.overrides]
+
+    def log_lines(self) -> List[str]:
+        """What the run logs: the overrides, the notes, and one line each for auto and ignored keys."""
+        head = f"deepspeed_config={self.path}"
+        lines = [f"{head}: {len(self.overrides)} overrides (world size {self.world_size}): {' '.join(self.override_texts)}"]
+        lines += [f"{head}: {note}" for note in self.notes]
+        if self.overridden:
+            lines.append(f"{head}: the command line replaces " + ", ".join(f"{o.key} (file: {hydra_value(o.value)})" for o in self.overridden))
+        if self.auto:
+            lines.append(f"{head}: \"auto\", left to ds_hydra's defaults and derivations: {', '.join(self.auto)}")
+        if self.ignored:
+            lines.append(f"{head}: no meaning here, ignored: " + "; ".join(f"{k} ({why})" for k, why in self.ignored.items()))
+        return lines
+
+
+def import_deepspeed_config(
+    config: Dict[str, Any],
+    path: str = "ds_config.json",
+    world_size: int = 1,
+    deepspeed_available: bool = True,
+    command_line: Sequence[str] = (),
+) -> Imported:
+    """Map a DeepSpeed config (a dict) to ds_hydra overrides. ``command_line``: the command's own
+    overrides, which win (their keys, and everything under a group they choose, are dropped from the
+    import). Raises ``ConfigError`` with every problem DeepSpeed would refuse, one line each."""
+    mapper = _Mapper(config, world_size, deepspeed_available, _user_values(command_line))
+    mapper.run()
+    if mapper.problems:
+        raise ConfigError([f"deepspeed_config={path}: {p}" for p in mapper.problems])
+    imported = Imported(path=str(path), world_size=world_size, notes=mapper.notes, auto=mapper.auto,
+                        ignored=mapper.ignored, consumed=mapper.consumed)
+    # the command line's keys win; a group it chooses differently drops the file's settings of that group
+    chosen = {o.key: o.value for o in mapper.out if "." not in o.key}
+    user_keys = {k for k, v in mapper.user.items() if k not in chosen or v != str(chosen[k])}
+    for override in mapper.out:
+        if _covered(override.key, user_keys):
+            imported.overridden.append(override)
+        else:
+            imported.overrides.append(override)
+    return imported
+
+
+def _covered(key: str, user_keys) -> bool:
+    """Whether the command line sets ``key`` or a group/node above it."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in user_keys for i in range(1, len(parts) + 1))
+
+
+def _user_values(command_line: Sequence[str]) -> Dict[str, str]:
+    values = {}
+    for arg in command_line:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.lstrip("+~").partition("=")
+        values[key.split("@", 1)[0].strip()] = value
+    return values
+
+
+class _Mapper:
+    """Walks a DeepSpeed config, collecting overrides, notes, auto keys, ignored keys and problems."""
+
+    def __init__(self, config: Dict[str, Any], world_size: int, deepspeed_available: bool, user: Dict[str, str]):
+        self.config = config
+        self.world = int(world_size)
+        self.user = user
+        self.out: List[Override] = []
+        self.notes: List[str] = []
+        self.auto: List[str] = []
+        self.ignored: Dict[str, str] = {}
+        self.consumed: List[str] = []  # keys read to choose or derive something, without an override of their own
+        self.problems: List[str] = []
+        self.engine_choice = self._engine_choice(deepspeed_available)
+        self.engine = user.get("engine") or self.engine_choice  # the engine that will run: who reads engine.extra
+
+    # -- helpers --
+    def set(self, key: str, value: Any, source: str, add: bool = False) -> None:
+        self.out.append(Override(key, value, source, add))
+
+    def is_auto(self, value: Any, where: str) -> bool:
+        if value == AUTO:
+            self.auto.append(where)
+            return True
+        return False
+
+    def ignore(self, where: str, why: str) -> None:
+        self.ignored[where] = why
+
+    def to_engine(self, where: str, value: Any, native_why: str) -> None:
+        """A setting only DeepSpeed's engine reads (``where`` in its JSON): into engine.extra when it runs,
+        else ignored with ``native_why``."""
+        if self.engine == "deepspeed":
+            self.set(f"engine.extra.{where}", value, where, add=True)
+        else:
+            self.ignore(where, native_why)
+
+    def _engine_choice(self, deepspeed_available: bool) -> Optional[str]:
+        """deepspeed, a native engine, or None (the file has no ZeRO section: ds_hydra's engine)."""
+        zero = self.config.get("zero_optimization")
+        if not isinstance(zero, dict):
+            return None
+        stage = zero.get("stage", 0)
+        if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage <= 3:
+            return None  # refused in _zero
+        return "deepspeed" if deepspeed_available else NATIVE_ENGINE[stage]
+
+    # -- the walk --
+    def run(self) -> None:
+        self._engine()
+        self._batch()
+        self._optimizer()
+        self._scheduler()
+        self._clipping()
+        self._precision()
+        self._zero()
+        self._activation_checkpointing()
+        self._steps_per_print()
+        for key, value in self.config.items():
+            if key in MAPPED_KEYS:
+                continue
+            if key in ENGINE_ONLY_KEYS:
+                if not self.is_auto(value, key):
+                    self.to_engine(key, value, "read only by DeepSpeed's engine, which this run does not use")
+            elif key in IGNORED_KEYS:
+                self.ignore(key, IGNORED_KEYS[key])
+            elif key in REMOVED_KEYS:
+                self.ignore(key, REMOVED_KEYS[key] + " (DeepSpeed 0.19.8 refuses it)")
+            else:
+                self.ignore(key, _not_deepspeed(key, KNOWN_KEYS))
+
+    def _engine(self) -> None:
+        choice = self.engine_choice
+        if choice is None or "engine" in self.user:
+            return
+        if choice == "deepspeed":
+            self.set("engine", "deepspeed", "zero_optimization")
+        else:
+            stage = self.config["zero_optimization"].get("stage", 0)
+            if choice != "auto":
+                self.set("engine", choice, "zero_optimization.stage")
+            memory = {0: "", 1: " (every rank keeps the whole optimizer state)",
+                      2: " (every rank keeps whole gradients and optimizer state)",
+                      3: " (FSDP shards parameters, gradients and optimizer state, as ZeRO-3 does)"}[stage]
+            self.notes.append(
+                f"DeepSpeed is not installed: zero_optimization.stage={stage} runs on engine={choice}{memory}; "
+                f"pip install 'ds-hydra[deepspeed]' for DeepSpeed's ZeRO"
+            )
+
+    # -- batch sizes --
+    def _batch(self) -> None:
+        """DeepSpeed's rules (runtime/config.py, _set_batch_related_parameters), with the command line's
+        trainer.batch_size / trainer.grad_accum_steps in place of the file's micro-batch / accumulation."""
+        given: Dict[str, Optional[int]] = {}
+        bad = False
+        for key in BATCH_KEYS:
+            value = self.config.get(key)
+            given[key] = None if value is None or self.is_auto(value, key) else _positive_int(value)
+            if value is not None and value != AUTO and given[key] is None:
+                self.problems.append(f"{key}={value!r}: must be a positive integer (or \"auto\")")
+                bad = True
+        if bad:
+            return
+        world = self.world
+        user_mbs = _int_or_none(self.user.get("trainer.batch_size"))
+        user_gas = _int_or_none(self.user.get("trainer.grad_accum_steps"))
+        tbs = given["train_batch_size"]
+        mbs = user_mbs or given["train_micro_batch_size_per_gpu"]
+        gas = user_gas or given["gradient_accumulation_steps"]
+        if tbs is not None and user_mbs and user_gas:
+            if tbs != mbs * gas * world:
+                self.notes.append(f"train_batch_size={tbs} gives way to the command line: trainer.batch_size {mbs} x "
+                                  f"trainer.grad_accum_steps {gas} x world size {world} = {mbs * gas * world}")
+            tbs = None
+        elif tbs is not None and user_mbs:
+            gas = None  # derived from the file's total and the command line's micro-batch
+        elif tbs is not None and user_gas:
+            mbs = None
+        if tbs is not None and mbs is not None and gas is not None:
+            if tbs != mbs * gas * world:
+                self.problems.append(
+                    f"train_batch_size={tbs} != train_micro_batch_size_per_gpu {mbs} x gradient_accumulation_steps {gas} "
+                    f"x world size {world} = {mbs * gas * world}; give two of the three (the third is derived for the "
+                    f"world size) or make them agree"
+                )
+                return
+        elif tbs is not None and mbs is not None:
+            gas = self._divide(tbs, mbs * world, "gradient_accumulation_steps",
+                               f"train_micro_batch_size_per_gpu {mbs} x world size {world}")
+        elif tbs is not None and gas is not None:
+            mbs = self._divide(tbs, gas * world, "train_micro_batch_size_per_gpu",
+                               f"gradient_accumulation_steps {gas} x world size {world}")
+        elif tbs is not None:  # DeepSpeed: no accumulation, the total split over the ranks
+            gas = 1
+            mbs = self._divide(tbs, world, "train_micro_batch_size_per_gpu", f"world size {world}")
+        elif mbs is not None and gas is None:
+            gas = 1
+        elif gas is not None and mbs is None:
+            self.notes.append(f"gradient_accumulation_steps={gas} without a batch size (DeepSpeed refuses that): the "
+                              f"micro-batch is ds_hydra's trainer.batch_size")
+        if mbs is not None and not user_mbs:
+            self.set("trainer.batch_size", mbs, "train_micro_batch_size_per_gpu")
+        if gas is not None and not user_gas:
+            self.set("trainer.grad_accum_steps", gas, "gradient_accumulation_steps")
+        self.consumed += [k for k in BATCH_KEYS if given[k] is not None]
+        if tbs is not None and mbs is not None and gas is not None:
+            derived = [name for name in BATCH_KEYS[1:] if given[name] is None]
+            if derived:
+                self.notes.append(f"train_batch_size {tbs} = micro-batch {mbs} x accumulation {gas} x world size "
+                                  f"{world}: derived {' and '.join(derived)}")
+
+    def _divide(self, total: int, by: int, name: str, what: str) -> Optional[int]:
+        if total % by:
+            self.problems.append(
+                f"train_batch_size={total} is not divisible by {what} = {by} ({name} would be {total / by:g}); "
+                f"make train_batch_size a multiple of {by}"
+            )
+            return None
+        return total // by
+
+    # -- optimizer --
+    def _optimizer(self) -> None:
+        section = self.config.get("optimizer")
+        if section is None:
+            self.notes.append("no optimizer section: ds_hydra's optimizer (DeepSpeed would use the training code's)")
+            return
+        if not isinstance(section, dict):
+            self.problems.append(f"optimizer: must be an object with type and params, got {section!r}")
+            return
+        name = section.get("type")
+        allowed = ("allowed types: Adam, AdamW, Adagrad (DeepSpeed's) and SGD, RMSprop, Adamax, NAdam, RAdam "
+                   f"(torch.optim's); {', '.join(NO_TORCH_EQUIVALENT)} have no torch equivalent")
+        if not isinstance(name, str) or name.lower() not in OPTIMIZER_TYPES:
+            self.problems.append(f"optimizer.type={name!r}: " + ("missing; " if name is None else "") + allowed)
+            return
+        for key in section:
+            if key not in ("type", "params"):
+                self.ignore(f"optimizer.{key}", "not a DeepSpeed optimizer key (type, params)")
+        params = section.get("params") or {}
+        if not isinstance(params, dict):
+            self.problems.append(f"optimizer.params: must be an object, got {params!r}")
+            return
+        kind = name.lower()
+        option = OPTIMIZER_TYPES[kind]
+        if kind == "adam":
+            w_mode = params.get("adam_w_mode", True)
+            if w_mode == AUTO or not isinstance(w_mode, bool):
+                self.problems.append(f"optimizer.params.adam_w_mode={w_mode!r}: must be true or false")
+                return
+            option = "adamw" if w_mode else "adam"
+            if w_mode:
+                self.notes.append("optimizer Adam: DeepSpeed's Adam decays weights as AdamW does (adam_w_mode defaults "
+                                  "to true): optimizer=adamw")
+        self.set("optimizer", option, "optimizer.type")
+        self.consumed.append("optimizer.type")
+        fields_ = _schema_fields("optimizer", option)
+        for key, value in params.items():
+            where = f"optimizer.params.{key}"
+            if key == "max_grad_norm":
+                self.problems.append(f"{where}: DeepSpeed refuses it; clip with gradient_clipping instead")
+            elif kind in ("adam", "adamw") and key in ADAM_ONLY_PARAMS:
+                self._adam_only(key, value, where)
+            elif self.is_auto(value, where):
+                continue
+            elif key not in fields_:
+                self.problems.append(f"{where}: torch.optim.{OPTIMIZER_SPELLING[option]} has no argument {key!r}"
+                                     f"{_did_you_mean(key, fields_)}; allowed: {', '.join(fields_)}")
+            else:
+                self.set(f"optimizer.{key}", _plain(value), where)
+        for key, value in OPTIMIZER_DEFAULTS[option].items():
+            if key not in params:
+                self.set(f"optimizer.{key}", value, "DeepSpeed's default")
+        decay = params.get("weight_decay", 0.0)
+        if isinstance(decay, (int, float)) and decay > 0:
+            self.notes.append(f"optimizer.params.weight_decay={decay} applies to weight matrices and embeddings; biases "
+                              f"and norm gains get none (ds_hydra's param_groups)")
+
+    def _adam_only(self, key: str, value: Any, where: str) -> None:
+        self.consumed.append(where)
+        if key == "bias_correction" and value is False:
+            self.problems.append(f"{where}=false: torch's Adam always corrects the moment bias; no equivalent")
+        elif key == "fp32_optimizer_states":
+            self.ignore(where, "DeepSpeed's CPU Adam; torch's optimizers keep state in the weights' dtype (fp32 here)")
+        # adam_w_mode chose the option; torch_adam, set_grad_none and bias_correction=true are what ds_hydra does
+
+    # -- scheduler --
+    def _scheduler(self) -> None:
+        section = self.config.get("scheduler")
+        if section is None:
+            self.notes.append("no scheduler section: ds_hydra's scheduler (DeepSpeed would use the training code's, "
+                              "or a constant lr)")
+            return
+        if not isinstance(section, dict):
+            self.problems.append(f"scheduler: must be an object with type and params, got {section!r}")
+            return
+        name = section.get("type")
+        names = {n.lower(): n for n in SCHEDULER_TYPES}
+        if not isinstance(name, str) or name.lower() not in names:
+            self.problems.append(f"scheduler.type={name!r}: allowed types: {', '.join(SCHEDULER_TYPES)} (DeepSpeed's "
+                                 f"schedules; torch's lr_scheduler classes have no ds_hydra option)")
+            return
+        for key in section:
+            if key not in ("type", "params"):
+                self.ignore(f"scheduler.{key}", "not a DeepSpeed scheduler key (type, params)")
+        name = names[name.lower()]
+        params = section.get("params") or {}
+        if not isinstance(params, dict):
+            self.problems.append(f"scheduler.params: must be an object, got {params!r}")
+            return
+        option = SCHEDULER_TYPES[name]
+        self.set("scheduler", option, "scheduler.type")
+        self.consumed.append("scheduler.type")
+        fields_ = _schema_fields("scheduler", option)
+        for key, value in params.items():
+            where = f"scheduler.params.{key}"
+            if self.is_auto(value, where):
+                continue
+            if key not in fields_:
+                self.problems.append(f"{where}: {name} has no argument {key!r}{_did_you_mean(key, fields_)}; allowed: "
+                                     f"{', '.join(fields_)}")
+            elif key == "warmup_num_steps":
+                self._warmup_steps(value, where)
+            elif key == "warmup_type" and value not in ("log", "linear"):
+                self.problems.append(f"{where}={value!r}: allowed values: log, linear (DeepSpeed would silently use log)")
+            elif key == "total_num_steps":
+                self._total_steps(value, where)
+            else:
+                self.set(f"scheduler.{key}", _plain(value), where)
+        for key, value in SCHEDULER_DEFAULTS[name].items():
+            if key not in params:
+                self.set(f"scheduler.{key}", value, "DeepSpeed's default")
+        for key, filled in SCHEDULER_REQUIRED.get(name, {}).items():
+            if key not in params:
+                self.notes.append(f"scheduler.params.{key} missing (DeepSpeed requires it): ds_hydra's scheduler.{key} "
+                                  f"({filled})")
+
+    def _warmup_steps(self, value: Any, where: str) -> None:
+        steps = _positive_int(value) if value != 0 else 0
+        if steps == 0:
+            self.problems.append(
+                f"{where}=0: DeepSpeed's schedules warm up over at least 2 steps and start at warmup_min_lr (0 and 1 "
+                f"become 2); for no warmup set warmup_min_lr to the peak lr (WarmupLR: or use scheduler=constant)"
+            )
+        elif steps is None:
+            self.problems.append(f"{where}={value!r}: must be a positive integer")
+        else:
+            if steps == 1:
+                self.notes.append(f"{where}=1: DeepSpeed warms up over 2 steps (log(1) = 0): the first step runs at "
+                                  f"warmup_min_lr, the peak comes at the second")
+            self.set("scheduler.warmup_num_steps", steps, where)
+
+    def _total_steps(self, value: Any, where: str) -> None:
+        steps = _positive_int(value)
+        if steps is None:
+            self.problems.append(f"{where}={value!r}: must be a positive integer (optimizer steps)")
+            return
+        self.set("scheduler.total_num_steps", steps, where)
+        user = _int_or_none(self.user.get("trainer.max_steps"))
+        meaning = ("counts optimizer steps (each of train_batch_size samples: accumulation and every rank "
+                   "included), as trainer.max_steps does")
+        if user is None:
+            self.set("trainer.max_steps", steps, where)
+            self.notes.append(f"{where}={steps} {meaning}: the run trains {steps} steps (trainer.max_steps)")
+        elif user != steps:
+            end = "ends before the run does, then holds its floor" if steps < user else "is cut off by the run's end"
+            self.notes.append(f"{where}={steps} {meaning}; with trainer.max_steps={user} the schedule {end}")
+
+    # -- clipping, precision, steps_per_print --
+    def _clipping(self) -> None:
+        value = self.config.get("gradient_clipping")
+        if value is None:
+            self.set("trainer.grad_clip", 0.0, "no gradient_clipping")
+            self.notes.append("no gradient_clipping: DeepSpeed does not clip (trainer.grad_clip=0)")
+        elif self.is_auto(value, "gradient_clipping"):
+            return
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            self.problems.append(f"gradient_clipping={value!r}: must be a number >= 0 (0 disables clipping)")
+        else:
+            self.set("trainer.grad_clip", float(value), "gradient_clipping")
+
+    def _precision(self) -> None:
+        fp16, bf16 = self._section("fp16"), self._section("bf16")
+        if "bfloat16" in self.config:
+            if "bf16" in self.config:
+                self.ignore("bfloat16", "DeepSpeed's old name of bf16, which the file also has (bf16 wins)")
+            else:
+                bf16 = self._section("bfloat16")
+        autocast = self._section("torch_autocast")
+        enabled = {name: section.get("enabled", False) for name, section in
+                   (("fp16", fp16), ("bf16", bf16), ("torch_autocast", autocast)) if section is not None}
+        for name, value in enabled.items():
+            if value != AUTO and not isinstance(value, bool):
+                self.problems.append(f"{name}.enabled={value!r}: must be true, false or \"auto\"")
+                return
+        on = [name for name, value in enabled.items() if value is True]
+        if "fp16" in on and "bf16" in on:
+            self.problems.append("fp16.enabled and bf16.enabled are both true: DeepSpeed refuses that; enable one")
+            return
+        if not on and any(v == AUTO for v in enabled.values()):
+            self.auto += [f"{name}.enabled" for name, v in enabled.items() if v == AUTO]
+            precision = None
+        elif "fp16" in on:
+            precision = "fp16"
+            self.notes.append("fp16.enabled=true -> trainer.precision=fp16, which needs CUDA; on a CPU add "
+                              "trainer.precision=bf16 (or fp32)")
+        elif "bf16" in on:
+            precision = "bf16"
+        elif "torch_autocast" in on:
+            precision = self._autocast_precision(autocast.get("dtype", "bfloat16"))
+        else:
+            precision = "fp32"
+            self.notes.append("neither fp16 nor bf16 is enabled: DeepSpeed trains in fp32 (trainer.precision=fp32)")
+        self.consumed += [f"{name}.enabled" for name in enabled] + (["torch_autocast.dtype"] if autocast else [])
+        if precision is not None:
+            self.set("trainer.precision", precision, "fp16/bf16")
+        for name, section in (("fp16", fp16), ("bf16", bf16)):  # "auto" may resolve to either at run time
+            self._precision_details(name, section, precision == name or enabled.get(name) == AUTO)
+        if autocast is not None:
+            for key in autocast:
+                if key not in ("enabled", "dtype"):
+                    self.ignore(f"torch_autocast.{key}", "ds_hydra's autocast covers the whole forward")
+
+    def _section(self, name: str) -> Optional[Dict[str, Any]]:
+        section = self.config.get(name)
+        if section is None:
+            return None
+        if not isinstance(section, dict):
+            self.problems.append(f"{name}: must be an object such as {{\"enabled\": true}}, got {section!r}")
+            return None
+        return section
+
+    def _autocast_precision(self, dtype: Any) -> Optional[str]:
+        names = {"bfloat16": "bf16", "bf16": "bf16", "torch.bfloat16": "bf16", "float16": "fp16", "fp16": "fp16",
+                 "half": "fp16", "torch.float16": "fp16"}
+        if dtype not in names:
+            self.problems.append(f"torch_autocast.dtype={dtype!r}: allowed: bfloat16, float16")
+            return None
+        return names[dtype]
+
+    def _precision_details(self, name: str, section: Optional[Dict[str, Any]], used: bool) -> None:
+        for key, value in (section or {}).items():
+            where = f"{name}.{key}"
+            if key == "enabled" or self.is_auto(value, where):
+                continue
+            if not used:
+                self.ignore(where, f"{name} is not enabled")
+            elif name == "fp16" and key in FP16_LOSS_SCALE_KEYS:
+                self.to_engine(where, value, "engine=deepspeed's loss scaling; ds_hydra's fp16 uses torch's "
+                                                    "GradScaler (dynamic, from 2^16, doubled every 2000 clean steps)")
+            else:
+                self.to_engine(where, value, f"DeepSpeed's {name} optimizer wrapper; ds_hydra's {name} autocast "
+                                                    f"keeps fp32 weights and optimizer state")
+
+    def _steps_per_print(self) -> None:
+        value = self.config.get("steps_per_print")
+        if value is None or self.is_auto(value, "steps_per_print"):
+            return
+        steps = _positive_int(value)
+        if steps is None:
+            self.problems.append(f"steps_per_print={value!r}: must be a positive integer")
+        else:
+            self.set("trainer.log_interval", steps, "steps_per_print")
+
+    # -- ZeRO --
+    def _zero(self) -> None:
+        zero = self._section("zero_optimization")
+        if zero is None:
+            return
+        stage = zero.get("stage", 0)
+        if stage == AUTO:
+            self.auto.append("zero_optimization.stage")
+        elif not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage <= 3:
+            self.problems.append(f"zero_optimization.stage={stage!r}: must be 0, 1, 2 or 3")
+            return
+        elif self.engine == "deepspeed":
+            self.set("engine.zero_stage", stage, "zero_optimization.stage")
+        self.consumed.append("zero_optimization.stage")
+        native_why = f"ZeRO setting of DeepSpeed's engine; engine={self.engine} does not use it"
+        for key, value in zero.items():
+            where = f"zero_optimization.{key}"
+            if key == "stage" or self.is_auto(value, where):
+                continue
+            if key in ("offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_params"):
+                self._offload(key, value, where)
+            elif key in ZERO_ENGINE_KEYS and self.engine == "deepspeed":
+                if key == "reduce_bucket_size" and _positive_int(value) is None:
+                    self.problems.append(f"{where}={value!r}: must be a positive integer (elements)")
+                else:
+                    self.set(f"engine.{key}", _positive_int(value) if key == "reduce_bucket_size" else value, where)
+            else:
+                self.to_engine(where, value, native_why)
+
+    def _offload(self, key: str, value: Any, where: str) -> None:
+        """offload_optimizer/offload_param ({device, nvme_path, pin_memory, ...}) and the old booleans."""
+        target = "offload_param" if key in ("offload_param", "cpu_offload_params") else "offload_optimizer"
+        self.consumed.append(where if key.startswith("cpu_offload") else f"{where}.device")
+        if key.startswith("cpu_offload"):
+            if not isinstance(value, bool):
+                self.problems.append(f"{where}={value!r}: must be true or false")
+                return
+            section = {"device": "cpu" if value else "none"}
+        elif isinstance(value, dict):
+            section = value
+        else:
+            self.problems.append(f"{where}: must be an object such as {{\"device\": \"cpu\"}}, got {value!r}")
+            return
+        device = section.get("device", "none")
+        if device not in ("none", "cpu", "nvme"):
+            self.problems.append(f"{where}.device={device!r}: allowed: none, cpu, nvme")
+            return
+        if self.engine == "deepspeed":
+            self.set(f"engine.{target}", device, f"{where}.device")
+            for sub, sub_value in section.items():
+                sub_where = f"{where}.{sub}"
+                if sub == "device" or self.is_auto(sub_value, sub_where):
+                    continue
+                if sub == "nvme_path":
+                    self.set("engine.nvme_path", sub_value, sub_where)
+                else:
+                    self.set(f"engine.extra.zero_optimization.{target}.{sub}", sub_value, sub_where, add=True)
+        elif self.engine == "fsdp" and device == "cpu":
+            self.set("engine.cpu_offload", True, f"{where}.device")
+            self.notes.append(f"{where}.device=cpu on engine=fsdp: engine.cpu_offload=true (FSDP keeps shards, "
+                              f"gradients and optimizer state in host memory)")
+            for sub in section:
+                if sub != "device":
+                    self.ignore(f"{where}.{sub}", "FSDP's CPU offload has no such setting")
+        elif device != "none":
+            self.ignore(where, f"engine={self.engine} offloads nothing" + (" to NVMe" if self.engine == "fsdp" else ""))
+
+    # -- activation checkpointing --
+    def _activation_checkpointing(self) -> None:
+        section = self._section("activation_checkpointing")
+        for key, value in (section or {}).items():
+            where = f"activation_checkpointing.{key}"
+            if self.is_auto(value, where):
+                continue
+            if key not in ACTIVATION_CHECKPOINTING_KEYS:
+                self.ignore(where, _not_deepspeed(key, ACTIVATION_CHECKPOINTING_KEYS))
+            elif key == "number_checkpoints":
+                if value is None:
+                    self.consumed.append(where)  # DeepSpeed's default: no segments policy
+                    continue
+                if _positive_int(value) is None:
+                    self.problems.append(f"{where}={value!r}: must be a positive integer or null")
+                else:
+                    self.set("ckpt.number_checkpoints", _positive_int(value), where)
+                    self.notes.append(f"{where}={value}: ds_hydra recomputes the model's blocks in {value} segments "
+                                      f"(ckpt.number_checkpoints, = ckpt.segments)")
+            elif not isinstance(value, bool):
+                self.problems.append(f"{where}={value!r}: must be true or false")
+            else:
+                self.set(f"ckpt.{key}", value, where)
+
+
+# -- values -----------------------------------------------------------------------------------------
+def _positive_int(value: Any) -> Optional[int]:
+    """``value`` as a positive int (an integral float such as 5e8 too), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _int_or_none(text: Optional[str]) -> Optional[int]:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _plain(value: Any) -> Any:
+    """JSON values as the config takes them: an integral float stays a float (lr 1 is 1.0 anyway)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def hydra_value(value: Any) -> str:
+    """``value`` in Hydra's override grammar (null, true, numbers, quoted strings, [lists], {dicts})."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_./-]*", text) and text not in ("null", "true", "false", "auto"):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _did_you_mean(word: str, options: Sequence[str]) -> str:
+    """ " (did you mean 'x'?)" for the closest option, or "". """
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _not_deepspeed(word: str, options: Sequence[str]) -> str:
+    """Why an unknown key is ignored (DeepSpeed ignores unknown keys too), with the closest known key."""
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return "not a DeepSpeed key, which DeepSpeed ignores too" + (f"; did you mean {close[0]!r}?" if close else "")
+
+
+def _schema_fields(group: str, option: str) -> List[str]:
+    """The keyword arguments an optimizer or scheduler option takes (its schema's fields)."""
+    from ds_hydra.config_store import SCHEMAS
+
+    for g, name, schema in SCHEMAS:
+        if g == group and name == option:
+            return [f.name for f in fields(schema) if not f.name.startswith("_")]
+    raise KeyError(f"{group}/{option}")  # pragma: no cover - the tables above name existing options
+
+
+# -- the command line -------------------------------------------------------------------------------
+_ARG = re.compile(r"^(\+\+|\+)?deepspeed_config=(.*)$")
+_IMPORTS: Dict[str, Imported] = {}  # deepspeed_config value -> what it mapped to, for the run's log
+
+
+def world_size_from_env() -> int:
+    """WORLD_SIZE under a launcher (torchrun sets RANK and WORLD_SIZE), else 1."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return 1
+
+
+def deepspeed_installed() -> bool:
+    return find_spec("deepspeed") is not None
+
+
+def expand_deepspeed_config_args(argv: Sequence[str]) -> List[str]:
+    """``argv`` with the overrides ``deepspeed_config=<file>`` maps to in front (unchanged if there is
+    none); the command's own overrides follow and win, and ``deepspeed_config`` itself is kept (the run
+    records it)."""
+    argv = list(argv)
+    found = [m for a in argv if (m := _ARG.match(a))]
+    if not found:
+        return argv
+    from ds_hydra.training.resume import _unquote
+
+    value = _unquote(found[-1].group(2))
+    if value in ("", "null"):
+        return argv
+    if ("-m" in argv or "--multirun" in argv) and "," in value:
+        raise UserError(f"deepspeed_config={value}: takes one file; sweep over the settings it maps to instead "
+                        f"(task=import_deepspeed prints them)")
+    flags, overrides = _split_flags([a for a in argv if not _ARG.match(a)])
+    imported = import_deepspeed_config(
+        read_deepspeed_json(value), value, world_size=world_size_from_env(),
+        deepspeed_available=deepspeed_installed(), command_line=overrides,
+    )
+    _IMPORTS[value] = imported
+    from ds_hydra.training.resume import quote
+
+    return [*flags, *imported.override_texts, f"deepspeed_config={quote(value)}", *overrides]
+
+
+# Hydra's command-line options that take a value (as the next argument unless written --option=value).
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                "-cd", "--experimental-rerun"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def _split_flags(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(Hydra's options with their values, the overrides): the options go first, since argparse takes the
+    overrides as one run of positional arguments."""
+    flags, overrides = [], []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):
+            flags.append(arg)
+            takes = arg in _VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in _INFO_CHOICES)
+            if takes and i + 1 < len(args):
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides
+
+
+def log_import(cfg) -> None:
+    """Log what the run's ``deepspeed_config`` mapped to (the CLI computed it before Hydra set up logging)."""
+    value = cfg.get("deepspeed_config")
+    if not value:
+        return
+    imported = _IMPORTS.get(value)
+    if imported is None:  # a resumed run: its saved overrides hold what the file mapped to at its start
+        log.info("deepspeed_config=%s: the settings imported when this run started (in its saved overrides)", value)
+        return
+    for line in imported.log_lines():
+        log.info("%s", line)
+
+
+# -- task=import_deepspeed --------------------------------------------------------------------------
+def import_task(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """``task=import_deepspeed``: write the file's overrides as an experiment preset into the run dir and
+    print them; train nothing."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from ds_hydra.training.run_dir import resolve_run_dir
+
+    value = cfg.get("deepspeed_config")
+    if not value:
+        raise UserError("task=import_deepspeed: name the DeepSpeed config to import, deepspeed_config=<ds_config.json>")
+    imported = _IMPORTS.get(value) or import_deepspeed_config(
+        read_deepspeed_json(value), value, world_size=world_size_from_env(), deepspeed_available=deepspeed_installed())
+    run_dir = resolve_run_dir(run_dir)
+    others = []
+    if HydraConfig.initialized():
+        own = set(imported.override_texts)
+        others = [o for o in HydraConfig.get().overrides.task
+                  if o not in own and not o.lstrip("+").startswith(("task=", "deepspeed_config=", "hydra."))]
+    path = write_experiment(imported, run_dir, others)
+    command = " ".join(["python -m ds_hydra", *(shlex.quote(o) for o in [*imported.override_texts, *others])])
+    print(f"# {path}: run it with\n#   {run_command(path, others)}\n# or pass the overrides directly:\n{command}")
+    return {"experiment": str(path), "overrides": imported.override_texts}
+
+
+def experiment_name(path: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", Path(path).stem) or "deepspeed"
+    return stem if stem[0].isalpha() else f"ds_{stem}"
+
+
+def run_command(experiment: Path, others: Sequence[str] = ()) -> str:
+    """The shell command that runs the preset (with the import command's other overrides)."""
+    config_dir = experiment.parent.parent
+    return " ".join(["python -m ds_hydra", f"--config-dir {shlex.quote(str(config_dir))}",
+                     f"experiment={experiment.stem}", *(shlex.quote(o) for o in others)])
+
+
+def write_experiment(imported: Imported, run_dir: Path, others: Sequence[str] = ()) -> Path:
+    """``<run dir>/experiment/<name>.yaml``: the imported overrides as a ``# @package _global_`` preset,
+    headed by the command that runs it; each key's comment names the DeepSpeed key it comes from."""
+    from ds_hydra.training.checkpoint_files import atomic_write_text
+
+    path = Path(run_dir) / EXPERIMENT_DIR / f"{experiment_name(imported.path)}.yaml"
+    groups = [o for o in imported.overrides if "." not in o.key]
+    tree: Dict[str, Any] = {}
+    for o in imported.overrides:
+        if "." in o.key:
+            node = tree
+            *parents, leaf = o.key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = o
+    lines = [
+        "# @package _global_",
+        f"# DeepSpeed config {imported.path} (world size {imported.world_size}), imported by ds_hydra task=import_deepspeed.",
+        f"# {run_command(path, others)}",
+        "# (or copy this file into conf/experiment/ and run: python -m ds_hydra experiment=" + path.stem + ")",
+        "defaults:",
+        *[f"  - override /{o.key}: {o.value}  # {o.source}" for o in groups],
+        "  - _self_",
+    ]
+    lines += _yaml_lines(tree, 0)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _yaml_lines(node: Dict[str, Any], depth: int) -> List[str]:
+    lines = []
+    pad = "  " * depth
+    for key, value in node.items():
+        if isinstance(value, Override):
+            lines.append(f"{pad}{key}: {json.dumps(value.value)}  # {value.source}")
+        else:
+            lines.append(f"{pad}{key}:")
+            lines += _yaml_lines(value, depth + 1)
+    return lines
+
+
+__all__ = ["Imported", "import_deepspeed_config", "expand_deepspeed_config_args", "read_deepspeed_json",
+           "import_task", "log_import", "write_experiment", "hydra_value"]
