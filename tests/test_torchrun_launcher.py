@@ -19,7 +19,8 @@ import pytest
 
 from conftest import ENGINE_RUN, REPO
 from ds_hydra.engine import torchrun_job
-from ds_hydra.engine.torchrun_job import TorchrunSettings, job_arguments, read_outcome
+from ds_hydra.engine.torchrun_config import TorchrunSettings
+from ds_hydra.engine.torchrun_job import job_arguments, read_outcome
 from ds_hydra.errors import ConfigError, UserError
 
 RUN = [*ENGINE_RUN, "trainer.log_interval=2"]

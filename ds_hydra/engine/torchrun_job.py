@@ -19,10 +19,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+from ds_hydra.engine.torchrun_config import TorchrunSettings
 from ds_hydra.errors import ConfigError, UserError
 from ds_hydra.training.signals import EXIT_INTERRUPTED, EXIT_REQUEUE, Stopped, signal_name
 
@@ -56,62 +57,6 @@ class SweepStopped(Stopped):
         )
         self.signum, self.step, self.checkpoint, self.run_dir = signum, 0, None, Path(sweep_dir)
         self.exit_code = EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_REQUEUE
-
-
-@dataclass
-class TorchrunSettings:
-    """``hydra.launcher``'s torchrun settings (see hydra_plugins/ds_hydra_torchrun_launcher/config.py)."""
-
-    nproc_per_node: str = "auto"
-    nnodes: str = "1"
-    node_rank: int = 0
-    rdzv_backend: str = "c10d"
-    rdzv_endpoint: str = ""
-    rdzv_id: Optional[str] = None
-    standalone: Optional[bool] = None
-    max_restarts: int = 0
-    extra_args: List[str] = field(default_factory=list)
-
-    @classmethod
-    def from_config(cls, launcher_cfg: Any) -> "TorchrunSettings":
-        names = cls.__dataclass_fields__
-        values = {k: launcher_cfg[k] for k in names if k in launcher_cfg}
-        values["extra_args"] = [str(a) for a in values.get("extra_args") or []]
-        return cls(**{k: (str(v) if k in ("nproc_per_node", "nnodes") else v) for k, v in values.items()})
-
-    def problems(self) -> List[str]:
-        out = []
-        if not (self.nproc_per_node in ("auto", "gpu", "cpu") or (self.nproc_per_node.isdigit() and int(self.nproc_per_node) > 0)):
-            out.append(f"hydra.launcher.nproc_per_node={self.nproc_per_node}: allowed values: auto, gpu, cpu or a number >= 1")
-        if self.max_restarts < 0:
-            out.append(f"hydra.launcher.max_restarts={self.max_restarts}: must be >= 0")
-        if self.several_nodes and not self.rdzv_endpoint:
-            out.append(f"hydra.launcher.nnodes={self.nnodes}: several nodes meet at hydra.launcher.rdzv_endpoint=<host:port>; set it")
-        if self.several_nodes and self.standalone:
-            out.append(f"hydra.launcher.standalone=true: one node only, but hydra.launcher.nnodes={self.nnodes}")
-        return out
-
-    @property
-    def several_nodes(self) -> bool:
-        return self.nnodes.split(":")[-1] != "1"
-
-    def args(self, job_key: str) -> List[str]:
-        """torchrun's arguments for one job; ``job_key`` makes each job's rendezvous id its own."""
-        args = [f"--nproc_per_node={self._nproc()}", f"--max_restarts={self.max_restarts}"]
-        standalone = self.standalone if self.standalone is not None else not (self.several_nodes or self.rdzv_endpoint)
-        if standalone:
-            args.append("--standalone")  # a free port on this machine, a fresh id
-        else:
-            args += [f"--nnodes={self.nnodes}", f"--node_rank={self.node_rank}", f"--rdzv_backend={self.rdzv_backend}",
-                     f"--rdzv_endpoint={self.rdzv_endpoint}", f"--rdzv_id={self.rdzv_id or 'ds_hydra'}-{job_key}"]
-        return args + list(self.extra_args)
-
-    def _nproc(self) -> str:
-        if self.nproc_per_node != "auto":
-            return self.nproc_per_node
-        import torch
-
-        return str(torch.cuda.device_count() or 1)  # every GPU; one process on a CPU-only machine
 
 
 @dataclass

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def launch(launcher: TorchrunLauncher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-    from ds_hydra.engine.torchrun_job import SweepStopped, TorchrunSettings
+    from ds_hydra.engine.torchrun_config import TorchrunSettings
+    from ds_hydra.engine.torchrun_job import SweepStopped
     from ds_hydra.errors import ConfigError
     from ds_hydra.training.signals import stop_requested
 
