@@ -8,7 +8,9 @@ W&B offline and MLflow on a local SQLite store, as by default), writes ``--recor
 the shape a training run logs (loss, lr, tokens/s), and finishes it with final metrics and the loss
 curve. The table shows the start and finish cost (once per run) and the cost of one logged record
 (median over rounds), and what that adds to a training step at ``trainer.log_interval=10`` against
-the nanoGPT-CPU step time of README's results table (28.77 ms).
+the nanoGPT-CPU step time of README's results table (28.77 ms). MLflow queues records and sends them
+every 5 s (one database commit, about as long as one record sent alone: the last row), so its cost
+is per second of the run, not per step; the finish column includes its last send.
 """
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ def main() -> None:
     for _ in range(args.rounds):  # interleaved, so machine noise hits every set alike
         for name, override in SETS.items():
             results[name].append(one_run(override, args.records, root))
+    send_s = statistics.median(mlflow_send_s(root) for _ in range(args.rounds))
     base = statistics.median(r[1] for r in results["jsonl"])
     print(f"{args.records} records x {args.rounds} rounds; step overhead at log_interval={LOG_INTERVAL} vs a {STEP_MS} ms step\n")
     print("| loggers | start s | per record ms | x jsonl | finish s | step overhead |")
@@ -74,6 +77,23 @@ def main() -> None:
         start, per, finish = (statistics.median(r[i] for r in runs) for i in range(3))
         overhead = per * 1e3 / LOG_INTERVAL / STEP_MS
         print(f"| {name} | {start:.2f} | {per * 1e3:.3f} | {per / base:.1f} | {finish:.2f} | {overhead:.2%} |")
+    print(f"\nMLflow, one send (a record sent alone): {send_s * 1e3:.1f} ms, every 5 s: {send_s / 5:.2%} of the run's time")
+
+
+def mlflow_send_s(root: Path) -> float:
+    """The time of one MLflow batch send of one record, as an unbatched tracker would pay per record."""
+    from conftest import TINY, compose
+
+    from ds_hydra.training.metrics import MetricsLogger
+
+    metrics = MetricsLogger(Path(tempfile.mkdtemp(dir=root)), compose([*TINY, "logger=[jsonl,mlflow]"]))
+    (tracker,) = metrics.trackers.active
+    metrics.log(10, loss=4.0, lr=1e-3, tokens_per_s=25_000.0)
+    started = time.perf_counter()
+    tracker._send()
+    took = time.perf_counter() - started
+    metrics.finish({"step": 10})
+    return took
 
 
 if __name__ == "__main__":

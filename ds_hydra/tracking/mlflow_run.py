@@ -20,7 +20,9 @@ from ds_hydra.tracking.sweep import mlflow_parent_run
 log = logging.getLogger(__name__)
 
 _STATUS = {FINISHED: "FINISHED", FAILED: "FAILED", STOPPED: "KILLED"}
-_BATCH = 100  # MLflow takes at most 100 params (and 1000 metrics) per log_batch call
+_BATCH = 100  # MLflow takes at most 100 params per log_batch call
+_METRICS_PER_BATCH = 1000  # and at most 1000 metrics
+SEND_EVERY_S = 5.0  # metrics reach MLflow at most this late (and all of them when the run ends)
 _PARAM_VALUE_LIMIT = 6000  # characters of one param value MLflow stores
 
 
@@ -36,6 +38,8 @@ class MlflowTracker(Tracker):
         self.client = None
         self.run_id: Optional[str] = None
         self.last_step = 0
+        self.pending: List[Any] = []  # metrics not sent yet
+        self.sent_at = time.monotonic()
 
     def start(self, run: RunInfo) -> Dict[str, Any]:
         uri = tracking_uri(self.cfg)
@@ -60,18 +64,27 @@ class MlflowTracker(Tracker):
         return {"tracking_uri": uri, "experiment_id": experiment, "run_id": self.run_id}
 
     def log(self, step: int, record: Dict[str, Any]) -> None:
+        """Metrics are sent in batches, every few seconds: one MLflow write is a database commit (about
+        25 ms on a local SQLite store, a request to a server), far more than a training step can spare."""
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), stamp, step) for k, v in numeric(record).items()]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
-            self.last_step = max(self.last_step, step)
+        self.pending += [Metric(k, float(v), stamp, step) for k, v in numeric(record).items()]
+        self.last_step = max(self.last_step, step)
+        if len(self.pending) >= _METRICS_PER_BATCH or time.monotonic() - self.sent_at >= SEND_EVERY_S:
+            self._send()
+
+    def _send(self) -> None:
+        pending, self.pending = self.pending, []
+        self.sent_at = time.monotonic()
+        for chunk in _chunks(pending, _METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=chunk)
 
     def finish(self, final: Dict[str, Any], files: Sequence[Path], status: str) -> None:
         from mlflow.entities import Metric, RunTag
 
         try:
+            self._send()
             stamp = int(time.time() * 1000)
             metrics = [Metric(f"final/{k}", float(v), stamp, self.last_step) for k, v in numeric(final).items()]
             tags = [RunTag(f"ds_hydra.{k}", str(v)) for k, v in final.items() if isinstance(v, str)]
