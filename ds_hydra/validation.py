@@ -217,10 +217,11 @@ def _dry_build(cfg, report: ValidationReport) -> None:
     import torch
     from omegaconf import OmegaConf
 
+    from ds_hydra.data.cache import vocab_size_of
     from ds_hydra.instantiate import instantiate
 
     try:
-        vocab_size, vocab_source = _vocab_size(cfg)
+        vocab_size, vocab_source = vocab_size_of(cfg)  # a character corpus is built (once per process) to learn it
         with torch.device("meta"):
             model = instantiate(cfg.model, vocab_size=vocab_size)
     except Exception as exc:
@@ -237,17 +238,7 @@ def _dry_build(cfg, report: ValidationReport) -> None:
     if optimizer is not None:
         _lr_section(cfg, optimizer, report)
     _checkpoint_plan_section(cfg, model, report, OmegaConf.to_container(cfg.ckpt, resolve=True))
-
-
-def _vocab_size(cfg):
-    if cfg.model.get("vocab_size", None):
-        return int(cfg.model.vocab_size), "model.vocab_size"
-    if cfg.data.get("vocab_size", None):
-        return int(cfg.data.vocab_size), "data.vocab_size"
-    from ds_hydra.instantiate import instantiate
-
-    corpus = instantiate(cfg.data)  # a character corpus: its vocabulary is the text's character set
-    return int(corpus.vocab_size), f"from {cfg.data._target_.rsplit('.', 1)[-1]}"
+    _memory_section(cfg, report)
 
 
 def _param_group_section(cfg, model, report: ValidationReport):
@@ -393,6 +384,26 @@ def _checkpoint_plan_section(cfg, model, report: ValidationReport, ckpt: dict) -
     if ckpt.get("offload"):
         lines.append("saved activations offloaded to host memory (CUDA only)")
     report.add("activation checkpointing", "\n".join(lines))
+
+
+def _memory_section(cfg, report: ValidationReport) -> None:
+    """The memory preflight's estimate of one training step against the device's free memory."""
+    import logging
+
+    from ds_hydra.training.memory_preflight import judge_step_memory
+
+    try:
+        verdict = judge_step_memory(cfg)
+    except Exception as exc:
+        report.warnings.append(f"memory: could not estimate one training step ({_one_line(exc)})")
+        return
+    report.values["step_memory_bytes"] = verdict.estimate.total
+    report.add("memory (one training step, estimated on fake tensors)", verdict.line)
+    refuse = _enum_value(cfg.run.memory_check) == "refuse"
+    if verdict.level >= logging.ERROR and refuse:
+        report.problems.append(f"{verdict.line}; or run.memory_check=warn to try anyway")
+    elif verdict.level >= logging.WARNING:
+        report.warnings.append(verdict.line)
 
 
 def _regions(model):

@@ -13,6 +13,8 @@ _EXPORTS = {
     "checkpoint_activations": "apply",
     "remove_activation_checkpointing": "apply",
     "checkpointing_state": "apply",
+    "plan_checkpointing": "apply",
+    "ckpt_config": "apply",
     "find_blocks": "blocks",
     "SavedActivationCounter": "counter",
     "probe": "planner",

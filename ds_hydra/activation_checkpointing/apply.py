@@ -17,7 +17,7 @@ import functools
 import logging
 import threading
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -345,7 +345,7 @@ class CheckpointingState:
 
 
 # -- the API ----------------------------------------------------------------------------------------------
-def _config(ckpt: Dict[str, Any]) -> CkptConfig:
+def ckpt_config(ckpt: Dict[str, Any]) -> CkptConfig:
     names = [f.name for f in fields(CkptConfig)]
     unknown = sorted(set(ckpt) - set(names))
     if unknown:
@@ -374,27 +374,31 @@ def _choose_regions(cfg: CkptConfig, n: int, profile: Optional[ActivationProfile
     return []
 
 
-def checkpoint_activations(model: nn.Module, example_input: Any = None, **ckpt) -> nn.Module:
-    """Apply the activation-checkpointing policy ``ckpt`` (the fields of ``CkptConfig``) to ``model``
-    in place and return it. ``example_input``: a batch of the real shape (a tensor, a tuple of
-    arguments, a dict of keyword arguments, or a callable returning one); ``memory_budget`` needs it,
-    and with it the plan's memory is measured and logged. Applying again replaces the previous plan;
-    with every policy off the model is left untouched."""
-    cfg = _config(ckpt)
-    remove_activation_checkpointing(model)
-    for note in deepspeed_key_notes(cfg):
-        log.info(note)
-    if not any_policy(cfg):
-        problems = validate_ckpt(cfg, None)  # e.g. profile=true with nothing to profile
-        if problems:
-            raise ConfigError(problems)
-        return model
+@dataclass
+class CheckpointPlan:
+    """Which blocks a policy recomputes, and (given a batch) what they save."""
+
+    path: str
+    """Dotted path of the block list."""
+    blocks: List[nn.Module]
+    regions: List[Region]
+    profile: Optional[ActivationProfile]
+    """The probe's measurements on the example batch; None without one (unless a policy needs it)."""
+    save_ops: Optional[SaveOps]
+
+
+def plan_checkpointing(model: nn.Module, cfg: CkptConfig, example_input: Any = None, runs: Optional[nn.Module] = None,
+                       measure: bool = False) -> CheckpointPlan:
+    """The plan of policy ``cfg`` for ``model``'s blocks, without applying it.
+
+    ``example_input``: a batch of the real shape, run through ``runs`` (default: the model itself; a
+    wrapper that also computes the loss measures the loss's saved tensors too). The probe runs when a
+    policy needs it, or always with ``measure`` (what the memory preflight asks)."""
     path, container = find_blocks(model, cfg.blocks)
     blocks = list(container)
     problems = validate_ckpt(cfg, len(blocks))
     if problems:
         raise ConfigError(problems)
-    n = len(blocks)
     budget = cfg.memory_budget is not None
     if cfg.selective:
         require_selective()
@@ -406,11 +410,30 @@ def checkpoint_activations(model: nn.Module, example_input: Any = None, **ckpt) 
             f"checkpoint_activations(model, example_input=<a batch>, ...) (the trainer does)"
         )
     profile = None
-    if example_input is not None and (budget or cfg.selective or effective_segments(cfg) or cfg.full or cfg.every_n):
-        profile = probe(model, blocks, example_input, save_ops)
+    if example_input is not None and (measure or budget or cfg.selective or effective_segments(cfg) or cfg.full or cfg.every_n):
+        profile = probe(runs if runs is not None else model, blocks, example_input, save_ops)
         if cfg.selective:
             check_matched(save_ops, profile.ops)
-    regions = _choose_regions(cfg, n, profile, save_ops)
+    return CheckpointPlan(path, blocks, _choose_regions(cfg, len(blocks), profile, save_ops), profile, save_ops)
+
+
+def checkpoint_activations(model: nn.Module, example_input: Any = None, **ckpt) -> nn.Module:
+    """Apply the activation-checkpointing policy ``ckpt`` (the fields of ``CkptConfig``) to ``model``
+    in place and return it. ``example_input``: a batch of the real shape (a tensor, a tuple of
+    arguments, a dict of keyword arguments, or a callable returning one); ``memory_budget`` needs it,
+    and with it the plan's memory is measured and logged. Applying again replaces the previous plan;
+    with every policy off the model is left untouched."""
+    cfg = ckpt_config(ckpt)
+    remove_activation_checkpointing(model)
+    for note in deepspeed_key_notes(cfg):
+        log.info(note)
+    if not any_policy(cfg):
+        problems = validate_ckpt(cfg, None)  # e.g. profile=true with nothing to profile
+        if problems:
+            raise ConfigError(problems)
+        return model
+    plan = plan_checkpointing(model, cfg, example_input)
+    path, blocks, regions, n, save_ops, profile = plan.path, plan.blocks, plan.regions, len(plan.blocks), plan.save_ops, plan.profile
 
     state = CheckpointingState(cfg, path, regions, n, save_ops, profile)
     if profile is not None and state.recorder is not None:

@@ -17,6 +17,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_leaves
 
 # The open counters, innermost last (a plain module list: torch.compile reads it without a graph break).
@@ -29,15 +30,24 @@ def active_counters() -> List["SavedActivationCounter"]:
 
 
 def storage_of(t: torch.Tensor):
-    """(data pointer, bytes, storage) of the memory behind ``t``, or None if it has none to count."""
+    """(key, bytes, storage) of the memory behind ``t``, or None if it has none to count.
+
+    The key is the data pointer; tensors without data (meta and fake tensors: shapes only, what the
+    memory preflight probes with) are told apart by their storage object instead, which every view
+    of one storage shares."""
     try:
         storage = t.untyped_storage()
-        ptr, nbytes = storage.data_ptr(), storage.nbytes()
-    except (RuntimeError, NotImplementedError, TypeError):  # sparse, fake or functional tensors
+        nbytes = storage.nbytes()
+        key = ("storage", storage._cdata) if _shapes_only(t) else storage.data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse or functional tensors
         return None
     if nbytes == 0:
         return None
-    return ptr, nbytes, storage
+    return key, nbytes, storage
+
+
+def _shapes_only(t: torch.Tensor) -> bool:
+    return t.is_meta or isinstance(t, FakeTensor)
 
 
 def note_kept(obj, offloaded: bool = False) -> None:

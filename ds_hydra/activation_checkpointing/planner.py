@@ -77,6 +77,9 @@ class ActivationProfile:
     """Gradients of the parameters outside the blocks (embeddings, head)."""
     ops: Set = field(default_factory=set)
     """Every op the blocks ran (OpOverloads), for checking ``save_ops``."""
+    outside_largest_bytes: int = 0
+    """The largest storage saved outside the blocks (a language model's logits or log-probabilities):
+    backward's first gradients are of its size."""
 
     # -- the quantities of the formulas ----------------------------------------------------------------
     @property
@@ -376,6 +379,7 @@ def probe(
     return ActivationProfile(
         blocks=[state.profiles[i] for i in range(len(blocks))],
         outside_bytes=sum(v[0] for v in outside.values()),
+        outside_largest_bytes=max((v[0] for v in outside.values()), default=0),
         outside_saves_first_input=first_ptr in state.outside,
         outside_saves_last_output=last_ptr in state.outside,
         external_bytes=sum(v[0] for v in state.external.values()),

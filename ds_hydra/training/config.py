@@ -51,9 +51,15 @@ class TrainerConfig:
     """Show a progress bar on a terminal (plain log lines otherwise)."""
 
 
+class MemoryCheck(Enum):
+    refuse = "refuse"  # refuse a step far over the device's free memory, warn when close
+    warn = "warn"  # only warn, however far over
+    off = "off"  # no estimate at all
+
+
 @dataclass
 class RunConfig:
-    """How a run owns its directory (see ds_hydra.training.run_lock and README "Outputs")."""
+    """How a run owns its directory and what is checked before it starts (README "Outputs")."""
 
     lock_stale_after_s: float = 600.0
     """A run dir's lock (run.lock) whose holder has not refreshed it for this many seconds is taken over,
@@ -62,6 +68,11 @@ class RunConfig:
     break_lock: bool = False
     """Take over the run dir's lock whoever holds it, for a holder on another host that you know is gone
     (a crashed node). Applies to this command only: a later resume= does not inherit it."""
+    memory_check: MemoryCheck = MemoryCheck.refuse
+    """Before anything heavy is built, estimate the memory of one training step (parameters, gradients,
+    optimizer state, activations under the ckpt policy, logits) and compare it with the device's free
+    memory: refuse (exit 2) when even 15% less would not fit, warn when within 15% of it (refuse);
+    warn in both cases (warn); skip it (off). task=validate prints the estimate."""
 
 
 def validate_run(cfg, prefix: str = "run") -> List[str]:

@@ -7,7 +7,8 @@ an earlier run (``resume=<run>``, or ``hydra.run.dir=<run>``) it would overwrite
 ``on_run_start`` fires after composition and before any file is written. It checks, in order:
 
 1. the config (``ds_hydra.validation``): every range and cross-field problem;
-2. a CUDA device is there when ``trainer.device`` asks for one;
+2. a CUDA device is there when ``trainer.device`` asks for one, and one training step fits in the
+   device's free memory (``memory_preflight``: estimated on fake tensors, nothing allocated);
 3. the run directory can be created and written (``hydra.run.dir``), then takes it: a directory named
    from the clock (``${now:...}``) is claimed exclusively, under the next free name if another launch
    took it (``hydra.run.dir`` is set to the name claimed); any other is created if missing; either
@@ -104,6 +105,10 @@ def check_config(config) -> None:
         validate_config(config)
     if task in ("train", "resume"):
         check_device(config)
+        if not _other_rank():  # rank 0 speaks for all; the free memory changes once it starts
+            from ds_hydra.training.memory_preflight import check_step_memory
+
+            check_step_memory(config, say=lambda level, line: _deferred.append((level, line)))  # refuses far over
 
 
 def check_run_dir(config) -> None:

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from ds_hydra import checkpointing as deepspeed_checkpointing
 from ds_hydra.activation_checkpointing import SavedActivationCounter, checkpoint_activations, checkpointing_state
 from ds_hydra.data.batches import RandomBlocks
+from ds_hydra.data.cache import cached_corpus
 from ds_hydra.engine import deepspeed_engine
 from ds_hydra.engine.distributed import Distributed, setup_distributed
 from ds_hydra.devices import resolve_device
@@ -32,6 +33,7 @@ from ds_hydra.training import resume as resume_io
 from ds_hydra.training import run_lock
 from ds_hydra.training import signals
 from ds_hydra.training import state as state_io
+from ds_hydra.training.memory_preflight import check_step_memory
 from ds_hydra.training.metrics import MetricsLogger
 from ds_hydra.training.nonfinite import NonFiniteLoss, NonFiniteWatch
 from ds_hydra.training.run_dir import resolve_run_dir, write_resolved_config
@@ -55,7 +57,7 @@ def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def build_corpus(cfg):
-    return instantiate(cfg.data)
+    return cached_corpus(cfg.data)  # once per process: the memory preflight may have built it already
 
 
 def build_model(cfg, vocab_size: int) -> nn.Module:
@@ -374,6 +376,7 @@ def train(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
 
 
 def _train(cfg, run_dir: Path, started: float) -> Dict[str, Any]:
+    check_step_memory(cfg)  # refuses a step far over the free memory (once per config: the CLI checked already)
     plan = resume_io.plan_start(cfg, run_dir)  # refuses to start a new run over an old one
     if plan.completed is not None:
         log.info("%s finished earlier (%s): returning its final metrics", run_dir, resume_io.COMPLETED_FILE)

@@ -1,0 +1,350 @@
+"""What one training step needs in memory, estimated without allocating it.
+
+``estimate_step_memory(spec)`` takes any ``nn.Module`` (built by a function), how the trainer turns a
+batch into a loss, a batch of the real shape, the activation-checkpointing policy, the optimizer,
+the precision and how the engine shards state, and returns the bytes by part:
+
+* the forward-backward peak: the model and the batch are built under ``FakeTensorMode`` on the run's
+  device type (shapes and dtypes only: nothing is allocated, and kernels are chosen as on the real
+  device, e.g. fused attention on the CPU saves no (T, T) weights), the policy is applied with
+  ``checkpoint_activations`` itself, and forward, loss and backward run under the run's autocast
+  while ``LiveBytes`` follows every storage the step creates until it is freed: the peak of what is
+  alive at once (saved activations, logits, recomputed segments, backward's temporaries and the
+  gradients), exactly as the allocator would see it, for any model and any policy. With gradient
+  accumulation two micro-batches run (the second adds to the first one's gradients);
+* the bytes kept for backward and the part of them saved outside the blocks (the logits and the
+  loss), from the activation-checkpointing planner's probe (``plan_checkpointing``);
+* parameters, gradients (one per trainable parameter, in its dtype) and the optimizer state, measured
+  by one step of the real optimizer on a small real tensor (bytes of state per byte of parameter), so
+  any elementwise optimizer is covered without a table;
+* the optimizer step's temporaries: a parameter-sized copy for multi-tensor (foreach) kernels, two
+  of the largest parameter for the per-tensor loop (the CPU's default), none for fused kernels.
+
+The step needs ``parameters + optimizer state + batch + max(forward-backward peak, gradients +
+optimizer-step temporaries)``. ``bench/memory.py`` compares this with the measured peak of real steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ds_hydra.activation_checkpointing.apply import ckpt_config, plan_checkpointing
+from ds_hydra.activation_checkpointing.config import format_bytes
+
+
+@dataclass
+class Sharding:
+    """How the engine splits per-device state over ``world`` processes (1: none), and what it offloads."""
+
+    world: int = 1
+    parameters: bool = False
+    gradients: bool = False
+    optimizer_state: bool = False
+    optimizer_on_host: bool = False
+    """The optimizer state lives in host memory (ZeRO-Offload, FSDP's CPU offload)."""
+
+
+@dataclass
+class Knobs:
+    """The config keys a refusal names, in the words of the config that built the spec."""
+
+    batch_size: str = "trainer.batch_size"
+    seq_len: str = "seq_len"
+    head_chunk: Optional[str] = None
+    """The key that computes the head and loss in chunks (never holding the logits), if the model has one."""
+    ckpt: str = "ckpt"
+
+
+@dataclass
+class StepSpec:
+    """One training step, described without building it."""
+
+    build_model: Callable[[], nn.Module]
+    """Builds the model (called under FakeTensorMode with the device as default: no memory is used)."""
+    example_batch: Callable[[torch.device], Any]
+    """A batch of the real shape on ``device`` (tensors of any nesting)."""
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+    """The scalar loss of the model on a batch, as the trainer computes it."""
+    device: torch.device
+    ckpt: Dict[str, Any] = field(default_factory=dict)
+    """The activation-checkpointing policy (the fields of CkptConfig)."""
+    make_optimizer: Optional[Callable[[List[torch.Tensor]], torch.optim.Optimizer]] = None
+    """Builds the optimizer over a list of parameters; probed once on a small CPU tensor for its state."""
+    optimizer_step: Optional[str] = None
+    """The step's kernel on the device: fused, foreach or loop; None: as ``make_optimizer`` builds it."""
+    autocast_dtype: Optional[torch.dtype] = None
+    grad_accum_steps: int = 1
+    sharding: Sharding = field(default_factory=Sharding)
+    knobs: Knobs = field(default_factory=Knobs)
+
+
+@dataclass
+class StepMemory:
+    """Bytes of one training step on its device, by part (``total`` is what the step needs)."""
+
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    batch: int
+    forward_backward_peak: int
+    """Peak of forward + loss + backward above the parameters: saved activations, logits, the
+    gradients as they are allocated and backward's temporaries."""
+    kept: int
+    """Bytes held between forward and backward (saved for backward) under the policy."""
+    saved_outside: int
+    """The part of ``kept`` saved outside the blocks: the head's logits and the loss."""
+    largest_outside: int
+    """The largest storage saved outside the blocks; the loss's backward makes gradients of its size."""
+    optimizer_step: int
+    """Temporaries of the optimizer step."""
+    tokens: int = 0
+    knobs: Knobs = field(default_factory=Knobs)
+
+    @property
+    def total(self) -> int:
+        step = max(self.forward_backward_peak, self.gradients + self.optimizer_step)
+        return self.parameters + self.optimizer_state + self.batch + step
+
+    @property
+    def logits(self) -> int:
+        """What the logits cost at the peak: saved outside the blocks, plus the loss's gradients (two
+        of the largest saved tensor's size) as far as the peak has room for them."""
+        return self.saved_outside + min(self._temporaries, 2 * self.largest_outside)
+
+    @property
+    def activations(self) -> int:
+        """What the blocks cost at the peak: their saved tensors, recomputed segments, backward's temporaries."""
+        return self.kept - self.saved_outside + self._temporaries - min(self._temporaries, 2 * self.largest_outside)
+
+    @property
+    def _temporaries(self) -> int:
+        return max(0, self.forward_backward_peak - self.kept - self.gradients)
+
+    def parts(self) -> Dict[str, int]:
+        return {
+            "activations": self.activations,
+            "logits": self.logits,
+            "parameters": self.parameters,
+            "gradients": self.gradients,
+            "optimizer state": self.optimizer_state,
+        }
+
+    def dominant(self) -> str:
+        return max(self.parts().items(), key=lambda kv: kv[1])[0]
+
+    def describe(self) -> str:
+        """``1.2 GiB (activations 900 MiB, logits 120 MiB, parameters ...)``, largest part first."""
+        parts = sorted(self.parts().items(), key=lambda kv: -kv[1])
+        return f"{format_bytes(self.total)} ({', '.join(f'{name} {format_bytes(n)}' for name, n in parts)})"
+
+    def advice(self) -> str:
+        """The knobs that shrink the dominant part."""
+        k, part = self.knobs, self.dominant()
+        if part == "activations":
+            return f"lower {k.batch_size} or {k.seq_len}, or recompute activations ({k.ckpt}=full)"
+        if part == "logits":
+            chunk = f"set {k.head_chunk} (the logits are never held whole), or " if k.head_chunk else ""
+            return f"{chunk}lower {k.batch_size} or {k.seq_len}"
+        return "a smaller model, or shard the state over several devices (engine=fsdp, or engine=deepspeed engine.zero_stage=3)"
+
+
+# -- the estimate ----------------------------------------------------------------------------------------
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages created inside the mode that are still alive, and their peak.
+
+    Each storage is counted once when an op first returns a tensor on it (views share it) and
+    uncounted when it is freed (a finalizer on the storage: torch keeps a storage's Python object for
+    as long as the storage lives); storages of ``existing`` tensors are not counted. Used on fake
+    tensors: the peak of a step without its memory."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        # storages that exist already (parameters, the batch): views of them allocate nothing
+        self._sizes: Dict[int, int] = {t.untyped_storage()._cdata: 0 for t in existing}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t.untyped_storage())
+        return out
+
+    def _track(self, storage) -> None:
+        key = storage._cdata
+        if key in self._sizes:
+            return
+        size = storage.nbytes()
+        self._sizes[key] = size
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+
+class _LossStep(nn.Module):
+    """The model plus the trainer's loss, as one module the probe can call (parameters are the model's)."""
+
+    def __init__(self, model: nn.Module, loss: Callable[[nn.Module, Any], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, batch):
+        return self.loss(self.model, batch)
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _autocast(spec: StepSpec):
+    if spec.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(spec.device.type, dtype=spec.autocast_dtype)
+
+
+def _forward_backward_peak(spec: StepSpec, model: nn.Module, batch: Any, ckpt: Dict[str, Any]) -> int:
+    """Peak bytes above the parameters of forward + loss + backward on fake tensors under ``ckpt``."""
+    from ds_hydra.activation_checkpointing import checkpoint_activations, remove_activation_checkpointing
+
+    ckpt = {**ckpt, "offload": False, "cpu_checkpointing": False}  # offload moves bytes to the host: see below
+    with _autocast(spec):
+        checkpoint_activations(model, example_input=lambda: spec.example_batch(spec.device), **ckpt)
+    existing = [*model.parameters(), *model.buffers(), *(t for t in tree_leaves(batch) if isinstance(t, torch.Tensor))]
+    tracker = LiveBytes(existing)
+    try:
+        with tracker:
+            for _ in range(min(spec.grad_accum_steps, 2)):  # a second micro-batch adds to the first's gradients
+                with _autocast(spec):
+                    loss = spec.loss(model, batch)
+                loss.backward()
+                del loss
+    finally:
+        remove_activation_checkpointing(model)
+        for p in model.parameters():
+            p.grad = None
+    return tracker.peak
+
+
+def estimate_step_memory(spec: StepSpec) -> StepMemory:
+    """Bytes of one training step of ``spec`` (see the module docstring); allocates no real tensors
+    beyond a 1024-element probe of the optimizer."""
+    ckpt = dict(spec.ckpt)
+    quiet = logging.getLogger("ds_hydra.activation_checkpointing")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the plan is logged when the trainer applies it, not here
+    try:
+        with FakeTensorMode(), torch.device(spec.device):
+            model = spec.build_model()
+            model.train()
+            batch = spec.example_batch(spec.device)
+            with _autocast(spec):
+                plan = plan_checkpointing(model, ckpt_config(ckpt), (batch,), runs=_LossStep(model, spec.loss), measure=True)
+            peak = _forward_backward_peak(spec, model, batch, ckpt)
+            params = list(model.parameters())
+            trainable = [p for p in params if p.requires_grad]
+            largest = max((p.numel() * p.element_size() for p in trainable), default=0)
+            tensors = [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
+            batch_bytes, tokens = _bytes(tensors), (tensors[0].numel() if tensors else 0)
+    finally:
+        quiet.setLevel(level)
+    profile = plan.profile
+    parameter_bytes, gradient_bytes = _bytes(params), _bytes(trainable)
+    if ckpt.get("offload") and spec.device.type == "cuda":  # saved activations wait in host memory
+        block_kept = profile.kept_bytes(plan.regions) - profile.H
+        peak -= max(0, block_kept - max(b.saved_bytes for b in profile.blocks))
+    state_per_byte, step_kind = _optimizer_state_per_byte(spec.make_optimizer)
+    step_kind = spec.optimizer_step or step_kind
+    sharding = spec.sharding
+    share = (lambda n, split: n // sharding.world if split else n)  # noqa: E731
+    optimizer_state = 0 if sharding.optimizer_on_host else share(int(state_per_byte * gradient_bytes), sharding.optimizer_state)
+    step_temporaries = {"fused": 0, "foreach": gradient_bytes, "loop": 2 * largest}[step_kind]
+    unsharded_gradients = gradient_bytes - share(gradient_bytes, sharding.gradients)  # reduced and freed per block
+    return StepMemory(
+        parameters=share(parameter_bytes, sharding.parameters),
+        gradients=share(gradient_bytes, sharding.gradients),
+        optimizer_state=optimizer_state,
+        batch=batch_bytes,
+        forward_backward_peak=peak - unsharded_gradients,
+        kept=profile.kept_bytes(plan.regions),
+        saved_outside=profile.H,
+        largest_outside=profile.outside_largest_bytes,
+        optimizer_step=0 if sharding.optimizer_on_host else share(step_temporaries, sharding.optimizer_state),
+        tokens=tokens,
+        knobs=spec.knobs,
+    )
+
+
+def _optimizer_state_per_byte(make_optimizer) -> Tuple[float, str]:
+    """(state bytes per parameter byte, the step's kernel: fused, foreach or loop), measured by one step
+    of the optimizer on a real 1024-element fp32 tensor on the CPU."""
+    if make_optimizer is None:
+        return 0.0, "fused"
+    param = nn.Parameter(torch.zeros(1024))
+    optimizer = make_optimizer([param])
+    param.grad = torch.full_like(param, 1e-3)
+    optimizer.step()
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.numel() > 1]
+    defaults = optimizer.defaults
+    kind = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "loop"
+    return _bytes(state) / (param.numel() * param.element_size()), kind
+
+
+# -- the device's free memory -------------------------------------------------------------------------
+def free_memory(device: torch.device, processes_on_host: int = 1) -> Tuple[Optional[int], str]:
+    """(bytes this process may use on ``device``, where the number comes from); None when unknown.
+
+    CUDA: ``torch.cuda.mem_get_info``'s free bytes. CPU: the host's MemAvailable (/proc/meminfo),
+    lowered to the cgroup's limit (containers, Slurm) when that is tighter, else psutil's available
+    memory; shared by the ``processes_on_host`` ranks of a launch on this host."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free on {torch.cuda.get_device_name(device)}"
+    found = [(v, src) for v, src in (_meminfo_available(), _cgroup_available()) if v is not None]
+    if not found:
+        try:
+            import psutil
+
+            found = [(int(psutil.virtual_memory().available), "available host memory")]
+        except ImportError:
+            return None, "unknown (no /proc/meminfo, no psutil)"
+    value, source = min(found)
+    if processes_on_host > 1:
+        return value // processes_on_host, f"{source}, shared by {processes_on_host} ranks on this host"
+    return value, source
+
+
+def _meminfo_available() -> Tuple[Optional[int], str]:
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "available host memory"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None, ""
+
+
+def _cgroup_available() -> Tuple[Optional[int], str]:
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = open(limit_file, encoding="ascii").read().strip()
+            usage = int(open(usage_file, encoding="ascii").read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max" or a huge number: no limit
+            return max(0, int(limit) - usage), "the cgroup's memory limit"
+    return None, ""

@@ -1,0 +1,186 @@
+"""The memory preflight: a run's step estimated from its config, compared with the device's free memory.
+
+Before anything heavy is built (in ``Preflight`` for a CLI run, at the start of ``train`` otherwise,
+once per config and process), ``check_step_memory(cfg)`` estimates one training step with
+``memory_estimate`` and compares it with what the device has free (host memory on the CPU, shared
+by the ranks of a launch on one host; GPU memory on CUDA):
+
+* more than ``REFUSE_ABOVE`` times the free memory (the estimate is within 15%, so even 15% less
+  would not fit): refused in one line with the estimate, what dominates it and the knob to turn;
+* more than ``WARN_ABOVE`` of it: a warning that it may not fit;
+* else one info line with the estimate.
+
+``run.memory_check=warn`` only warns, ``off`` skips it. ``step_spec`` is the adapter from the config
+to the generic estimator: it builds today's model (``cfg.model``) on a batch of ``(trainer.batch_size,
+model.block_size)`` tokens whose loss is ``model(idx, targets)[1]``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Set
+
+from ds_hydra.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ERROR_MARGIN = 0.15  # bench/memory.py: estimates within 15% of the measured step peak
+REFUSE_ABOVE = 1 / (1 - ERROR_MARGIN)  # even an estimate 15% too high would not fit
+WARN_ABOVE = 1 - ERROR_MARGIN
+
+# The configs checked in this process (train() after Preflight, or a second train of one config, checks nothing twice).
+_checked: Set[str] = set()
+
+
+@dataclass
+class MemoryVerdict:
+    estimate: "object"  # memory_estimate.StepMemory
+    free: Optional[int]
+    source: str
+    device: str
+    level: int  # logging level of the line
+    line: str
+
+
+def step_spec(cfg):
+    """The ``StepSpec`` of ``cfg``'s training step on its device."""
+    import torch
+
+    from ds_hydra.data.cache import vocab_size_of
+    from ds_hydra.devices import resolve_device
+    from ds_hydra.instantiate import instantiate
+    from ds_hydra.optim.build import kernel_kwargs, optimizer_callable
+    from ds_hydra.training.memory_estimate import Knobs, StepSpec
+    from ds_hydra.training.trainer import resolve_precision
+    from omegaconf import OmegaConf
+
+    device = resolve_device(cfg.trainer.device)
+    vocab_size, _ = vocab_size_of(cfg)
+    make_optimizer = optimizer_callable(cfg.optimizer, torch.device("cpu"))  # probed on the CPU for its state's size
+    kernels = {**make_optimizer.keywords, **kernel_kwargs(make_optimizer.func, make_optimizer.keywords, device)}
+    shape = (int(cfg.trainer.batch_size), int(cfg.model.block_size))
+    return StepSpec(
+        build_model=lambda: instantiate(cfg.model, vocab_size=vocab_size),
+        example_batch=lambda dev: (torch.zeros(shape, dtype=torch.long, device=dev),) * 2,  # (idx, targets)
+        loss=lambda model, batch: model(*batch)[1],  # the trainer's loss call
+        device=device,
+        ckpt=OmegaConf.to_container(cfg.ckpt, resolve=True),
+        make_optimizer=make_optimizer,
+        optimizer_step="fused" if kernels.get("fused") else "foreach" if kernels.get("foreach") else "loop",
+        autocast_dtype=resolve_precision(getattr(cfg.trainer.precision, "value", cfg.trainer.precision), device),
+        grad_accum_steps=int(cfg.trainer.grad_accum_steps),
+        sharding=sharding_of(cfg.engine),
+        knobs=Knobs(seq_len="model.block_size", head_chunk="model.head_chunk_tokens" if "head_chunk_tokens" in cfg.model else None),
+    )
+
+
+def sharding_of(engine):
+    """How ``engine`` splits state over the launch's processes (``WORLD_SIZE``)."""
+    from ds_hydra.training.memory_estimate import Sharding
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    name = getattr(engine.name, "value", engine.name)
+    if name == "fsdp":
+        return Sharding(world, parameters=True, gradients=True, optimizer_state=True, optimizer_on_host=bool(engine.cpu_offload))
+    if name == "deepspeed":
+        stage = int(engine.zero_stage)
+        offload = getattr(engine.offload_optimizer, "value", engine.offload_optimizer) != "none"
+        return Sharding(world, parameters=stage >= 3, gradients=stage >= 2, optimizer_state=stage >= 1, optimizer_on_host=offload)
+    return Sharding(world)  # one process, DDP (gradients as bucket views: no second copy)
+
+
+def judge_step_memory(cfg) -> MemoryVerdict:
+    """The estimate of ``cfg``'s step against its device's free memory, and the line that says so."""
+    from ds_hydra.activation_checkpointing.config import format_bytes
+    from ds_hydra.training.memory_estimate import estimate_step_memory, free_memory
+
+    spec = step_spec(cfg)
+    estimate = estimate_step_memory(spec)
+    on_host = spec.device.type == "cpu"
+    free, source = free_memory(spec.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if on_host else 1)
+    device = str(spec.device)
+    needs = f"memory: one training step needs about {estimate.describe()} on {device}"
+    if free is None:
+        return MemoryVerdict(estimate, None, source, device, logging.INFO, f"{needs}; free memory {source}")
+    ratio = estimate.total / max(free, 1)
+    versus = f"{format_bytes(free)} {source} ({ratio:.0%})"
+    if ratio <= WARN_ABOVE:
+        return MemoryVerdict(estimate, free, source, device, logging.INFO, f"{needs}, of {versus}")
+    advice = "; ".join([f"{estimate.dominant()} dominate: {estimate.advice()}", *_alternatives(cfg, estimate.total, free)])
+    if ratio > REFUSE_ABOVE:
+        return MemoryVerdict(estimate, free, source, device, logging.ERROR, f"{needs}, far over the {versus}; {advice}")
+    return MemoryVerdict(estimate, free, source, device, logging.WARNING, f"{needs}, close to the {versus}: it may not fit; {advice}")
+
+
+# What a refusal offers to try, as overrides: every block recomputed on its own; the head in chunks.
+PER_BLOCK = {"ckpt.full": True, "ckpt.segments": 0, "ckpt.number_checkpoints": None, "ckpt.every_n": 0,
+             "ckpt.memory_budget": None, "ckpt.selective": False}
+MAX_HEAD_CHUNKS = 16  # a chunk is a checkpointed call: thousands of them would make the estimate slow
+
+
+def _head_chunks(cfg) -> dict:
+    """``model.head_chunk_tokens``: 1024 tokens, or more so that a batch has at most MAX_HEAD_CHUNKS chunks."""
+    tokens = int(cfg.trainer.batch_size) * int(cfg.model.block_size)
+    per_chunk = -(-tokens // MAX_HEAD_CHUNKS)
+    return {"model.head_chunk_tokens": max(1024, -(-per_chunk // 1024) * 1024)}
+
+
+def _alternatives(cfg, total: int, free: int) -> List[str]:
+    """``ckpt=full needs 13.9 GiB (fits)``-style lines for the changes that save at least a tenth."""
+    from omegaconf import OmegaConf, open_dict
+
+    from ds_hydra.activation_checkpointing.config import format_bytes
+    from ds_hydra.training.memory_estimate import estimate_step_memory
+
+    found = []
+    chunked = _head_chunks(cfg) if "head_chunk_tokens" in cfg.model and not cfg.model.head_chunk_tokens else None
+    for name, changes in (("ckpt=full", PER_BLOCK), (f"model.head_chunk_tokens={chunked and chunked['model.head_chunk_tokens']}", chunked)):
+        if not changes:
+            continue
+        changed = cfg.copy()
+        with open_dict(changed):
+            for key, value in changes.items():
+                OmegaConf.update(changed, key, value)
+        needs = estimate_step_memory(step_spec(changed)).total
+        if needs < 0.9 * total:
+            found.append(f"{name} needs {format_bytes(needs)}{' (fits)' if needs <= WARN_ABOVE * free else ''}")
+    return found
+
+
+def check_step_memory(cfg, say=None) -> Optional[MemoryVerdict]:
+    """Refuse (``UserError``) a step far over the free memory; ``say(level, line)`` the verdict otherwise
+    (default: log it). Once per config and process; ranks other than 0 leave it to rank 0."""
+    mode = getattr(cfg.run.memory_check, "value", cfg.run.memory_check) if "run" in cfg else "refuse"
+    if mode == "off" or (os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return None
+    key = _config_key(cfg)
+    if key in _checked:
+        return None
+    say = say or log.log
+    try:
+        verdict = judge_step_memory(cfg)
+    except UserError:
+        raise
+    except Exception as exc:  # a model the estimate cannot run on fake tensors: train without it
+        say(logging.WARNING, f"memory: could not estimate one training step ({_one_line(exc)}); run.memory_check=off skips this")
+        return None
+    _checked.add(key)
+    if verdict.level >= logging.ERROR:
+        if mode == "refuse":
+            raise UserError(f"{verdict.line}; or run.memory_check=warn to try anyway")
+        verdict.level = logging.WARNING
+    say(verdict.level, verdict.line)
+    return verdict
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _config_key(cfg) -> str:
+    from omegaconf import OmegaConf
+
+    parts = ("model", "data", "trainer", "ckpt", "optimizer", "engine", "run")
+    return "\n".join(OmegaConf.to_yaml(cfg[k], resolve=True) for k in parts if k in cfg)
