@@ -265,7 +265,7 @@ def _settings_from_deepspeed_config(config) -> Dict[str, Any]:
 
 def _notes(settings: Settings) -> List[str]:
     notes = []
-    tp = _tensor_parallel_size(_STATE.mpu)
+    tp = _tensor_parallel(_STATE.mpu, "world_size")
     if settings.partition_activations:
         notes.append(
             f"checkpointing: partition_activations=True: the inputs of each checkpoint stay whole (tensor-parallel "
@@ -373,27 +373,19 @@ def _one_item(output):
 
 
 # -- model-parallel seeds -------------------------------------------------------------------------
-def _tensor_parallel_rank(mpu) -> int:
+def _tensor_parallel(mpu, what: str) -> int:
+    """Megatron's mpu's tensor-parallel ``rank`` or ``world_size`` (new or old method names); 0 / 1 without one."""
     if mpu is None:
-        return 0
-    if hasattr(mpu, "get_tensor_model_parallel_rank"):
-        return int(mpu.get_tensor_model_parallel_rank())
-    return int(mpu.get_model_parallel_rank())
-
-
-def _tensor_parallel_size(mpu) -> int:
-    if mpu is None:
-        return 1
-    if hasattr(mpu, "get_tensor_model_parallel_world_size"):
-        return int(mpu.get_tensor_model_parallel_world_size())
-    return int(mpu.get_model_parallel_world_size())
+        return 0 if what == "rank" else 1
+    method = getattr(mpu, f"get_tensor_model_parallel_{what}", None) or getattr(mpu, f"get_model_parallel_{what}")
+    return int(method())
 
 
 def model_parallel_cuda_manual_seed(seed: int) -> None:
     """Seed the default generator with ``seed`` (the same on every tensor-parallel rank) and the tracker's
     ``model-parallel-rng`` state with ``seed + 2718 + tensor-parallel rank`` (different on each);
     DeepSpeed's and Megatron's function. Call it after ``configure(mpu)`` when there is an mpu."""
-    tp_rank = _tensor_parallel_rank(_STATE.mpu)
+    tp_rank = _tensor_parallel(_STATE.mpu, "rank")
     model_parallel_seed = seed + MODEL_PARALLEL_SEED_OFFSET + tp_rank
     tracker = get_cuda_rng_tracker()
     tracker.reset()
@@ -406,7 +398,7 @@ def model_parallel_cuda_manual_seed(seed: int) -> None:
 def model_parallel_reconfigure_tp_seed(seed: int) -> None:
     """Re-seed the tracker's model-parallel state (``seed + 2718 + rank``) without touching the default one."""
     with get_cuda_rng_tracker().fork():
-        manual_seed(seed + MODEL_PARALLEL_SEED_OFFSET + _tensor_parallel_rank(_STATE.mpu))
+        manual_seed(seed + MODEL_PARALLEL_SEED_OFFSET + _tensor_parallel(_STATE.mpu, "rank"))
 
 
 # -- DeepSpeed's module globals, read-only ----------------------------------------------------------

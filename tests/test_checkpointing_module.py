@@ -264,8 +264,19 @@ class FakeMPU:
         return self.size
 
 
-def test_model_parallel_seed_is_deepspeeds():
-    checkpointing.configure(FakeMPU(rank=1, size=2))
+class OldMPU:
+    """An mpu from before Megatron's pipeline parallelism: the model-parallel names."""
+
+    def get_model_parallel_rank(self):
+        return 1
+
+    def get_model_parallel_world_size(self):
+        return 2
+
+
+@pytest.mark.parametrize("mpu", [FakeMPU(rank=1, size=2), OldMPU()], ids=["tensor-parallel names", "old names"])
+def test_model_parallel_seed_is_deepspeeds(mpu):
+    checkpointing.configure(mpu)
     checkpointing.model_parallel_cuda_manual_seed(100)
     expected = torch.Generator().manual_seed(100 + 2718 + 1).get_state()
     assert torch.equal(rng.get_cuda_rng_tracker().get_states()[rng.MODEL_PARALLEL_RNG_TRACKER_NAME], expected)
