@@ -1,6 +1,7 @@
-"""Activation checkpointing benchmark: every policy side by side on one GPT, in one run.
+"""Activation checkpointing benchmark: every policy side by side on one model, in one run.
 
-    python bench/ckpt.py                              # L=12, d=256, T=256, B=8 on the CPU (~3 min)
+    python bench/ckpt.py                              # GPT L=12, d=256, T=256, B=8 on the CPU (~3 min)
+    python bench/ckpt.py --model hf_llama             # transformers' LlamaForCausalLM of the same shape
     python bench/ckpt.py --layers 6 --embd 128 --rounds 2   # a quicker look
     python bench/ckpt.py --device cuda                # on a GPU (peaks from max_memory_allocated)
 
@@ -36,12 +37,50 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential  # noqa: E402
 
-from ds_hydra.activation_checkpointing import SavedActivationCounter, checkpoint_activations, checkpointing_state, probe  # noqa: E402
+from ds_hydra.activation_checkpointing import (  # noqa: E402
+    SavedActivationCounter,
+    checkpoint_activations,
+    checkpointing_state,
+    find_blocks,
+    probe,
+)
 from ds_hydra.activation_checkpointing.policies import Region, per_block_regions, segment_regions  # noqa: E402
 from ds_hydra.activation_checkpointing.selective import SaveOps  # noqa: E402
+from ds_hydra.models.contract import CausalLMLoss  # noqa: E402
 from ds_hydra.models.gpt import GPT  # noqa: E402
 
 MiB = 2**20
+
+
+# -- the models: model plus the trainer's loss, called as model(x, labels) -> (None, loss) -------------------
+class WithLoss(nn.Module):
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, labels):
+        return None, CausalLMLoss()(self.lm(input_ids), labels)
+
+
+def build(kind: str, args) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "gpt":
+        return WithLoss(GPT(65, n_layer=args.layers, n_head=args.heads, n_embd=args.embd, block_size=args.seq, dropout=args.dropout))
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=65, hidden_size=args.embd, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=max(1, args.heads // 2), intermediate_size=int(8 * args.embd / 3) // 8 * 8,
+        max_position_embeddings=args.seq, attention_dropout=args.dropout, use_cache=False, tie_word_embeddings=True,
+    )
+    return WithLoss(transformers.LlamaForCausalLM(config))
+
+
+def replace_blocks(model: nn.Module, blocks: nn.ModuleList) -> nn.Module:
+    path, _ = find_blocks(model)
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, blocks)
+    return model
 
 
 # -- torch's own checkpointing, for reference ---------------------------------------------------------------
@@ -61,18 +100,16 @@ class TorchPerBlock(nn.Module):
         super().__init__()
         self.inner = block
 
-    def forward(self, x):
-        return checkpoint(self.inner, x, use_reentrant=False)
+    def forward(self, *args, **kwargs):
+        return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
 
 
 def torch_sequential(model, k):
-    model.blocks = nn.ModuleList([TorchSequential(model.blocks, k)])
-    return model
+    return replace_blocks(model, nn.ModuleList([TorchSequential(find_blocks(model)[1], k)]))
 
 
 def torch_per_block(model):
-    model.blocks = nn.ModuleList(TorchPerBlock(b) for b in model.blocks)
-    return model
+    return replace_blocks(model, nn.ModuleList(TorchPerBlock(b) for b in find_blocks(model)[1]))
 
 
 def closed_form_kept(regions, L, H, b, A, S) -> float:
@@ -156,6 +193,7 @@ def time_step(model, batch, device) -> float:
 # -- the table --------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=["gpt", "hf_llama"], default="gpt")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--embd", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
@@ -173,17 +211,17 @@ def main(argv=None) -> int:
     started = time.perf_counter()
 
     L = args.layers
-    torch.manual_seed(0)
-    base = GPT(65, n_layer=L, n_head=args.heads, n_embd=args.embd, block_size=args.seq, dropout=args.dropout).to(device)
+    base = build(args.model, args).to(device)
     gen = torch.Generator().manual_seed(0)
     batch = tuple(torch.randint(0, 65, (args.batch, args.seq), generator=gen).to(device) for _ in range(2))
 
-    p = probe(base, list(base.blocks), batch, SaveOps(None))
+    p = probe(base, list(find_blocks(base)[1]), batch, SaveOps(None))
     H, b, A, S, G = p.H, p.b, p.A, p.S, p.gradient_bytes
     T_ = p.transient_bytes()
     none_bytes = p.kept_bytes([])
     budget = int(args.budget * none_bytes)
-    print(f"GPT L={L} d={args.embd} heads={args.heads} T={args.seq} B={args.batch} dropout={args.dropout} on {device}, "
+    kind = type(base.lm).__name__
+    print(f"{kind} L={L} d={args.embd} heads={args.heads} T={args.seq} B={args.batch} dropout={args.dropout} on {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"probe: H={H / MiB:.2f} MiB saved outside the blocks, b={b / MiB:.2f} MiB block input, "
           f"A={A / MiB:.2f} MiB saved per block (A/b={A / b:.1f}), S={S / MiB:.2f} MiB kept per selective block, "
@@ -208,6 +246,8 @@ def main(argv=None) -> int:
         ("torch checkpoint_sequential 4", lambda m: torch_sequential(m, 4), torch_sequential_regions(L, 4), "H+(K-1)b+(L/K)A"),
         ("torch per-block", torch_per_block, per_block_regions(range(L)), "H+L*b"),
     ]
+    if args.model != "gpt":  # checkpoint_sequential hands one tensor from block to block; Llama's layers take keywords
+        rows = [row for row in rows if not row[0].startswith("torch checkpoint_sequential")]
     models, results = {}, {}
     for name, transform, regions, formula in rows:
         model = transform(copy.deepcopy(base))

@@ -1,14 +1,17 @@
 """Training benchmarks, printed side by side in one run (machines are noisy: compare ratios, not times).
 
-    python bench/train.py               # all three
+    python bench/train.py               # all of them
     python bench/train.py --only step   # ds_hydra step vs a plain PyTorch loop
+    python bench/train.py --only hf     # the same for model=hf_llama (transformers' LlamaForCausalLM)
     python bench/train.py --only nanogpt --only startup
 
 1. step: the ds_hydra train step against a hand-written PyTorch loop over the same model, batch and
    optimizer (target ratio <= 1.02), rounds interleaved so drift hits both alike.
-2. nanogpt: `python -m ds_hydra experiment=nanogpt_cpu` end to end: final val loss vs nanoGPT's
+2. hf: the same comparison for `model=hf_llama`: ds_hydra's step against a hand-written loop over the
+   same transformers model, AdamW, loss and batches (target <= 1.02).
+3. nanogpt: `python -m ds_hydra experiment=nanogpt_cpu` end to end: final val loss vs nanoGPT's
    published 1.88, and wall time (nanoGPT itself took about 70 s on this kind of machine).
-3. startup: `python -m ds_hydra --cfg job` against `python -c "import torch"` (target <= 1.25x).
+4. startup: `python -m ds_hydra --cfg job` against `python -c "import torch"` (target <= 1.25x).
 """
 from __future__ import annotations
 
@@ -27,32 +30,31 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 
-def plain_pytorch_step_fn(cfg, corpus):
-    """The loop a user would write by hand: same model class, AdamW, clip, cosine lr set per step."""
+def plain_pytorch_step_fn(model, tokens, seq_len: int, batch_size: int):
+    """The loop a user would write by hand: the same model, AdamW, clip, warm-up lr set per step, the
+    cross-entropy of the logits it returns (``.logits`` for a transformers model)."""
     import torch
+    import torch.nn.functional as F
 
-    from ds_hydra.models.gpt import GPT
-
-    torch.manual_seed(cfg.trainer.seed)
-    m = cfg.model
-    model = GPT(corpus.vocab_size, m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99)
     )
     gen = torch.Generator().manual_seed(0)
-    data, T, B = corpus.train, m.block_size, cfg.trainer.batch_size
+    T, B = seq_len, batch_size
     it = [0]
 
     def step():
         lr = 1e-3 * min(1.0, (it[0] + 1) / 101)
         for group in opt.param_groups:
             group["lr"] = lr
-        ix = torch.randint(len(data) - T, (B,), generator=gen)
-        x = torch.stack([data[i : i + T] for i in ix])
-        y = torch.stack([data[i + 1 : i + 1 + T] for i in ix])
-        _, loss = model(x, y)
+        ix = torch.randint(len(tokens) - T, (B,), generator=gen)
+        x = torch.stack([tokens[i : i + T] for i in ix])
+        y = torch.stack([tokens[i + 1 : i + 1 + T] for i in ix])
+        out = model(x)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -63,17 +65,24 @@ def plain_pytorch_step_fn(cfg, corpus):
     return step
 
 
-def bench_step(rounds: int, steps: int) -> dict:
+def bench_step(rounds: int, steps: int, overrides) -> dict:
+    """ds_hydra's train step against the hand-written loop over a fresh copy of the same model."""
+    import copy
+
     import torch
 
     from conftest import compose
+    from ds_hydra.models.build import build_model
     from ds_hydra.training.trainer import Trainer
 
-    torch.set_num_threads(torch.get_num_threads())
-    cfg = compose(["experiment=nanogpt_cpu", "trainer.progress=false"])
+    cfg = compose([*overrides, "trainer.progress=false", "trainer.device=cpu"])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp))
-        plain = plain_pytorch_step_fn(cfg, trainer.corpus)
+        torch.manual_seed(cfg.trainer.seed)
+        model = build_model(cfg.model, trainer.data.vocab_size)
+        if getattr(getattr(model, "config", None), "use_cache", False):
+            model.config.use_cache = False  # as anyone training a transformers model by hand would
+        plain = plain_pytorch_step_fn(copy.deepcopy(model), trainer.data.tokens("train"), trainer.seq_len, cfg.trainer.batch_size)
         ours = trainer.train_step
         for fn in (ours, plain):  # warm-up: allocator, kernels, optimizer state
             for _ in range(5):
@@ -124,19 +133,24 @@ def bench_startup(repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", action="append", choices=["step", "nanogpt", "startup"])
+    parser.add_argument("--only", action="append", choices=["step", "hf", "nanogpt", "startup"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seeds", default="1337", help="comma-separated seeds for the nanogpt run (mean reported)")
     args = parser.parse_args()
-    todo = args.only or ["step", "startup", "nanogpt"]
+    todo = args.only or ["step", "hf", "startup", "nanogpt"]
     print("| benchmark | ds_hydra | reference | ratio | target |")
     print("|---|---|---|---|---|")
     if "step" in todo:
-        r = bench_step(args.rounds, args.steps)
+        r = bench_step(args.rounds, args.steps, ["experiment=nanogpt_cpu"])
         print(f"| train step, nanogpt_cpu shape (median of {args.rounds}x{args.steps}) | {r['ds_hydra_ms']:.2f} ms "
               f"| {r['plain_ms']:.2f} ms (plain PyTorch loop) | {r['ratio']:.3f} | <= 1.02 |", flush=True)
+    if "hf" in todo:
+        r = bench_step(args.rounds, args.steps, ["model=hf_llama"])
+        print(f"| train step, model=hf_llama (transformers LlamaForCausalLM, median of {args.rounds}x{args.steps}) "
+              f"| {r['ds_hydra_ms']:.2f} ms | {r['plain_ms']:.2f} ms (plain loop, same model) | {r['ratio']:.3f} "
+              f"| <= 1.02 |", flush=True)
     if "startup" in todo:
         r = bench_startup(args.repeats)
         print(f"| start-up: `ds-hydra --cfg job` vs `python -c 'import torch'` | {r['cfg_job_s']:.2f} s "

@@ -17,6 +17,7 @@ _EXPORTS = {
     "default_inference_config": "ds_hydra.inference.config",
     "generate": "ds_hydra.inference.generate",
     "load_run": "ds_hydra.inference.loading",
+    "load_model": "ds_hydra.inference.loading",
     "DeepSpeedOptimizerCallable": "ds_hydra.optim.types",
     "DeepSpeedSchedulerCallable": "ds_hydra.optim.types",
     "_LRScheduler": "ds_hydra.optim.types",

@@ -69,11 +69,12 @@ def _in_multirun() -> bool:
 # task -> "module:function"; each function takes the composed config and returns a metrics dict.
 TASKS = {
     "train": "ds_hydra.training.trainer:train",
-    "infer": "ds_hydra.inference.generate:infer",
+    "infer": "ds_hydra.inference:run_inference",
     "eval": "ds_hydra.inference.evaluate:evaluate",
     "validate": "ds_hydra.validation:validate_task",
     "resume": "ds_hydra.training.trainer:train",  # with resume=<run>: continue that run
-    "export_deepspeed": "ds_hydra.engine.deepspeed_engine:export_deepspeed",  # the DeepSpeed JSON, no training
+    "export_deepspeed": "ds_hydra.engine.deepspeed_config:export_deepspeed",  # the DeepSpeed JSON, no training
+    "export_hf": "ds_hydra.models.export_hf:export_hf",  # a trained run as a transformers model directory
     "prepare": "ds_hydra.data.prepare:prepare_task",  # token files from text, JSONL or Parquet
     "import_deepspeed": "ds_hydra.engine.deepspeed_import:import_task",  # deepspeed_config=<file> as a preset
 }

@@ -19,7 +19,7 @@ from ds_hydra.data.prepare_config import PrepareConfig
 from ds_hydra.data.tokenizer_config import BPETokenizerConfig, BytesTokenizerConfig, CharTokenizerConfig, HFTokenizerConfig
 from ds_hydra.engine.config import AutoEngineConfig, DDPEngineConfig, DeepSpeedEngineConfig, FSDPEngineConfig
 from ds_hydra.inference.config import InferenceConfig
-from ds_hydra.models.config import GPTConfig
+from ds_hydra.models.config import GPTConfig, HFCausalLMConfig
 from ds_hydra.optim.config import (
     AdagradConfig,
     AdamaxConfig,
@@ -52,6 +52,7 @@ class Task(Enum):
     export_deepspeed = "export_deepspeed"  # write the DeepSpeed JSON of engine=deepspeed without training
     prepare = "prepare"  # tokenize prepare.input into train.bin/val.bin in prepare.output (tokenizer group)
     import_deepspeed = "import_deepspeed"  # write deepspeed_config=<file> as an experiment preset; train nothing
+    export_hf = "export_hf"  # a trained run (inference.checkpoint) as a transformers model directory
 
 
 @dataclass
@@ -60,7 +61,8 @@ class DSHydraConfig:
 
     task: Task = Task.train
     """What to do with the composed config."""
-    model: GPTConfig = MISSING
+    model: Any = MISSING
+    """Any model node with a _target_ (conf/model: the built-in GPT, Hugging Face causal LMs, custom)."""
     data: Any = MISSING
     tokenizer: Any = MISSING
     """char, bytes, bpe or hf (conf/tokenizer): how task=prepare, data=text and data=sft tokenize text."""
@@ -95,6 +97,7 @@ class DSHydraConfig:
 # (group, name, schema): the option YAMLs name these in their defaults lists.
 SCHEMAS = [
     ("model", "gpt", GPTConfig),
+    ("model", "hf_causal_lm", HFCausalLMConfig),
     ("data", "char_corpus", CharCorpusConfig),
     ("data", "synthetic", SyntheticConfig),
     ("data", "tokens", TokensConfig),

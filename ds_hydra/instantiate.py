@@ -31,7 +31,7 @@ def instantiate(node: Any, *args: Any, _allowed_: Optional[Sequence[str]] = None
     from ds_hydra.errors import ConfigError
 
     allowed = allowed_prefixes(node, _allowed_)
-    problems = target_problems(node, allowed)
+    problems = target_problems(node, allowed, path=_full_key(node))
     for key, value in kwargs.items():
         problems += target_problems(value, allowed, path=key)
     if problems:
@@ -133,6 +133,15 @@ def _value(node: Any, key: Any) -> Any:
         except Exception:  # an interpolation that cannot resolve here: report the raw text
             return node._get_node(key)._value()
     return node[key]
+
+
+def _full_key(node: Any) -> str:
+    """The dotted key of ``node`` in its composed config ("model" for cfg.model), "" for a root or a dict."""
+    from omegaconf import DictConfig
+
+    if isinstance(node, DictConfig) and node._get_parent() is not None:
+        return str(node._get_full_key(None) or "")
+    return ""
 
 
 def _config_root(node: Any):

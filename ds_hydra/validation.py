@@ -10,7 +10,7 @@ from ds_hydra.data.tokenizer_config import validate_tokenizer
 from ds_hydra.engine.config import validate_engine
 from ds_hydra.errors import ConfigError
 from ds_hydra.inference.config import validate_inference
-from ds_hydra.models.config import validate_model
+from ds_hydra.models.config import configured_blocks, validate_model
 from ds_hydra.optim.config import validate_optimizer, validate_param_groups, validate_scheduler
 from ds_hydra.tracking.config import validate_logger
 from ds_hydra.training.config import validate_run, validate_trainer
@@ -31,9 +31,10 @@ def config_problems(cfg) -> List[str]:
     problems += validate_param_groups(cfg.param_groups)
     if cfg.trainer.max_steps >= 1:  # else schedule lengths interpolated from it would only echo that problem
         problems += validate_scheduler(cfg.scheduler, max_steps=cfg.trainer.max_steps)
-    problems += validate_ckpt(cfg.ckpt, n_blocks=cfg.model.n_layer)
+    n_blocks = configured_blocks(cfg.model)
+    problems += validate_ckpt(cfg.ckpt, n_blocks=n_blocks)
     problems += validate_inference(cfg.inference, task=cfg.task.value)
-    problems += validate_engine(cfg.engine, cfg.trainer, task=cfg.task.value, ckpt=cfg.ckpt, n_blocks=cfg.model.n_layer)
+    problems += validate_engine(cfg.engine, cfg.trainer, task=cfg.task.value, ckpt=cfg.ckpt, n_blocks=n_blocks)
     problems += validate_logger(cfg.logger, task=cfg.task.value)
     return problems
 
@@ -218,12 +219,12 @@ def _dry_build(cfg, report: ValidationReport) -> None:
     from omegaconf import OmegaConf
 
     from ds_hydra.data.cache import vocab_size_of
-    from ds_hydra.instantiate import instantiate
+    from ds_hydra.models.build import build_model
 
     try:
         vocab_size, vocab_source = vocab_size_of(cfg)  # a character corpus is built (once per process) to learn it
         with torch.device("meta"):
-            model = instantiate(cfg.model, vocab_size=vocab_size)
+            model = build_model(cfg.model, vocab_size)
     except Exception as exc:
         report.problems.append(f"model: building {cfg.model._target_} failed: {_one_line(exc)}")
         return
@@ -231,7 +232,7 @@ def _dry_build(cfg, report: ValidationReport) -> None:
     report.values["parameters"] = n_params
     report.add(
         "model (built on the meta device: shapes only)",
-        f"{cfg.model._target_}: {n_params:,} parameters ({n_params * 4 / 2**20:.1f} MiB in fp32), "
+        f"{cfg.model._target_} -> {type(model).__name__}: {n_params:,} parameters ({n_params * 4 / 2**20:.1f} MiB in fp32), "
         f"vocab {vocab_size} ({vocab_source})",
     )
     optimizer = _param_group_section(cfg, model, report)

@@ -31,6 +31,7 @@ from ds_hydra.activation_checkpointing.planner import plan_for_budget
 from ds_hydra.activation_checkpointing.policies import Region, best_segment_count, segment_regions
 from ds_hydra.activation_checkpointing.selective import selective_available
 from ds_hydra.errors import UserError
+from ds_hydra.models.contract import CausalLMLoss
 from ds_hydra.models.gpt import GPT
 
 NO_SAC = f"torch {torch.__version__} has no selective-checkpoint API (torch >= 2.5)"
@@ -47,9 +48,17 @@ def _selective_cases_need_the_api(request):
 
 
 # -- models -----------------------------------------------------------------------------------------------
+# The stand-ins are called as model(x, targets) -> (output, loss): checkpointing is tested on the whole
+# step. LossGPT is the built-in GPT (its blocks, paths and state dict) plus the trainer's loss.
+class LossGPT(GPT):
+    def forward(self, idx, targets=None, **kwargs):
+        logits = super().forward(idx, **kwargs)
+        return logits, (CausalLMLoss()(logits, targets) if targets is not None else None)
+
+
 def gpt(n_layer=4, dropout=0.1, seed=0):
     torch.manual_seed(seed)
-    return GPT(65, n_layer=n_layer, n_head=2, n_embd=32, block_size=16, dropout=dropout)
+    return LossGPT(65, n_layer=n_layer, n_head=2, n_embd=32, block_size=16, dropout=dropout)
 
 
 GPT_BATCH = (torch.randint(0, 65, (3, 16), generator=torch.Generator().manual_seed(1)),
@@ -212,6 +221,34 @@ POLICIES = [
 ]
 
 
+# Hugging Face models as users bring them: default config (use_cache=True: a KV cache object is handed to
+# every layer), dropout on, called as the trainer calls them.
+def hf_model(kind: str, n_layer: int = 4, use_cache: bool = True):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=65, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=16, attention_dropout=0.1,
+        )
+        base = transformers.LlamaForCausalLM
+    else:
+        config = transformers.GPT2Config(vocab_size=65, n_embd=32, n_layer=n_layer, n_head=4, n_positions=16)  # dropout 0.1
+        base = transformers.GPT2LMHeadModel
+    config.use_cache = use_cache
+
+    class WithLoss(base):
+        def forward(self, idx, targets=None, **kwargs):
+            output = super().forward(input_ids=idx, **kwargs)
+            self.last_cache = getattr(output, "past_key_values", None)
+            return output.logits, (CausalLMLoss()(output, targets) if targets is not None else None)
+
+    return WithLoss(config).train()
+
+
+HF_KINDS = ["llama", "gpt2"]
+
+
 # -- gradients and bytes -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
 def test_gpt_gradients_bit_identical_and_bytes_as_predicted(policy):
@@ -243,6 +280,64 @@ def test_stand_in_models_gradients_bit_identical(name, policy):
     # recompute must not update batch-norm running statistics a second time
     for (name_a, a), (name_b, b) in zip(reference_model.named_buffers(), model.named_buffers()):
         assert name_a == name_b and torch.equal(a, b), name_a
+
+
+@pytest.mark.parametrize("kind", HF_KINDS)
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+def test_hf_models_gradients_bit_identical_under_every_policy(kind, policy):
+    """transformers' LlamaForCausalLM and GPT2LMHeadModel with dropout, as the trainer runs them (no KV
+    cache): every policy gives the un-checkpointed gradients bit for bit and the bytes the planner predicted."""
+    reference = step(hf_model(kind, use_cache=False), GPT_BATCH)
+    model = checkpoint_activations(hf_model(kind, use_cache=False), example_input=GPT_BATCH, **policy)
+    result = step(model, GPT_BATCH)
+    assert_identical(result, reference)
+    state = checkpointing_state(model)
+    assert state.path == {"llama": "model.layers", "gpt2": "transformer.h"}[kind]
+    assert result[2] == state.activation_profile.kept_bytes(state.regions) < reference[2]
+
+
+@pytest.mark.parametrize("kind", HF_KINDS)
+@pytest.mark.parametrize("policy", [dict(selective=True), dict(full=True), dict(segments=2, checkpoint_last=True),
+                                    dict(memory_budget="30%")], ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+def test_hf_kv_cache_is_never_written_twice(kind, policy):
+    """Called directly with the default use_cache=True, every layer gets a DynamicCache. Before, the recompute
+    appended the layer's keys and values a second time: selective checkpointing failed at backward
+    ("aten.slice.Tensor encountered during backward but not found in storage") and full checkpointing silently
+    doubled the cache. Checkpointed layers now run without the cache while training, as transformers' own
+    checkpointing does: the step runs, the cache holds no position twice, and the gradients are the
+    un-checkpointed model's (bit for bit on Llama; GPT-2's cached attention path differs from its uncached
+    one by rounding alone)."""
+    reference = step(hf_model(kind), GPT_BATCH)
+    model = checkpoint_activations(hf_model(kind), example_input=GPT_BATCH, **policy)
+    result = step(model, GPT_BATCH)
+    assert model.last_cache is not None and model.last_cache.get_seq_length() == 0  # no checkpointed layer wrote it
+    assert torch.equal(result[0], reference[0])
+    for name, grad in reference[1].items():
+        if kind == "llama":
+            assert torch.equal(result[1][name], grad), name
+        else:
+            torch.testing.assert_close(result[1][name], grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", HF_KINDS)
+def test_hf_memory_budget_plan_uses_its_budget(kind):
+    """On a foreign model the planner fills its budget as on ours: >= 90% of it where a per-block plan
+    that close exists."""
+    model = hf_model(kind, n_layer=8)
+    none = step(model, GPT_BATCH)[2]
+    checked = 0
+    for fraction in (0.9, 0.7, 0.5, 0.3):
+        budget = int(fraction * none)
+        model = checkpoint_activations(hf_model(kind, n_layer=8), example_input=GPT_BATCH, memory_budget=budget)
+        state = checkpointing_state(model)
+        measured = step(model, GPT_BATCH)[2]
+        assert measured == state.activation_profile.kept_bytes(state.regions) <= budget
+        profile = state.activation_profile
+        per_block = [profile.kept_bytes([Region(i, i + 1) for i in range(k, 8)]) for k in range(8)]
+        if any(0.9 * budget <= b <= budget for b in per_block):
+            assert measured >= 0.9 * budget, (fraction, measured / budget)
+            checked += 1
+    assert checked >= 2
 
 
 def test_bytes_ordered_none_segments2_segments4_full():

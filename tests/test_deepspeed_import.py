@@ -148,7 +148,7 @@ def normalized_optimizer(section):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_import_then_export_gives_back_every_shared_key(name, tmp_path):
-    from ds_hydra.engine.deepspeed_engine import deepspeed_config
+    from ds_hydra.engine.deepspeed_config import deepspeed_config
 
     original = load(name)
     cfg = compose_imported(imported(original), "engine=deepspeed", "model=gpt_tiny")
@@ -432,7 +432,7 @@ def test_zero_stage_without_deepspeed_takes_the_nearest_native_engine(stage, nat
 
 
 def test_zero_settings_deepspeed_reads_pass_through_and_reach_its_config():
-    from ds_hydra.engine.deepspeed_engine import deepspeed_config
+    from ds_hydra.engine.deepspeed_config import deepspeed_config
 
     config = load("zero3_bf16_warmup_cosine")
     cfg = compose_imported(imported(config), "model=gpt_tiny")
@@ -576,7 +576,7 @@ def test_cli_trains_each_zero_config_with_deepspeeds_engine(tmp_path, name):
 def test_export_then_import_gives_the_same_config(overrides, tmp_path):
     from omegaconf import OmegaConf
 
-    from ds_hydra.engine.deepspeed_engine import deepspeed_config
+    from ds_hydra.engine.deepspeed_config import deepspeed_config
 
     base = ["model=gpt_tiny", "engine=deepspeed", "trainer.max_steps=40", *overrides]
     cfg = compose(base)

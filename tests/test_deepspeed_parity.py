@@ -299,6 +299,7 @@ def test_deepspeed_initialize_accepts_our_callables(single_process_group):
     from conftest import compose
     from ds_hydra.instantiate import instantiate
     from ds_hydra.optim.build import optimizer_callable, param_groups_for, scheduler_callable
+    from ds_hydra.models.contract import CausalLMLoss
 
     cfg = compose(["model=gpt_tiny", "optimizer=adamw", "scheduler=warmup_cosine_lr", "trainer.max_steps=12",
                    "scheduler.warmup_num_steps=3", "param_groups.lr_rules=[{pattern:'^wte',lr_mult:0.5}]"])
@@ -324,7 +325,7 @@ def test_deepspeed_initialize_accepts_our_callables(single_process_group):
     x = torch.randint(0, 65, (2, 16))
     for step in range(14):
         assert engine.get_lr() == pytest.approx([g["lr"] for g in ref_opt.param_groups], rel=REL_TOL, abs=0)
-        _, loss = engine(x, x)
+        loss = CausalLMLoss()(engine(x), x)
         engine.backward(loss)
         engine.step()  # optimizer step, then our scheduler's step
         reference.step()

@@ -123,7 +123,7 @@ def test_ddp_with_accumulation_equals_one_process(tmp_path):
 
 
 def _fsdp_skip_reason():
-    from ds_hydra.engine.distributed import fsdp_unsupported
+    from ds_hydra.engine.fsdp import fsdp_unsupported
 
     return fsdp_unsupported(torch.device("cpu"))
 
@@ -174,7 +174,7 @@ def test_ddp_all_reduces_once_per_step_with_accumulation(tmp_path):
         n_params = sum(p.numel() for p in trainer.model.parameters())
         assert calls == [n_params, n_params]
     finally:
-        trainer.distributed.close()
+        trainer.engine.close()
 
 
 def test_fsdp_resumes_bit_for_bit(tmp_path):
@@ -200,14 +200,15 @@ def test_fsdp_resumes_bit_for_bit(tmp_path):
 
 
 def test_fsdp_optimizer_state_round_trips_between_named_and_numbered():
-    from ds_hydra.engine.distributed import indexed_optimizer_state, named_optimizer_state
+    from ds_hydra.engine.fsdp import indexed_optimizer_state, named_optimizer_state
+    from ds_hydra.models.contract import CausalLMLoss
     from ds_hydra.models.gpt import GPT
     from ds_hydra.optim.param_groups import build_param_groups
 
     model = GPT(vocab_size=65, n_layer=2, n_head=2, n_embd=16, block_size=8)
     optimizer = torch.optim.AdamW(build_param_groups(model, weight_decay=0.1))
     x = torch.randint(0, 65, (2, 8))
-    model(x, x)[1].backward()
+    CausalLMLoss()(model(x), x).backward()
     optimizer.step()
     numbered = optimizer.state_dict()
     named = named_optimizer_state(numbered, model, optimizer)
@@ -225,18 +226,18 @@ def test_ranks_split_one_global_stream():
 
     tokens = torch.arange(10_000)
     cpu = torch.device("cpu")
-    one = RandomBlocks(tokens, block_size=8, batch_size=3, seed=7)
-    global_batches = [one.next_batch(cpu)[0] for _ in range(6)]
+    one = RandomBlocks(tokens, seq_len=8, batch_size=3, seed=7)
+    global_batches = [one.next_batch(cpu)["input_ids"] for _ in range(6)]
     for world in (2, 3):
-        ranks = [RandomBlocks(tokens, block_size=8, batch_size=3, seed=7, rank=r, world_size=world) for r in range(world)]
+        ranks = [RandomBlocks(tokens, seq_len=8, batch_size=3, seed=7, rank=r, world_size=world) for r in range(world)]
         for m in range(6 // world):
             for r, sampler in enumerate(ranks):
-                assert torch.equal(sampler.next_batch(cpu)[0], global_batches[r + world * m])
+                assert torch.equal(sampler.next_batch(cpu)["input_ids"], global_batches[r + world * m])
         # Every rank's generator is at the same place: one rank's state resumes them all.
         states = [s.state_dict()["generator"] for s in ranks]
         assert all(torch.equal(states[0], s) for s in states)
     with pytest.raises(ValueError, match="rank=2"):
-        RandomBlocks(tokens, block_size=8, batch_size=3, seed=7, rank=2, world_size=2)
+        RandomBlocks(tokens, seq_len=8, batch_size=3, seed=7, rank=2, world_size=2)
 
 
 def test_local_rank_arguments_are_stripped(monkeypatch):
@@ -251,7 +252,7 @@ def test_local_rank_arguments_are_stripped(monkeypatch):
 
 
 def test_engine_auto_is_one_process_without_a_launcher(monkeypatch):
-    from ds_hydra.engine.distributed import resolve_engine
+    from ds_hydra.engine import resolve_engine
 
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)

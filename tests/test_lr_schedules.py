@@ -325,3 +325,22 @@ def test_no_warnings_when_stepped_after_the_optimizer():
         for _ in range(3):
             optimizer.step()
             scheduler.step()
+
+
+def test_warmup_cosine_matches_nanogpt_formula():
+    from ds_hydra.optim.schedules import WarmupCosineDecay
+
+    def nanogpt_lr(it, lr=1e-3, min_lr=1e-4, warmup=100, decay=2000):
+        if it < warmup:
+            return lr * (it + 1) / (warmup + 1)
+        if it > decay:
+            return min_lr
+        ratio = (it - warmup) / (decay - warmup)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))], lr=1e-3)
+    scheduler = WarmupCosineDecay(optimizer, warmup_steps=100, total_steps=2000, min_lr_ratio=0.1)
+    for it in range(2100):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(nanogpt_lr(it), rel=1e-12)
+        optimizer.step()
+        scheduler.step()

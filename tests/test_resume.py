@@ -245,11 +245,10 @@ def test_sweep_rerun_skips_finished_jobs_and_continues_unfinished_ones(tmp_path)
 
 
 def test_nan_loss_stops_naming_the_step_and_never_saves_the_broken_state(tmp_path, monkeypatch, reference):
-    from ds_hydra.models.gpt import GPT
     from ds_hydra.training.nonfinite import NonFiniteLoss
     from ds_hydra.training.state import checkpoint_path, list_checkpoints
 
-    poison_losses(monkeypatch, GPT, steps={5}, accum=2)
+    poison_losses(monkeypatch, steps={5}, accum=2)
     run_dir = tmp_path / "run"
     with pytest.raises(NonFiniteLoss) as diverged:
         train_in_process(RUN, run_dir)
@@ -269,34 +268,36 @@ def test_nan_loss_stops_naming_the_step_and_never_saves_the_broken_state(tmp_pat
 
 
 def test_skip_nonfinite_drops_bad_steps_up_to_the_limit(tmp_path, monkeypatch):
-    from ds_hydra.models.gpt import GPT
     from ds_hydra.training.nonfinite import NonFiniteLoss
 
-    poison_losses(monkeypatch, GPT, steps={3}, accum=2)
+    poison_losses(monkeypatch, steps={3}, accum=2)
     final = train_in_process([*RUN, "trainer.skip_nonfinite=1"], tmp_path / "one")
     assert final["step"] == 6 and all(torch.isfinite(t).all() for t in final_state(tmp_path / "one")["model"].values())
 
-    poison_losses(monkeypatch, GPT, steps={3, 5}, accum=2)
+    poison_losses(monkeypatch, steps={3, 5}, accum=2)
     with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 5 after skipping 1"):
         train_in_process([*RUN, "trainer.skip_nonfinite=1"], tmp_path / "two")
 
 
-def poison_losses(monkeypatch, model_class, steps, accum):
+def poison_losses(monkeypatch, steps, accum):
     """Make the training loss NaN in the given optimizer steps (1-based), whatever the weights."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    original = model_class.forward
+    from ds_hydra.models.contract import CausalLMLoss
+
+    original = CausalLMLoss.forward
     calls = {"n": 0}
 
-    def forward(self, idx, targets=None, *args, **kwargs):
-        logits, loss = original(self, idx, targets, *args, **kwargs)
-        if targets is not None and self.training and not isinstance(loss, FakeTensor):  # not the memory preflight's estimate
+    def forward(self, output, labels):
+        loss = original(self, output, labels)
+        # a training micro-batch: evaluation runs without gradients, the memory preflight on fake tensors
+        if torch.is_grad_enabled() and not isinstance(loss, FakeTensor):
             calls["n"] += 1
             if (calls["n"] - 1) // accum + 1 in steps:
                 loss = loss * float("nan")
-        return logits, loss
+        return loss
 
-    monkeypatch.setattr(model_class, "forward", forward)
+    monkeypatch.setattr(CausalLMLoss, "forward", forward)
 
 
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -19,7 +19,9 @@ from conftest import REPO, TINY, compose
 from ds_hydra.errors import UserError
 from ds_hydra.models.gpt import GPT
 from ds_hydra.training import throughput as tp
-from ds_hydra.training.trainer import OLD_DYNAMO, Trainer, resolve_precision, train
+from ds_hydra.devices import resolve_precision
+from ds_hydra.models.contract import CausalLMLoss
+from ds_hydra.training.trainer import OLD_DYNAMO, Trainer, train
 
 
 def _norm_params(model: GPT) -> int:
@@ -33,7 +35,7 @@ def _count_train_flops(model: GPT, batch: int, math_attention: bool):
     y = torch.randint(model.vocab_size, (batch, model.block_size), device=x.device)
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext(), counter:
-        model(x, y)[1].backward()
+        CausalLMLoss()(model(x), y).backward()
     return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
 
 
@@ -54,7 +56,7 @@ def test_gpt2_124m_flops_match_the_counter_up_to_norm_gains():
     counted = _count_train_flops(model, batch, math_attention=True)
     tokens = batch * T
     N = model.num_params()
-    formula = tp.model_flops_per_token(model)
+    formula = tp.model_flops_per_token(model, m.block_size)
     assert N == 123_587_328
     assert formula == 6 * N + 12 * 12 * 768 * 1024 == 854_770_176
     assert counted["aten.mm"] == 6 * (N - _norm_params(model)) * tokens
@@ -78,7 +80,7 @@ def test_tiny_gpt_flops_on_real_tensors(bias):
     exact = _count_train_flops(model, 3, math_attention=True)
     assert exact["aten.mm"] + exact.get("aten.addmm", 0) == 6 * (N - _norm_params(model)) * tokens
     assert exact["aten.bmm"] == 12 * L * d * T * tokens
-    assert tp.model_flops_per_token(model) * tokens - sum(exact.values()) == 6 * _norm_params(model) * tokens
+    assert tp.model_flops_per_token(model, T) * tokens - sum(exact.values()) == 6 * _norm_params(model) * tokens
     fused = _count_train_flops(model, 3, math_attention=False)
     matmuls = fused.get("aten.mm", 0) + fused.get("aten.addmm", 0)
     assert matmuls == 6 * (N - _norm_params(model)) * tokens
@@ -87,7 +89,48 @@ def test_tiny_gpt_flops_on_real_tensors(bias):
 
 def test_formula_terms():
     assert tp.transformer_flops_per_token(n_params=1000, n_layer=2, d_model=8, seq_len=4) == 6000 + 12 * 2 * 8 * 4
-    assert tp.model_flops_per_token(torch.nn.Linear(2, 2)) is None  # not a GPT-like model: no estimate
+
+
+class TinyLM(torch.nn.Module):
+    """A model that states no transformer shape: its FLOPs are measured, not estimated."""
+
+    def __init__(self, vocab=40, d=16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.mix = torch.nn.Linear(d, d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.mix(self.embed(idx))))
+
+
+def test_models_without_a_stated_shape_are_measured_once():
+    model = TinyLM()
+    T = 12
+    counter = FlopCounterMode(display=False)
+    with counter:
+        CausalLMLoss()(model(torch.randint(40, (1, T))), torch.randint(40, (1, T))).backward()
+    assert tp.transformer_shape(model) is None
+    assert tp.model_flops_per_token(model, T) == counter.get_total_flops() // T == 6 * (16 * 16 + 16 * 40)  # matmul weights
+    assert all(p.device.type == "cpu" for p in model.parameters())  # measured on a meta copy
+
+
+def test_matmul_params_leave_out_lookup_only_tables():
+    """Tied tables count once (the output matmul pays for them); position and untied input tables don't."""
+    tied = GPT(vocab_size=65, n_layer=1, n_head=2, n_embd=16, block_size=8)
+    assert tp.matmul_params(tied) == tied.num_params()  # nanoGPT's count: all but the position table
+    untied = TinyLM()
+    assert tp.matmul_params(untied) == sum(p.numel() for p in untied.parameters()) - 40 * 16
+
+
+def test_hf_models_take_their_shape_from_the_config():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=65, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config)
+    N = sum(p.numel() for p in model.parameters()) - 65 * 32  # the input embedding is a lookup
+    assert tp.transformer_shape(model) == (2, 32)
+    assert tp.model_flops_per_token(model, 16) == 6 * N + 12 * 2 * 32 * 16
 
 
 # -- peaks and MFU ------------------------------------------------------------------------------
@@ -191,16 +234,19 @@ def test_bad_peak_and_small_vocab_are_user_errors(tmp_path):
         Trainer(compose([*TINY, "model.vocab_size=10"]), tmp_path)
 
 
-def test_padded_vocab_loss_is_the_real_vocabulary_cross_entropy():
-    """The loss module ignores the padding columns; the returned logits are the real vocabulary's."""
+def test_padded_vocab_logits_are_the_real_vocabulary():
+    """The padding columns never leave the model; the trainer's loss is cross-entropy over the real vocabulary."""
     torch.manual_seed(0)
     model = GPT(vocab_size=65, n_layer=1, n_head=2, n_embd=16, block_size=8, pad_vocab_to=64)
     x, y = torch.randint(65, (2, 8)), torch.randint(65, (2, 8))
-    logits, loss = model(x, y)
+    logits = model(x)
     assert logits.shape == (2, 8, 65)
     assert model.lm_head.weight.shape[0] == 128
-    assert torch.equal(loss, F.cross_entropy(logits.reshape(-1, 65), y.reshape(-1)))
-    assert "loss_fn" not in {n.split(".")[0] for n in model.state_dict()}  # parameter-free: state dict unchanged
+    assert torch.equal(CausalLMLoss()(logits, y), F.cross_entropy(logits.reshape(-1, 65), y.reshape(-1)))
+    y[0, :3] = -100  # ignored positions carry no loss: the mean is over the rest
+    assert torch.equal(CausalLMLoss()(logits, y), F.cross_entropy(logits.reshape(-1, 65), y.reshape(-1), ignore_index=-100))
+    y[:] = -100
+    assert CausalLMLoss()(logits, y).item() == 0.0  # no labelled position: zero, not NaN
 
 
 def _saved_bytes_and_grads(model: GPT, x, y):
@@ -214,8 +260,10 @@ def _saved_bytes_and_grads(model: GPT, x, y):
         return t
 
     with saved_tensors_hooks(pack, lambda t: t):
-        logits, loss = model(x, y)
+        output = model(x)
+        loss = CausalLMLoss()(output, y)
     loss.backward()
+    logits = output if isinstance(output, torch.Tensor) else None
     return sum(storages.values()), logits, loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 

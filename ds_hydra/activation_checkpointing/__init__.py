@@ -16,6 +16,7 @@ _EXPORTS = {
     "plan_checkpointing": "apply",
     "ckpt_config": "apply",
     "find_blocks": "blocks",
+    "model_blocks": "blocks",
     "SavedActivationCounter": "counter",
     "probe": "planner",
     "ActivationProfile": "planner",

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -220,9 +220,10 @@ class _Runner:
                                      preserve_rng_state=state.preserve_rng_state, **extra)
         finally:
             self.in_forward = False
-        # the region keeps its inputs for the recompute (torch >= 2.5 saves them through the saved-tensor
-        # hooks, and a counter has seen them already; older torch holds them in a closure)
-        note_kept(args)
+        # the region keeps its inputs for the recompute: positional ones through the saved-tensor hooks
+        # (torch >= 2.5; a counter has seen them already) or a closure (older torch), keyword ones (masks,
+        # rotary tables) in the closure that runs the region again
+        note_kept((args, kwargs))
         if self.region.selective:
             state.selective_region_ran(self.index)
         if self.region.size == 1:
@@ -281,6 +282,47 @@ def _on_cuda(args) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tree_leaves(args))
 
 
+# -- KV caches in checkpointed calls ------------------------------------------------------------------
+# A checkpointed region must be a pure function of its inputs: backward replays it. A key/value cache
+# passed into a block is not: the block appends its keys and values to it, and the replay appends them
+# again, so the cache doubles and per-op (selective) recompute meets ops that never ran in forward.
+# Hugging Face layers get such a cache whenever the model's config has use_cache=True (the default).
+# Training needs no cache, so a checkpointed block runs without one while gradients are recorded, as
+# transformers' own checkpointing does; evaluation and generation (no grad) keep theirs.
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _is_cache(value) -> bool:
+    """A mutable key/value cache: transformers' ``Cache`` objects, or anything that updates and reports a length."""
+    if value is None or isinstance(value, (torch.Tensor, tuple, list, dict, str, int, float, bool)):
+        return False
+    return callable(getattr(value, "update", None)) and callable(getattr(value, "get_seq_length", None))
+
+
+def _without_caches(block: nn.Module, args, kwargs):
+    """``args, kwargs`` with every KV cache replaced by None and ``use_cache`` off (logged once per class)."""
+    dropped = [i for i, a in enumerate(args) if _is_cache(a)]
+    keys = [k for k in CACHE_KWARGS if _is_cache(kwargs.get(k))]
+    if not dropped and not keys and not kwargs.get("use_cache"):
+        return args, kwargs
+    if dropped:
+        args = tuple(None if i in dropped else a for i, a in enumerate(args))
+    kwargs = {**kwargs, **{k: None for k in keys}}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    cls = original_class(block)
+    if (dropped or keys) and cls not in _WARNED_CACHE:
+        _WARNED_CACHE.add(cls)
+        log.info(
+            "ckpt: %s gets a KV cache while training; checkpointed blocks run without it (the recompute would "
+            "write it twice); set use_cache=False in the model's config to build none", cls.__name__,
+        )
+    return args, kwargs
+
+
+_WARNED_CACHE: set = set()
+
+
 class _Role:
     """What a checkpointed block does when called: run its region, or hand out its precomputed output."""
 
@@ -289,6 +331,8 @@ class _Role:
         self.position = position
 
     def __call__(self, block, args, kwargs):
+        if torch.is_grad_enabled():
+            args, kwargs = _without_caches(block, args, kwargs)
         if self.position == 0:
             return self.runner.first(block, args, kwargs)
         return self.runner.later(self.position, block, args, kwargs)
@@ -387,13 +431,13 @@ class CheckpointPlan:
     save_ops: Optional[SaveOps]
 
 
-def plan_checkpointing(model: nn.Module, cfg: CkptConfig, example_input: Any = None, runs: Optional[nn.Module] = None,
+def plan_checkpointing(model: nn.Module, cfg: CkptConfig, example_input: Any = None, forward: Optional[Callable] = None,
                        measure: bool = False) -> CheckpointPlan:
     """The plan of policy ``cfg`` for ``model``'s blocks, without applying it.
 
-    ``example_input``: a batch of the real shape, run through ``runs`` (default: the model itself; a
-    wrapper that also computes the loss measures the loss's saved tensors too). The probe runs when a
-    policy needs it, or always with ``measure`` (what the memory preflight asks)."""
+    ``example_input``: a batch of the real shape, run through ``forward`` (default: the model itself;
+    the trainer passes model plus loss, so the loss's saved tensors are measured too). The probe runs
+    when a policy needs it, or always with ``measure`` (what the memory preflight asks)."""
     path, container = find_blocks(model, cfg.blocks)
     blocks = list(container)
     problems = validate_ckpt(cfg, len(blocks))
@@ -411,18 +455,19 @@ def plan_checkpointing(model: nn.Module, cfg: CkptConfig, example_input: Any = N
         )
     profile = None
     if example_input is not None and (measure or budget or cfg.selective or effective_segments(cfg) or cfg.full or cfg.every_n):
-        profile = probe(runs if runs is not None else model, blocks, example_input, save_ops)
+        profile = probe(model, blocks, example_input, save_ops, forward=forward)
         if cfg.selective:
             check_matched(save_ops, profile.ops)
     return CheckpointPlan(path, blocks, _choose_regions(cfg, len(blocks), profile, save_ops), profile, save_ops)
 
 
-def checkpoint_activations(model: nn.Module, example_input: Any = None, **ckpt) -> nn.Module:
+def checkpoint_activations(model: nn.Module, example_input: Any = None, forward: Optional[Callable] = None, **ckpt) -> nn.Module:
     """Apply the activation-checkpointing policy ``ckpt`` (the fields of ``CkptConfig``) to ``model``
     in place and return it. ``example_input``: a batch of the real shape (a tensor, a tuple of
     arguments, a dict of keyword arguments, or a callable returning one); ``memory_budget`` needs it,
-    and with it the plan's memory is measured and logged. Applying again replaces the previous plan;
-    with every policy off the model is left untouched."""
+    and with it the plan's memory is measured and logged. ``forward`` runs the example (default: the
+    model; the trainer passes model plus loss, so the plan counts the loss's memory too). Applying
+    again replaces the previous plan; with every policy off the model is left untouched."""
     cfg = ckpt_config(ckpt)
     remove_activation_checkpointing(model)
     for note in deepspeed_key_notes(cfg):
@@ -432,7 +477,7 @@ def checkpoint_activations(model: nn.Module, example_input: Any = None, **ckpt) 
         if problems:
             raise ConfigError(problems)
         return model
-    plan = plan_checkpointing(model, cfg, example_input)
+    plan = plan_checkpointing(model, cfg, example_input, forward=forward)
     path, blocks, regions, n, save_ops, profile = plan.path, plan.blocks, plan.regions, len(plan.blocks), plan.save_ops, plan.profile
 
     state = CheckpointingState(cfg, path, regions, n, save_ops, profile)

@@ -59,3 +59,16 @@ def find_blocks(model: nn.Module, blocks: Optional[str] = None) -> Tuple[str, nn
             f"entries share one type); name one with ckpt.blocks=<dotted path>; candidates: {listing}"
         )
     return best
+
+
+def model_blocks(model: nn.Module, blocks: Optional[str] = None) -> Tuple[str, List[nn.Module]]:
+    """``(path, blocks)``: the model's block list, found once for every transform that works per block
+    (activation checkpointing, per-block compile, FSDP sharding). A model without one gets ``("", [])``
+    unless ``blocks`` names a path, which must exist."""
+    try:
+        path, container = find_blocks(model, blocks)
+    except UserError:
+        if blocks:
+            raise
+        return "", []
+    return path, list(container)

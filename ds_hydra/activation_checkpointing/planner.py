@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -73,6 +73,9 @@ class ActivationProfile:
     outside_saves_last_output: bool
     external_bytes: int
     """Tensors passed to the blocks besides the hidden state (masks) that the blocks save, counted once."""
+    passed_bytes: int
+    """Every tensor passed to the blocks besides the hidden state (masks, rotary tables), counted once: a
+    checkpointed region holds them for its recompute, whether or not the blocks save them."""
     outside_param_bytes: int
     """Gradients of the parameters outside the blocks (embeddings, head)."""
     ops: Set = field(default_factory=set)
@@ -126,7 +129,7 @@ class ActivationProfile:
         """Bytes held between forward and backward with these regions checkpointed."""
         L, blocks, modes = self.n_blocks, self.blocks, self._modes(regions)
         starts = {r.start for r in regions}
-        total = self.outside_bytes + self.external_bytes
+        total = self.outside_bytes + (self.passed_bytes if regions else self.external_bytes)
         for block, mode in zip(blocks, modes):
             if mode is None:
                 total += block.inner_bytes
@@ -229,6 +232,7 @@ class _Probe:
         self.saved: Dict[int, tuple] = {}
         self.selected: Dict[int, tuple] = {}
         self.external: Dict[int, tuple] = {}
+        self.passed: Dict[int, tuple] = {}
         self.external_ptrs: Set[int] = set()
         self.inputs: Dict[int, tuple] = {}
         self.keep_alive: List[object] = []
@@ -264,8 +268,9 @@ class _Probe:
         for leaf in tree_flatten((args, kwargs))[0]:
             if isinstance(leaf, torch.Tensor) and leaf is not hidden:
                 found = storage_of(leaf)
-                if found is not None and found[0] != self.inputs[index][0]:
+                if found is not None and found[0] != self.inputs[index][0] and found[0] not in self.exclude:
                     self.external_ptrs.add(found[0])
+                    self.passed[found[0]] = found[1:]
         if index == 0:
             self.keep_alive.append(self.inputs[0])
         self.current, self.saved, self.selected = index, {}, {}
@@ -341,9 +346,13 @@ def _no_dispatch_modes():
 
 
 def probe(
-    model: nn.Module, blocks: Sequence[nn.Module], example_input, save_ops: Optional[SaveOps] = None
+    model: nn.Module, blocks: Sequence[nn.Module], example_input, save_ops: Optional[SaveOps] = None,
+    forward: Optional[Callable] = None,
 ) -> ActivationProfile:
-    """Measure what each block saves for backward on ``example_input`` (see the module docstring)."""
+    """Measure what each block saves for backward on ``example_input`` (see the module docstring).
+
+    ``forward(*args, **kwargs)`` runs the example (default: the model itself); the trainer passes its
+    loss step, so that the loss's saved bytes are counted with what lies outside the blocks."""
     args, kwargs = _split_example(example_input)
     state = _Probe(model, save_ops)
     handles = []
@@ -355,7 +364,7 @@ def probe(
     try:
         with torch.random.fork_rng(devices=devices), restore_buffers(list(model.buffers())), \
                 torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(state.pack, lambda t: t):
-            output = model(*args, **kwargs)
+            output = (forward or model)(*args, **kwargs)
             last_output = state.last_output
             del output
     finally:
@@ -382,7 +391,9 @@ def probe(
         outside_largest_bytes=max((v[0] for v in outside.values()), default=0),
         outside_saves_first_input=first_ptr in state.outside,
         outside_saves_last_output=last_ptr in state.outside,
-        external_bytes=sum(v[0] for v in state.external.values()),
+        # a tensor saved outside the blocks too (position ids, indexed by an embedding) is counted there only
+        external_bytes=sum(v[0] for k, v in state.external.items() if k not in state.outside),
+        passed_bytes=sum(v[0] for k, v in state.passed.items() if k not in state.outside),
         outside_param_bytes=outside_params,
         ops=state.ops,
     )

@@ -1,16 +1,23 @@
-"""Data: token corpora and the random-block batch sampler (imported lazily: they need torch)."""
+"""Data: what the trainer asks of a data set (``base``), the built-in corpora and the batch samplers.
+
+Imported lazily: everything here needs torch, and reading configs must not import it.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "TokenData": "base",
+    "build_data": "base",
+    "CharCorpus": "corpus",
+    "SyntheticTokens": "corpus",
+    "embedded_corpus_text": "corpus",
+    "RandomBlocks": "batches",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    if name in ("CharCorpus", "SyntheticTokens", "embedded_corpus_text"):
-        from ds_hydra.data import corpus
-
-        return getattr(corpus, name)
-    if name == "RandomBlocks":
-        from ds_hydra.data.batches import RandomBlocks
-
-        return RandomBlocks
-    raise AttributeError(name)
-
-
-__all__ = ["CharCorpus", "SyntheticTokens", "RandomBlocks", "embedded_corpus_text"]
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{module}"), name)

@@ -17,6 +17,8 @@ class CharCorpusConfig:
     """A UTF-8 text file to train on instead; ``null`` uses the embedded Tiny Shakespeare."""
     train_fraction: float = 0.9
     """The first fraction of the text trains, the rest validates (nanoGPT's 90/10 split)."""
+    seq_len: Optional[int] = None
+    """Tokens per training sequence; null: the model's maximum positions (model.block_size for the built-in GPT)."""
 
 
 @dataclass
@@ -34,12 +36,16 @@ class SyntheticConfig:
     """Probability that a token is the chain's fixed successor of the previous one (else uniform)."""
     seed: int = 0
     """Seed of the chain and the stream (independent of the trainer's seed)."""
+    seq_len: Optional[int] = None
+    """Tokens per training sequence; null: the model's maximum positions (model.block_size for the built-in GPT)."""
 
 
 def validate_data(cfg, prefix: str = "data") -> List[str]:
     problems = []
     if "train_fraction" in cfg and not 0.0 < cfg.train_fraction < 1.0:
         problems.append(f"{prefix}.train_fraction={cfg.train_fraction}: must be in (0, 1)")
+    if cfg.get("seq_len") is not None and cfg.seq_len < 1:
+        problems.append(f"{prefix}.seq_len={cfg.seq_len}: must be >= 1, or null for the model's maximum positions")
     for key in ("vocab_size", "num_tokens"):
         if key in cfg and cfg[key] < 2:
             problems.append(f"{prefix}.{key}={cfg[key]}: must be >= 2")

@@ -1,7 +1,7 @@
 """Token corpora: a character-level text corpus (Tiny Shakespeare by default) and synthetic tokens.
 
-A corpus holds two 1-D ``int64`` tensors, ``train`` and ``val``, and knows its ``vocab_size``;
-text corpora can also ``encode`` and ``decode``.
+Each is a ``TokenData`` (``ds_hydra.data.base``): two 1-D ``int64`` tensors, ``train`` and ``val``, and
+their ``vocab_size``; text corpora can also ``encode`` and ``decode``.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import torch
 
+from ds_hydra.data.base import TokenData
 from ds_hydra.errors import UserError
 
 EMBEDDED_CORPUS = "tinyshakespeare.txt.gz"
@@ -29,10 +30,11 @@ def split_tokens(tokens: torch.Tensor, train_fraction: float):
     return tokens[:n_train], tokens[n_train:]
 
 
-class CharCorpus:
+class CharCorpus(TokenData):
     """Characters of a text as tokens; the vocabulary is the sorted set of characters in the text."""
 
-    def __init__(self, path: Optional[str] = None, train_fraction: float = 0.9):
+    def __init__(self, path: Optional[str] = None, train_fraction: float = 0.9, seq_len: Optional[int] = None):
+        super().__init__(seq_len)
         if path is None:
             text = embedded_corpus_text()
             self.source = "embedded Tiny Shakespeare"
@@ -63,7 +65,7 @@ class CharCorpus:
         return "".join(self.chars[int(t)] for t in tokens)
 
 
-class SyntheticTokens:
+class SyntheticTokens(TokenData):
     """A Markov chain where each token is followed by a fixed successor with probability ``predictability``.
 
     The best achievable loss is known in closed form, so tests can tell learning from noise.
@@ -76,7 +78,9 @@ class SyntheticTokens:
         train_fraction: float = 0.9,
         predictability: float = 0.9,
         seed: int = 0,
+        seq_len: Optional[int] = None,
     ):
+        super().__init__(seq_len)
         self.source = f"synthetic Markov chain (vocab {vocab_size})"
         self.vocab_size = vocab_size
         gen = torch.Generator().manual_seed(seed)

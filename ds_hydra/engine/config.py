@@ -77,7 +77,7 @@ class FSDPEngineConfig(EngineConfig):
 
 @dataclass
 class DeepSpeedEngineConfig(EngineConfig):
-    """DeepSpeed's engine; ds_hydra derives its JSON config (see ``deepspeed_engine.deepspeed_config``)."""
+    """DeepSpeed's engine; ds_hydra derives its JSON config (see ``deepspeed_config.deepspeed_config``)."""
 
     name: EngineName = EngineName.deepspeed
     zero_stage: int = 2
@@ -127,7 +127,7 @@ DERIVED_NESTED_KEYS = {
 
 
 # Tasks with nothing to share between processes: under torchrun every rank would write the same files.
-SINGLE_PROCESS_TASKS = ("infer", "eval", "validate", "export_deepspeed", "import_deepspeed")
+SINGLE_PROCESS_TASKS = ("infer", "eval", "validate", "export_deepspeed", "import_deepspeed", "export_hf")
 
 
 def validate_engine(cfg, trainer=None, task: str = "train", ckpt=None, n_blocks: Optional[int] = None, prefix: str = "engine") -> List[str]:

@@ -73,7 +73,7 @@ def before_hydra(args: Sequence[str]) -> List[str]:
     import torch
     import torch.distributed as dist
 
-    from ds_hydra.engine.distributed import PROCESS_GROUP_TIMEOUT, env_local_rank
+    from ds_hydra.engine.process_group import PROCESS_GROUP_TIMEOUT, env_local_rank
 
     if torch.cuda.is_available() and env_local_rank() < torch.cuda.device_count():
         torch.cuda.set_device(env_local_rank())

@@ -94,7 +94,7 @@ def default_inference_config() -> Dict[str, Any]:
 def validate_inference(cfg, task: str = "train", prefix: str = "inference") -> List[str]:
     """Range checks; the checkpoint is required only when the task reads one."""
     problems = []
-    if task in ("infer", "eval") and not cfg.checkpoint:
+    if task in ("infer", "eval", "export_hf") and not cfg.checkpoint:
         problems.append(
             f"{prefix}.checkpoint is not set: task={task} needs the run directory of a trained run "
             f"({prefix}.checkpoint=outputs/<date>/<time>)"

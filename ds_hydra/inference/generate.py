@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ds_hydra.errors import UserError
-from ds_hydra.models.gpt import KVCache
+from ds_hydra.models.contract import logits_of, max_positions, model_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +83,23 @@ def generate(
     generator: Optional[torch.Generator] = None,
     kv_cache: bool = True,
     window_keep: Optional[int] = None,
+    context: Optional[int] = None,
     forward=None,
 ) -> torch.Tensor:
     """Continue ``prompt`` (B, P) by ``max_new_tokens`` tokens; returns (B, P + max_new_tokens).
 
-    ``kv_cache`` picks the cached loop; ``window_keep`` is the number of latest tokens the cache is
-    re-filled from when it reaches ``block_size`` (see the module docstring). ``forward`` replaces
+    ``kv_cache`` picks the cached loop, for models that make one (``model.make_kv_cache``, the
+    built-in GPT); other models run the uncached loop. ``context``: the longest context a forward
+    sees (default: the model's maximum positions). ``window_keep`` is the number of latest tokens the
+    cache is re-filled from when it is full (see the module docstring). ``forward`` replaces
     ``model`` for the forward passes (a compiled version of it).
     """
     if prompt.dim() != 2 or prompt.size(1) < 1:
         raise ValueError(f"prompt must be (batch, length >= 1) token ids, got shape {tuple(prompt.shape)}")
     forward = forward or model
-    block_size = model.block_size
-    keep = block_size // 2 if window_keep is None else window_keep
-    if not 1 <= keep <= block_size:
-        raise ValueError(f"window_keep={keep}: must be in 1..{block_size} (block_size={block_size})")
+    block_size = context or max_positions(model)
+    if block_size is None:
+        raise ValueError(f"{type(model).__name__} does not say its maximum positions; pass context=<tokens>")
     B, P = prompt.shape
     out = torch.empty(B, P + max_new_tokens, dtype=torch.long, device=prompt.device)
     out[:, :P] = prompt
@@ -105,14 +107,18 @@ def generate(
     def pick(logits: torch.Tensor) -> torch.Tensor:
         return sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
 
-    if not kv_cache:
+    if not (kv_cache and callable(getattr(model, "make_kv_cache", None))):
+        last_only = {"logits_to_keep": 1} if _takes_argument(model, "logits_to_keep") else {}
         for n in range(P, P + max_new_tokens):
-            logits, _ = forward(out[:, max(0, n - block_size) : n])  # the whole (cropped) context
+            logits = logits_of(forward(out[:, max(0, n - block_size) : n], **last_only))  # the whole (cropped) context
             out[:, n : n + 1] = pick(logits)
         return out
 
-    cache = KVCache(model, B)
-    logits, _ = forward(out[:, max(0, P - block_size) : P], kv_cache=cache)  # prefill
+    keep = block_size // 2 if window_keep is None else window_keep
+    if not 1 <= keep <= block_size:
+        raise ValueError(f"window_keep={keep}: must be in 1..{block_size} (block_size={block_size})")
+    cache = model.make_kv_cache(B)
+    logits = forward(out[:, max(0, P - block_size) : P], kv_cache=cache)  # prefill
     for n in range(P, P + max_new_tokens):
         token = pick(logits)
         out[:, n : n + 1] = token
@@ -120,18 +126,63 @@ def generate(
             break
         if cache.full:  # re-prefill from the latest window, renumbered from position 0
             cache.reset()
-            logits, _ = forward(out[:, n + 1 - keep : n + 1], kv_cache=cache)
+            logits = forward(out[:, n + 1 - keep : n + 1], kv_cache=cache)
         else:  # one new position
-            logits, _ = forward(token, kv_cache=cache)
+            logits = forward(token, kv_cache=cache)
     return out
 
 
-def timed_generate(model, prompt, max_new_tokens, device: torch.device, seed: int, **kwargs):
-    """``generate`` with a fresh generator seeded with ``seed``; returns (tokens, seconds)."""
-    generator = torch.Generator(device=device).manual_seed(seed)
+def _takes_argument(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.inference_mode()
+def hf_generate(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    kv_cache: bool = True,
+    eos_token_id: Optional[int] = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """A Hugging Face model's own ``generate`` (with its KV cache), seeded; stops only at ``eos_token_id``
+    (None: always ``max_new_tokens``), so outputs are (B, P + new) with new <= max_new_tokens."""
+    from transformers import GenerationConfig
+
+    sampling = temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_k=(top_k or 0) if sampling else None,
+        top_p=top_p if sampling else None,
+        use_cache=kv_cache,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id if eos_token_id is not None else 0,
+    )
+    torch.manual_seed(seed)
+    return model.generate(prompt, generation_config=config, attention_mask=torch.ones_like(prompt))
+
+
+def timed_generate(model, prompt, max_new_tokens, device: torch.device, seed: int, hf: bool = False, **kwargs):
+    """``generate`` (``hf_generate`` for Hugging Face models) seeded with ``seed``; returns (tokens, seconds)."""
     _sync(device)
     started = time.perf_counter()
-    tokens = generate(model, prompt, max_new_tokens, generator=generator, **kwargs)
+    if hf:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("forward", "context")}
+        tokens = hf_generate(model, prompt, max_new_tokens, seed=seed, **kwargs)
+    else:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        tokens = generate(model, prompt, max_new_tokens, generator=generator, **kwargs)
     _sync(device)
     return tokens, time.perf_counter() - started
 
@@ -141,15 +192,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def encode_prompt(corpus, text: str, vocab_size: int) -> List[int]:
+def encode_prompt(data, text: str, vocab_size: int) -> List[int]:
     """The prompt as token ids; problems name ``inference.prompt``."""
     try:
-        ids = corpus.encode(text)
+        ids = data.encode(text)
     except UserError as exc:
         raise UserError(f"inference.prompt={text!r}: {exc}") from None
     except ValueError:
         raise UserError(
-            f"inference.prompt={text!r}: this corpus takes space-separated token ids (e.g. inference.prompt='0 1 2')"
+            f"inference.prompt={text!r}: this data takes space-separated token ids (e.g. inference.prompt='0 1 2')"
         ) from None
     if not ids:
         raise UserError(f"inference.prompt={text!r}: encodes to no tokens; give at least one (for token ids: '0 1 2')")
@@ -167,37 +218,46 @@ def compile_for_cuda_graphs(model: nn.Module, device: torch.device):
     return torch.compile(model, mode="reduce-overhead", dynamic=True)
 
 
+def uses_hf_generate(model: nn.Module, total_tokens: int) -> bool:
+    """Hugging Face models decode through their own ``generate`` (and its KV cache) while the sequence
+    fits their positions; past that, the windowed loop here crops the context instead."""
+    if not callable(getattr(model, "generate", None)) or getattr(model, "config", None) is None:
+        return False
+    limit = max_positions(model)
+    if limit is not None and total_tokens > limit:
+        log.info("%d tokens exceed the model's %d positions: generating with a sliding context window", total_tokens, limit)
+        return False
+    return True
+
+
 def infer(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     """``task=infer``: load ``inference.checkpoint``, sample, print and save the samples; returns metrics."""
     from ds_hydra.inference.config import new_tokens
-    from ds_hydra.inference.loading import load_run
-    from ds_hydra.training.run_dir import resolve_run_dir
+    from ds_hydra.inference.loading import load_run, output_dir
 
     icfg = cfg.inference
-    if icfg.mode.value == "eval":
-        from ds_hydra.inference.evaluate import evaluate
-
-        return evaluate(cfg, run_dir)
     run = load_run(icfg.checkpoint, icfg.device, icfg.dtype.value, list(cfg.get("allowed_targets") or []))
-    out_dir = _output_dir(resolve_run_dir(run_dir), run.run_dir)
+    out_dir = output_dir(run_dir, run.run_dir)
     if icfg.replace_with_kernel_inject:
         log.info("replace_with_kernel_inject: nothing to inject; attention already runs through fused SDPA kernels")
     forward = compile_for_cuda_graphs(run.model, run.device) if icfg.enable_cuda_graph else None
     if run.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    ids = encode_prompt(run.corpus, icfg.prompt, run.model.vocab_size)
+    vocab = model_vocab_size(run.model) or run.data.vocab_size
+    ids = encode_prompt(run.data, icfg.prompt, vocab)
     prompt = torch.tensor([ids] * icfg.num_samples, dtype=torch.long, device=run.device)  # (B, P)
     n_new = new_tokens(icfg)
-    sampling = dict(temperature=icfg.temperature, top_k=icfg.top_k, top_p=icfg.top_p, forward=forward)
+    hf = uses_hf_generate(run.model, len(ids) + n_new)
+    sampling = dict(temperature=icfg.temperature, top_k=icfg.top_k, top_p=icfg.top_p, forward=forward, context=run.seq_len)
     log.info(
         "loaded %s (step %d) on %s in %s; %d sample(s) of %d new tokens, temperature %g, top_k %s, top_p %g, seed %d",
         run.checkpoint, run.step, run.device, str(run.dtype).replace("torch.", ""), icfg.num_samples, n_new,
         icfg.temperature, icfg.top_k, icfg.top_p, icfg.seed,
     )
 
-    tokens, seconds = timed_generate(run.model, prompt, n_new, run.device, icfg.seed, kv_cache=icfg.kv_cache, **sampling)
-    produced = icfg.num_samples * n_new
+    tokens, seconds = timed_generate(run.model, prompt, n_new, run.device, icfg.seed, hf=hf, kv_cache=icfg.kv_cache, **sampling)
+    produced = icfg.num_samples * (tokens.size(1) - len(ids))
     metrics: Dict[str, Any] = {
         "checkpoint": str(run.checkpoint),
         "step": run.step,
@@ -208,26 +268,26 @@ def infer(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     }
     if icfg.compare:
         other, other_s = timed_generate(
-            run.model, prompt, n_new, run.device, icfg.seed, kv_cache=not icfg.kv_cache, **sampling
+            run.model, prompt, n_new, run.device, icfg.seed, hf=hf, kv_cache=not icfg.kv_cache, **sampling
         )
         cached_s, uncached_s = (seconds, other_s) if icfg.kv_cache else (other_s, seconds)
-        within = min(tokens.size(1), run.model.block_size)  # where the two loops see the same context
+        within = min(tokens.size(1), other.size(1), run.seq_len)  # where the two loops see the same context
         metrics.update(
             tokens_per_s_kv_cache=produced / cached_s,
             tokens_per_s_no_cache=produced / uncached_s,
             kv_cache_speedup=uncached_s / cached_s,
             same_tokens_within_block=bool(torch.equal(tokens[:, :within], other[:, :within])),
-            same_tokens=bool(torch.equal(tokens, other)),
+            same_tokens=tokens.shape == other.shape and bool(torch.equal(tokens, other)),
         )
         log.info(
-            "tokens/s: %.0f with KV cache, %.0f without (%.2fx); same tokens within block_size=%d: %s, overall: %s",
+            "tokens/s: %.0f with KV cache, %.0f without (%.2fx); same tokens within %d positions: %s, overall: %s",
             metrics["tokens_per_s_kv_cache"], metrics["tokens_per_s_no_cache"], metrics["kv_cache_speedup"],
-            run.model.block_size, metrics["same_tokens_within_block"], metrics["same_tokens"],
+            run.seq_len, metrics["same_tokens_within_block"], metrics["same_tokens"],
         )
     else:
         log.info("tokens/s: %.0f (kv_cache=%s)", metrics["tokens_per_s"], icfg.kv_cache)
 
-    texts = [run.corpus.decode(row.tolist()) for row in tokens.cpu()]
+    texts = [run.data.decode(row.tolist()) for row in tokens.cpu()]
     samples_path = out_dir / SAMPLES_FILE
     samples_path.write_text("".join(f"{text}\n{'-' * 16}\n" for text in texts), encoding="utf-8")
     metrics["samples"] = texts
@@ -237,13 +297,3 @@ def infer(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
         print(text, "-" * 16, sep="\n", flush=True)
     log.info("samples written to %s", samples_path)
     return metrics
-
-
-def _output_dir(out_dir: Path, trained_run: Path) -> Path:
-    """The infer invocation's own run dir; never the trained run's (its files are read-only to us)."""
-    if out_dir.resolve() == trained_run.resolve():
-        raise UserError(
-            f"hydra.run.dir={out_dir}: is the trained run given as inference.checkpoint; "
-            "inference writes into its own run dir (leave hydra.run.dir unset)"
-        )
-    return out_dir

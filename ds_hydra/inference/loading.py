@@ -37,9 +37,10 @@ class LoadedRun:
     step: int
     config: DictConfig  # the run's saved, resolved config
     model: nn.Module  # clean, in eval mode, on ``device`` in ``dtype``
-    corpus: Any
+    data: Any  # the run's data (``ds_hydra.data.base.TokenData``): its splits, vocabulary and text encoding
     device: torch.device
     dtype: torch.dtype
+    seq_len: int  # the sequence length the run trained on
 
 
 def find_run(checkpoint: Optional[str]) -> Tuple[Path, Path]:
@@ -106,7 +107,9 @@ def load_run(
     ``allowed_targets`` are the *current* invocation's extra ``_target_`` prefixes: a run directory's
     own ``allowed_targets`` are not trusted, so a copied-in run cannot make us import other code.
     """
-    from ds_hydra.training.trainer import build_corpus, build_model
+    from ds_hydra.data.base import build_data
+    from ds_hydra.models.build import build_model
+    from ds_hydra.training.fit import resolve_seq_len
 
     run_dir, weights = find_run(checkpoint)
     saved = load_run_config(run_dir)
@@ -123,8 +126,9 @@ def load_run(
     )
     config_file = run_dir / RESOLVED_CONFIG_FILE
     try:
-        corpus = build_corpus(build_cfg)
-        model = build_model(build_cfg, corpus.vocab_size)
+        data = build_data(build_cfg)
+        model = build_model(build_cfg.model, data.vocab_size)
+        seq_len = resolve_seq_len(data, model)
     except UserError as exc:  # a refused _target_, a missing data file: say which config asked for it
         raise UserError(f"{config_file}: {exc}") from None
     except Exception as exc:  # e.g. a value the model's constructor rejects
@@ -140,7 +144,20 @@ def load_run(
     model.eval()  # dropout off
     model.requires_grad_(False)
     step = int(state.get("step", _step_from_name(weights)))
-    return LoadedRun(run_dir, weights, step, saved, model, corpus, torch_device, torch_dtype)
+    return LoadedRun(run_dir, weights, step, saved, model, data, torch_device, torch_dtype, seq_len)
+
+
+def load_model(run: str, device: str = "cpu", dtype: str = "fp32", allowed_targets: Optional[List[str]] = None) -> nn.Module:
+    """The trained model of a run directory (its newest checkpoint) or of one checkpoint file, in eval
+    mode: rebuilt from the run's resolved config, weights loaded with ``weights_only=True``.
+
+    ``allowed_targets``: module prefixes to trust for a custom model's ``_target_`` (a run directory's
+    own list is not trusted)."""
+    key = "load_model"
+    try:
+        return load_run(str(run), device, dtype, allowed_targets).model
+    except UserError as exc:
+        raise UserError(str(exc).replace(KEY, key)) from None
 
 
 def _step_from_name(path: Path) -> int:
@@ -149,68 +166,21 @@ def _step_from_name(path: Path) -> int:
 
 
 def load_weights(model: nn.Module, saved: Dict[str, Any], weights: Path, run_dir: Path) -> None:
-    """``load_state_dict(strict=True)`` after mapping training-wrapper names back to the clean model's.
-
-    Training may save the state dict of a model whose blocks were wrapped for activation
-    checkpointing or compiled; those wrappers add levels to parameter names. The names are mapped
-    back to the clean model's through the parameters themselves (see ``_canonical_names``).
-    """
-    expected = model.state_dict()
-    if set(saved) != set(expected):
-        saved = _canonical_names(model, saved)
-    missing = [k for k in expected if k not in saved]
-    unexpected = [k for k in saved if k not in expected]
-    where = f"{weights} does not fit the model of {run_dir / RESOLVED_CONFIG_FILE}"
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_listing(unexpected)}")
-        raise UserError(f"{where}: {'; '.join(parts)}")
-    mismatched = [
-        f"{k} is {tuple(saved[k].shape)} in the checkpoint but {tuple(v.shape)} in the model"
-        for k, v in expected.items()
-        if not isinstance(saved[k], torch.Tensor) or saved[k].shape != v.shape
-    ]
-    if mismatched:
-        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
-        raise UserError(f"{where}: {mismatched[0]}{more}")
+    """``load_state_dict(strict=True)`` once every name and shape is known to fit (one error otherwise)."""
+    problems = state_io.state_dict_mismatches(model, saved)
+    if problems:
+        raise UserError(f"{weights} does not fit the model of {run_dir / RESOLVED_CONFIG_FILE}: {'; '.join(problems)}")
     model.load_state_dict(saved, strict=True)
 
 
-def _listing(keys: List[str], limit: int = 3) -> str:
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
+def output_dir(run_dir: Optional[Path], trained_run: Path) -> Path:
+    """The inference invocation's own run dir; never the trained run's (its files are read-only to us)."""
+    from ds_hydra.training.run_dir import resolve_run_dir
 
-
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile(model), DistributedDataParallel
-_WRAPPER_LEVELS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
-_NESTED_BLOCK = re.compile(r"^(.*?\bblocks)\.(\d+)\.blocks\.(\d+)\.(.*)$")
-
-
-def _canonical_names(model: nn.Module, saved: Dict[str, Any]) -> Dict[str, Any]:
-    """Rename saved keys to the clean model's names; keys that cannot be mapped are left as they are.
-
-    * ``_orig_mod.`` / ``module.`` prefixes (a compiled or DDP-wrapped whole model) are dropped, and so
-      are wrapper levels around single submodules (``_orig_mod``, ``_checkpoint_wrapped_module``).
-    * Activation-checkpoint segments replace ``blocks[start]`` with a module holding blocks
-      ``start..end-1`` as ``blocks[start].blocks[j]``, so ``blocks.S.blocks.J.x`` is ``blocks.{S+J}.x``.
-    """
-    expected = set(model.state_dict())
-    renamed = {}
-    for key, value in saved.items():
-        name = key
-        for prefix in _WRAPPER_PREFIXES:
-            while name.startswith(prefix) and name not in expected:
-                name = name[len(prefix):]
-        for wrapper in _WRAPPER_LEVELS:  # wrappers around one submodule: torch.compile, torch's checkpoint_wrapper
-            name = name.replace(f".{wrapper}.", ".")
-        while name not in expected:
-            nested = _NESTED_BLOCK.match(name)
-            if not nested:
-                break
-            head, start, offset, rest = nested.groups()
-            name = f"{head}.{int(start) + int(offset)}.{rest}"
-        renamed[name] = value
-    return renamed
+    out_dir = resolve_run_dir(run_dir)
+    if out_dir.resolve() == Path(trained_run).resolve():
+        raise UserError(
+            f"hydra.run.dir={out_dir}: is the trained run given as inference.checkpoint; "
+            "inference writes into its own run dir (leave hydra.run.dir unset)"
+        )
+    return out_dir

@@ -1,8 +1,11 @@
 """A GPT language model: pre-LayerNorm blocks, causal attention through SDPA, GELU MLP, tied embeddings.
 
-The blocks live in ``GPT.blocks`` (an ``nn.ModuleList``) and take and return one tensor, so the
-activation-checkpoint policies can wrap any of them. Generation can use a ``KVCache`` so that each new
-token costs one position's worth of compute instead of the whole context.
+It meets the model contract of ``ds_hydra.models.contract``: ``model(input_ids)`` returns the logits
+(or, with ``head_chunk_tokens``, a ``ChunkedHead`` the trainer's loss applies a chunk at a time). The
+blocks live in ``GPT.blocks`` (an ``nn.ModuleList``) and take and return one tensor, so the
+activation-checkpoint policies can wrap any of them. Generation can use a ``KVCache``
+(``make_kv_cache``) so that each new token costs one position's worth of compute instead of the
+whole context.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ds_hydra.models.contract import ChunkedHead
 
 
 class LayerNorm(nn.Module):
@@ -162,23 +167,6 @@ class Block(nn.Module):
                 self.ln_2.weight, self.ln_2.bias, mlp.fc.weight, mlp.fc.bias, mlp.proj.weight, mlp.proj.bias)
 
 
-class VocabCrossEntropy(nn.Module):
-    """Mean cross-entropy over the first ``vocab_size`` logits (the rest is padding), computed in fp32.
-
-    Parameter-free, so compiling it (``prepare_model`` does on CUDA) leaves the state dict alone; the
-    compiled kernel reads the padded low-precision logits in place and never stores an fp32 copy.
-    """
-
-    def __init__(self, vocab_size: int):
-        super().__init__()
-        self.vocab_size = vocab_size
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # (B, T, V_padded) -> (B * T, V): one copy (slice and upcast together), not one per step
-        logits = logits[..., : self.vocab_size].float().reshape(-1, self.vocab_size)
-        return F.cross_entropy(logits, targets.reshape(-1))
-
-
 class GPT(nn.Module):
     def __init__(
         self,
@@ -205,7 +193,6 @@ class GPT(nn.Module):
         self.ln_f = LayerNorm(n_embd, bias)
         self.lm_head = nn.Linear(n_embd, padded_vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input and output embeddings
-        self.loss_fn = VocabCrossEntropy(vocab_size)
         self.head_chunk_tokens = head_chunk_tokens
 
         self.apply(self._init_weights)
@@ -223,38 +210,22 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def _chunked_head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The loss computed ``head_chunk_tokens`` tokens at a time, each chunk's logits recomputed in
-        backward: only one chunk's (tokens, V) logits ever exist, instead of (B, T, V) held from the
-        forward to the backward pass. Costs one more lm_head forward (2 * n_embd * V FLOPs a token)."""
-        from torch.utils.checkpoint import checkpoint
-
-        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (B * T, C), (B * T,)
-        total = None
-        for xs, ts in zip(x.split(self.head_chunk_tokens), targets.split(self.head_chunk_tokens)):
-            part = checkpoint(self._head_loss_sum, xs, ts, use_reentrant=False)
-            total = part if total is None else total + part
-        return total / (targets != -100).sum()  # F.cross_entropy's mean: over targets not ignored
-
-    def _head_loss_sum(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(x)[:, : self.vocab_size].float()  # (chunk, V)
-        return F.cross_entropy(logits, targets, reduction="sum")
+    def make_kv_cache(self, batch: int, device=None, dtype=None) -> KVCache:
+        """An empty cache for generating ``batch`` sequences (``forward(..., kv_cache=cache)``)."""
+        return KVCache(self, batch, device, dtype)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings are excluded by default (as in nanoGPT)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: Optional[torch.Tensor] = None,
-        kv_cache: Optional[KVCache] = None,
-    ):
-        """idx: (B, T) token ids. Returns (logits, loss); loss is None without targets.
+    def forward(self, idx: torch.Tensor, kv_cache: Optional[KVCache] = None, logits_to_keep: int = 0):
+        """idx: (B, T) token ids -> logits (B, T, V), the model contract (``ds_hydra.models.contract``).
 
-        With ``kv_cache`` the tokens continue the cached sequence, and only the last position's
-        logits are computed (that is all generation needs).
+        ``logits_to_keep=n`` computes the logits of the last n positions only (generation needs one);
+        0 keeps all. With ``head_chunk_tokens`` the output is a ``ChunkedHead`` instead, which the
+        trainer's loss applies a chunk at a time. With ``kv_cache`` the tokens continue the cached
+        sequence and only the last position's logits are computed.
         """
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
@@ -268,24 +239,20 @@ class GPT(nn.Module):
         else:
             if kv_cache.batch != B:
                 raise ValueError(f"KV cache is for batch {kv_cache.batch}, got a batch of {B}")
+            logits_to_keep = 1
             # the rows wpe(arange) would gather, without building the index on every token
             if T == 1 and not self.training:  # decode step: one new position as (B, C), see Block.decode_one
                 x = self.wte(idx[:, 0]) + self.wpe.weight[start]  # (B, C)
                 for block, cache in zip(self.blocks, kv_cache.layers):
                     x = block.decode_one(x, cache)
+                x = x[:, None, :]  # (B, 1, C)
             else:
                 x = self.drop(self.wte(idx) + self.wpe.weight[start : start + T])  # (B, T, C)
                 for block, cache in zip(self.blocks, kv_cache.layers):
                     x = block(x, cache)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:, :]  # (B, n, C)
         x = self.ln_f(x)
-        if targets is None:
-            last = x if x.dim() == 2 else x[:, -1, :]  # (B, C)
-            logits = self.lm_head(last)[:, None, : self.vocab_size]  # (B, 1, V)
-            return logits, None
-        if x.dim() == 2:
-            x = x[:, None, :]  # (B, 1, C)
-        if self.head_chunk_tokens:
-            return None, self._chunked_head_loss(x, targets)
-        logits = self.lm_head(x)  # (B, T, V_padded)
-        loss = self.loss_fn(logits, targets)
-        return logits[..., : self.vocab_size], loss  # (B, T, V)
+        if self.head_chunk_tokens and not logits_to_keep:
+            return ChunkedHead(x, self.lm_head, self.vocab_size, self.head_chunk_tokens)
+        return self.lm_head(x)[..., : self.vocab_size]  # (B, T, V): the padding columns dropped

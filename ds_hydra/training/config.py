@@ -49,6 +49,9 @@ class TrainerConfig:
     Above 0 the loss is read on the host every step, before the optimizer steps (a sync per step on GPU)."""
     progress: bool = True
     """Show a progress bar on a terminal (plain log lines otherwise)."""
+    init_from: Optional[str] = None
+    """A trained run's directory (its newest checkpoint) or one of its checkpoints/step_N.pt: start from its
+    model weights only (fine-tuning): optimizer, schedule, data and step start afresh."""
 
 
 class MemoryCheck(Enum):

@@ -194,18 +194,6 @@ class LiveBytes(TorchDispatchMode):
         self.live -= self._sizes.pop(key, 0)
 
 
-class _LossStep(nn.Module):
-    """The model plus the trainer's loss, as one module the probe can call (parameters are the model's)."""
-
-    def __init__(self, model: nn.Module, loss: Callable[[nn.Module, Any], torch.Tensor]):
-        super().__init__()
-        self.model = model
-        self.loss = loss
-
-    def forward(self, batch):
-        return self.loss(self.model, batch)
-
-
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -252,7 +240,7 @@ def estimate_step_memory(spec: StepSpec) -> StepMemory:
             model.train()
             batch = spec.example_batch(spec.device)
             with _autocast(spec):
-                plan = plan_checkpointing(model, ckpt_config(ckpt), (batch,), runs=_LossStep(model, spec.loss), measure=True)
+                plan = plan_checkpointing(model, ckpt_config(ckpt), (batch,), forward=lambda b: spec.loss(model, b), measure=True)
             peak = _forward_backward_peak(spec, model, batch, ckpt)
             params = list(model.parameters())
             trainable = [p for p in params if p.requires_grad]

@@ -11,8 +11,9 @@ by the ranks of a launch on one host; GPU memory on CUDA):
 * else one info line with the estimate.
 
 ``run.memory_check=warn`` only warns, ``off`` skips it. ``step_spec`` is the adapter from the config
-to the generic estimator: it builds today's model (``cfg.model``) on a batch of ``(trainer.batch_size,
-model.block_size)`` tokens whose loss is ``model(idx, targets)[1]``.
+to the generic estimator: it builds the run's model (``cfg.model``, any model of the contract in
+``ds_hydra.models.contract``) on a batch of ``(trainer.batch_size, seq_len)`` tokens whose loss is the
+trainer's ``CausalLMLoss``.
 """
 from __future__ import annotations
 
@@ -48,22 +49,23 @@ def step_spec(cfg):
     import torch
 
     from ds_hydra.data.cache import vocab_size_of
-    from ds_hydra.devices import resolve_device
-    from ds_hydra.instantiate import instantiate
+    from ds_hydra.devices import resolve_device, resolve_precision
+    from ds_hydra.models.build import build_model
+    from ds_hydra.models.contract import CausalLMLoss
     from ds_hydra.optim.build import kernel_kwargs, optimizer_callable
     from ds_hydra.training.memory_estimate import Knobs, StepSpec
-    from ds_hydra.training.trainer import resolve_precision
     from omegaconf import OmegaConf
 
     device = resolve_device(cfg.trainer.device)
     vocab_size, _ = vocab_size_of(cfg)
     make_optimizer = optimizer_callable(cfg.optimizer, torch.device("cpu"))  # probed on the CPU for its state's size
     kernels = {**make_optimizer.keywords, **kernel_kwargs(make_optimizer.func, make_optimizer.keywords, device)}
-    shape = (int(cfg.trainer.batch_size), int(cfg.model.block_size))
+    shape = (int(cfg.trainer.batch_size), seq_len_of(cfg, vocab_size))
+    loss_fn = CausalLMLoss()
     return StepSpec(
-        build_model=lambda: instantiate(cfg.model, vocab_size=vocab_size),
-        example_batch=lambda dev: (torch.zeros(shape, dtype=torch.long, device=dev),) * 2,  # (idx, targets)
-        loss=lambda model, batch: model(*batch)[1],  # the trainer's loss call
+        build_model=lambda: build_model(cfg.model, vocab_size),
+        example_batch=lambda dev: (torch.zeros(shape, dtype=torch.long, device=dev),) * 2,  # (input_ids, labels)
+        loss=lambda model, batch: loss_fn(model(batch[0]), batch[1]),  # the trainer's loss step
         device=device,
         ckpt=OmegaConf.to_container(cfg.ckpt, resolve=True),
         make_optimizer=make_optimizer,
@@ -71,8 +73,25 @@ def step_spec(cfg):
         autocast_dtype=resolve_precision(getattr(cfg.trainer.precision, "value", cfg.trainer.precision), device),
         grad_accum_steps=int(cfg.trainer.grad_accum_steps),
         sharding=sharding_of(cfg.engine),
-        knobs=Knobs(seq_len="model.block_size", head_chunk="model.head_chunk_tokens" if "head_chunk_tokens" in cfg.model else None),
+        knobs=Knobs(seq_len="data.seq_len", head_chunk="model.head_chunk_tokens" if "head_chunk_tokens" in cfg.model else None),
     )
+
+
+def seq_len_of(cfg, vocab_size: int) -> int:
+    """The run's sequence length: ``data.seq_len``, else the model's maximum positions, asked of the model
+    built on the meta device (no memory)."""
+    if cfg.data.get("seq_len", None):
+        return int(cfg.data.seq_len)
+    import torch
+
+    from ds_hydra.models.build import build_model
+    from ds_hydra.models.contract import max_positions
+
+    with torch.device("meta"):
+        limit = max_positions(build_model(cfg.model, vocab_size))
+    if limit is None:
+        raise UserError("data.seq_len: the model does not say how long a sequence it takes; set data.seq_len=<tokens per sequence>")
+    return limit
 
 
 def sharding_of(engine):
@@ -121,7 +140,9 @@ MAX_HEAD_CHUNKS = 16  # a chunk is a checkpointed call: thousands of them would 
 
 def _head_chunks(cfg) -> dict:
     """``model.head_chunk_tokens``: 1024 tokens, or more so that a batch has at most MAX_HEAD_CHUNKS chunks."""
-    tokens = int(cfg.trainer.batch_size) * int(cfg.model.block_size)
+    from ds_hydra.data.cache import vocab_size_of
+
+    tokens = int(cfg.trainer.batch_size) * seq_len_of(cfg, vocab_size_of(cfg)[0])
     per_chunk = -(-tokens // MAX_HEAD_CHUNKS)
     return {"model.head_chunk_tokens": max(1024, -(-per_chunk // 1024) * 1024)}
 

@@ -7,6 +7,7 @@
   Every failure is one ``UserError`` line naming the file and what is wrong with it.
 * ``rng_state`` / ``set_rng_state``: every random generator a run draws from (torch CPU, every
   CUDA device, Python's ``random``, NumPy's global one), as tensors and plain values.
+* ``state_dict_mismatches``: every name and shape by which a saved state dict does not fit a model.
 * ``checkpoint_path`` / ``list_checkpoints`` / ``latest_checkpoint`` / ``prune_checkpoints``:
   ``<run dir>/checkpoints/step_NNNNNNN.pt``, in step order.
 """
@@ -16,9 +17,10 @@ import random
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
+import torch.nn as nn
 
 from ds_hydra.errors import UserError
 from ds_hydra.training.checkpoint_files import (  # noqa: F401  (re-exported: the run's file layout)
@@ -178,3 +180,60 @@ def _set_numpy_rng_state(state: Dict[str, Any]) -> None:
         return
     keys = state["keys"].numpy().astype(np.uint32)
     np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
+
+
+def state_dict_mismatches(model: nn.Module, saved: Dict[str, Any]) -> List[str]:
+    """Every difference between a saved state dict and ``model``'s: missing and unexpected names, shapes.
+
+    Names that differ only in a layer index are listed once with the indices (``blocks.[0-11].attn.bias``),
+    so a whole mismatch fits in one line however deep the model."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(compact_names(missing))}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(compact_names(unexpected))}")
+    shapes: Dict[tuple, List[str]] = {}
+    for k, v in expected.items():
+        if k in saved and (not isinstance(saved[k], torch.Tensor) or saved[k].shape != v.shape):
+            was = tuple(saved[k].shape) if isinstance(saved[k], torch.Tensor) else type(saved[k]).__name__
+            shapes.setdefault((was, tuple(v.shape)), []).append(k)
+    for (was, now), keys in shapes.items():
+        problems.append(f"{', '.join(compact_names(keys))} {'is' if len(keys) == 1 else 'are'} {was} in the checkpoint but {now} in the model")
+    return problems
+
+
+def compact_names(names: List[str]) -> List[str]:
+    """Parameter names with their layer indices folded: ``h.0.w, h.1.w, h.2.w`` -> ``h.[0-2].w``."""
+    groups: Dict[str, List[int]] = {}
+    order: List[str] = []
+    for name in names:
+        parts = name.split(".")
+        numbered = [i for i, part in enumerate(parts) if part.isdigit()]
+        if not numbered:
+            key, index = name, None
+        else:
+            at = numbered[0]
+            key, index = ".".join(parts[:at] + ["{}"] + parts[at + 1:]), int(parts[at])
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        if index is not None:
+            groups[key].append(index)
+    return [key.format(_ranges(groups[key])) if groups[key] else key for key in order]
+
+
+def _ranges(indices: List[int]) -> str:
+    if len(indices) == 1:
+        return str(indices[0])
+    runs, start, prev = [], indices[0], indices[0]
+    for i in sorted(set(indices))[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        runs.append(f"{start}-{prev}" if prev > start else str(start))
+        if i is not None:
+            start = prev = i
+    return "[" + ",".join(runs) + "]"

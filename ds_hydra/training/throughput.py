@@ -7,9 +7,10 @@ and nanoGPT's ``estimate_mfu``::
 
 * ``6 * N``: every weight takes part in one multiply-add (2 FLOPs) per token in the forward pass and
   two in the backward pass (the gradient of the input and of the weight). ``N`` is the parameter
-  count *without the position embedding* (a table lookup, no matmul). The token embedding stays in:
-  it is tied to the output projection, whose matmul it pays for. Norm gains and biases are counted
-  too, although they are not matmul weights (a ~0.01% overcount for GPT-2 124M).
+  count *without embedding tables used only for lookup* (the position table, an untied input
+  embedding: no matmul). A token embedding tied to the output projection stays in: that matmul pays
+  for it. Norm gains and biases are counted too, although they are not matmul weights (a ~0.01%
+  overcount for GPT-2 124M).
 * ``12 * L * d * T``: attention scores ``Q K^T`` and the weighted sum ``A V`` cost ``2 * T * d``
   FLOPs each per token and layer in the forward pass (``L`` layers, width ``d``, sequence length
   ``T``), times three for forward + backward. The whole ``T x T`` score matrix is counted, as PaLM
@@ -19,13 +20,15 @@ MFU (model FLOPs utilization) = ``flops_per_token * tokens_per_s / peak_flops``,
 the device's dense (no 2:4 sparsity) tensor-core rate at the run's precision: bf16 for bf16
 autocast, fp16 for fp16, TF32 for fp32 matmuls on CUDA (the trainer enables TF32). Unknown GPUs,
 CPUs and precisions without a table entry get no MFU unless ``trainer.peak_tflops`` gives the peak.
-Tokens and MFU are per process (per device).
+Tokens and MFU are per process (per device). ``L`` and ``d`` come from the model (the built-in GPT's
+``n_layer``/``n_embd``, a Hugging Face config's layer count and hidden size); a model that states
+neither is measured once with ``FlopCounterMode`` instead.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,6 +38,9 @@ __all__ = [
     "PEAK_TFLOPS",
     "transformer_flops_per_token",
     "model_flops_per_token",
+    "transformer_shape",
+    "matmul_params",
+    "measured_flops_per_token",
     "lookup_gpu",
     "peak_flops",
     "precision_key",
@@ -91,11 +97,67 @@ def transformer_flops_per_token(n_params: int, n_layer: int, d_model: int, seq_l
     return 6 * n_params + 12 * n_layer * d_model * seq_len
 
 
-def model_flops_per_token(model: nn.Module) -> Optional[int]:
-    """The estimate for a GPT-like model (``num_params``, ``n_layer``, ``n_embd``, ``block_size``); else None."""
-    if not all(hasattr(model, a) for a in ("num_params", "n_layer", "n_embd", "block_size")):
+def model_flops_per_token(model: nn.Module, seq_len: int) -> Optional[int]:
+    """Training FLOPs per token of ``model`` on sequences of ``seq_len`` tokens.
+
+    From the formula when the model states its transformer shape (``transformer_shape``), with ``N``
+    the parameters that take part in matmuls (``matmul_params``); otherwise measured once with
+    ``FlopCounterMode`` on a meta-device copy (no memory, no compute); None if that fails too.
+    """
+    shape = transformer_shape(model)
+    if shape is not None:
+        n_layer, d_model = shape
+        return transformer_flops_per_token(matmul_params(model), n_layer, d_model, seq_len)
+    return measured_flops_per_token(model, seq_len)
+
+
+def transformer_shape(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """(layers, width) from the model's attributes (``n_layer``, ``n_embd``: the built-in GPT) or its
+    Hugging Face config (``num_hidden_layers``/``n_layer``, ``hidden_size``/``n_embd``); else None."""
+    for owner in (model, getattr(model, "config", None)):
+        layers = _first_int(owner, ("n_layer", "num_hidden_layers", "num_layers"))
+        width = _first_int(owner, ("n_embd", "hidden_size", "d_model"))
+        if layers and width:
+            return layers, width
+    return None
+
+
+def _first_int(owner, names) -> Optional[int]:
+    for name in names:
+        value = getattr(owner, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Parameters that take part in a matmul: all of them but embedding tables used only for lookup
+    (position tables, untied input embeddings). A table tied to an output layer stays in: that
+    layer's matmul pays for it. Shared parameters count once."""
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    lookup_only = {
+        id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and id(m.weight) not in linear_weights
+    }
+    unique = {id(p): p for p in model.parameters()}
+    return sum(p.numel() for pid, p in unique.items() if pid not in lookup_only)
+
+
+def measured_flops_per_token(model: nn.Module, seq_len: int) -> Optional[int]:
+    """Forward + backward FLOPs of one (1, seq_len) sequence on a meta copy of ``model``, per token."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ds_hydra.models.contract import CausalLMLoss
+
+    try:
+        meta = copy.deepcopy(model).to_empty(device="meta")
+        ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+        with FlopCounterMode(display=False) as counter:
+            CausalLMLoss()(meta(ids), ids).backward()
+        return int(counter.get_total_flops()) // seq_len
+    except Exception:  # noqa: BLE001  (a model the meta device cannot run: no MFU, training goes on)
         return None
-    return transformer_flops_per_token(model.num_params(), model.n_layer, model.n_embd, model.block_size)
 
 
 def lookup_gpu(device_name: str) -> Optional[GPUPeak]:
@@ -143,10 +205,10 @@ class Throughput:
 
     @classmethod
     def for_model(
-        cls, model: nn.Module, device: torch.device, autocast_dtype: Optional[torch.dtype],
+        cls, model: nn.Module, seq_len: int, device: torch.device, autocast_dtype: Optional[torch.dtype],
         peak_tflops: Optional[float] = None,
     ) -> "Throughput":
-        return cls(model_flops_per_token(model), peak_flops(device, autocast_dtype, peak_tflops), device)
+        return cls(model_flops_per_token(model, seq_len), peak_flops(device, autocast_dtype, peak_tflops), device)
 
     def mfu(self, tokens_per_s: float) -> Optional[float]:
         if not (self.flops_per_token and self.peak_flops):

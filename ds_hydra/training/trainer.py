@@ -21,18 +21,19 @@ from omegaconf import OmegaConf
 
 from ds_hydra import checkpointing as deepspeed_checkpointing
 from ds_hydra.activation_checkpointing import SavedActivationCounter, checkpoint_activations, checkpointing_state
-from ds_hydra.data.batches import RandomBlocks
-from ds_hydra.data.cache import cached_corpus
-from ds_hydra.engine import deepspeed_engine
-from ds_hydra.engine.distributed import Distributed, setup_distributed
-from ds_hydra.devices import resolve_device
+from ds_hydra.activation_checkpointing.blocks import model_blocks
+from ds_hydra.data.base import TRAIN_EVAL_STREAM, TRAIN_STREAM, VAL_STREAM, build_data
+from ds_hydra.devices import resolve_device, resolve_precision
+from ds_hydra.engine import start_engine
+from ds_hydra.engine.base import Engine
 from ds_hydra.errors import UserError
-from ds_hydra.instantiate import instantiate
-from ds_hydra.optim.build import build_optimizer, build_scheduler
+from ds_hydra.models.build import build_model, num_params
+from ds_hydra.models.contract import CausalLMLoss
 from ds_hydra.training import resume as resume_io
 from ds_hydra.training import run_lock
 from ds_hydra.training import signals
 from ds_hydra.training import state as state_io
+from ds_hydra.training.fit import check_vocab, resolve_seq_len
 from ds_hydra.training.memory_preflight import check_step_memory
 from ds_hydra.training.metrics import MetricsLogger
 from ds_hydra.training.nonfinite import NonFiniteLoss, NonFiniteWatch
@@ -41,63 +42,46 @@ from ds_hydra.training.throughput import Throughput
 
 log = logging.getLogger(__name__)
 
-TRAIN_STREAM, VAL_STREAM = 0, 1
-
-
-def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for plain fp32."""
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        # bf16 needs Ampere (compute capability 8) or newer; older GPUs get fp16 with loss scaling
-        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
-    if name == "fp16" and device.type != "cuda":
-        raise UserError("trainer.precision=fp16: needs CUDA (use fp32 or bf16 on CPU)")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def build_corpus(cfg):
-    return cached_corpus(cfg.data)  # once per process: the memory preflight may have built it already
-
-
-def build_model(cfg, vocab_size: int) -> nn.Module:
-    """The model from ``cfg.model``; a null ``vocab_size`` takes the corpus's."""
-    return instantiate(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size)
-
 
 def prepare_model(
     model: nn.Module,
     cfg,
-    device: torch.device,
-    distributed: Optional[Distributed] = None,
+    engine: Engine,
+    loss_fn: nn.Module,
+    seq_len: int,
     autocast_dtype: Optional[torch.dtype] = None,
-) -> nn.Module:
-    """Every model transform, in the only order that composes; returns the module to call:
+):
+    """Every model transform, in the only order that composes; returns ``(wrapped, optimizer, scheduler)``,
+    where ``wrapped`` is the module to call:
 
-    1. activation checkpointing wraps blocks (compile must see the checkpoint boundaries);
-    2. torch.compile each block, and the parameter-free loss, in place (parameter names and the state
+    1. activation checkpointing wraps blocks (compile must see the checkpoint boundaries); its plan is
+       probed on a batch of the run's shape through the model and the loss, under the run's autocast;
+    2. torch.compile each block and the parameter-free loss, in place (parameter names and the state
        dict stay unchanged);
-    3. the distributed wrapper last, around everything: DDP, or FSDP2's fully_shard per block then
-       the root (in place). DeepSpeed's engine wraps model, optimizer and scheduler together, so
-       ``deepspeed.initialize`` runs right after this, in ``Trainer.__init__``.
+    3. the engine wraps everything last and builds the optimizer and scheduler around it: DDP, FSDP2's
+       ``fully_shard`` per block then the root (in place), or DeepSpeed's engine.
+
+    The block list is found once (``ckpt.blocks``, or the longest list of same-class layers) and serves
+    all three. A model whose config switches a KV cache on (``config.use_cache``, Hugging Face's default)
+    trains with it off: training reads no cache, and building one costs memory and time.
     """
-    model.to(device)
-    # a batch of the configured shape (built only if a policy needs it), probed under the run's autocast
-    shape = (cfg.trainer.batch_size, getattr(model, "block_size", 1))
-    example = lambda: (torch.zeros(shape, dtype=torch.long, device=device),) * 2  # noqa: E731
-    with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
-        checkpoint_activations(model, example_input=example, **OmegaConf.to_container(cfg.ckpt, resolve=True))
+    model.to(engine.device)
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        model.config.use_cache = False
+    path, blocks = model_blocks(model, cfg.ckpt.get("blocks"))
+    shape = (cfg.trainer.batch_size, seq_len)
+    example = lambda: (torch.zeros(shape, dtype=torch.long, device=engine.device),) * 2  # noqa: E731  (built only if needed)
+    ckpt = {**OmegaConf.to_container(cfg.ckpt, resolve=True), "blocks": path or None}
+    with torch.autocast(engine.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
+        checkpoint_activations(model, example_input=example, forward=lambda ids, labels: loss_fn(model(ids), labels), **ckpt)
     deepspeed_checkpointing.configure_for_run(cfg.ckpt)  # models calling ds_hydra.checkpointing obey ckpt too
-    if _compile_enabled(cfg.trainer.compile, device):
+    if _compile_enabled(cfg.trainer.compile, engine.device):
         _refuse_compiled_segments_on_old_torch(model)
-        _room_for_block_graphs(len(model.blocks))
-        for block in model.blocks:
+        _room_for_block_graphs(len(blocks))
+        for block in blocks or [model]:  # no block list: the whole model is one graph
             block.compile()
-        if isinstance(getattr(model, "loss_fn", None), nn.Module):
-            model.loss_fn.compile()  # fuses slice, fp32 upcast and cross-entropy over the vocabulary
-    if distributed is not None:
-        return distributed.wrap(model, cfg.engine, autocast_dtype, blocks=cfg.ckpt.get("blocks"))
-    return model
+        loss_fn.compile()  # fuses the fp32 upcast and cross-entropy over the vocabulary
+    return engine.setup(model, cfg, blocks, autocast_dtype)
 
 
 # torch < 2.5: dynamo does not inline module calls (each block is its own graph) and cannot run a
@@ -136,54 +120,48 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = run_dir
         tcfg = cfg.trainer
-        self.device = resolve_device(tcfg.device)
-        self.distributed = setup_distributed(cfg.engine, self.device)  # this rank's engine, place and device
-        self.device = self.distributed.device
+        self.engine = start_engine(cfg.engine, resolve_device(tcfg.device))  # this rank's engine, place and device
+        self.device = self.engine.device
         self.autocast_dtype = resolve_precision(tcfg.precision.value, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         state_io.seed_everything(tcfg.seed)
 
-        self.corpus = build_corpus(cfg)
-        model = build_model(cfg, self.corpus.vocab_size)
-        if model.block_size >= len(self.corpus.val):
-            raise UserError(
-                f"model.block_size={model.block_size}: the validation split has only {len(self.corpus.val)} tokens"
-            )
-        if getattr(model, "vocab_size", self.corpus.vocab_size) < self.corpus.vocab_size:
-            raise UserError(
-                f"model.vocab_size={model.vocab_size}: the data has {self.corpus.vocab_size} distinct tokens "
-                "(set it at least that large, or null to take the data's)"
-            )
+        self.data = build_data(cfg)
+        model = build_model(cfg.model, self.data.vocab_size)
+        check_vocab(self.data, model)
+        self.seq_len = resolve_seq_len(self.data, model)
+        if tcfg.get("init_from"):
+            from ds_hydra.training.init_from import load_initial_weights
+
+            load_initial_weights(model, tcfg.init_from)
+        self.loss_fn = CausalLMLoss()
         # self.wrapped runs forward and backward (DDP, FSDP, DeepSpeed's engine, or the model itself);
         # self.model is the model underneath: its attributes, parameter names and state dict.
-        self.wrapped = prepare_model(model, cfg, self.device, self.distributed, self.autocast_dtype)
         self.model = model
-        if self.distributed.kind == "deepspeed":  # DeepSpeed builds around our optimizer and scheduler callables
-            precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
-            self.wrapped, self.optimizer, self.scheduler = deepspeed_engine.initialize(model, cfg, self.distributed, precision)
-            self.distributed.ds_engine = self.wrapped
-        else:
-            self.optimizer = build_optimizer(cfg.optimizer, self.model, self.device, param_groups=cfg.get("param_groups"))
-            self.scheduler = build_scheduler(cfg.scheduler, self.optimizer)
-        loss_scaling = self.autocast_dtype == torch.float16 and self.distributed.kind != "deepspeed"  # DeepSpeed scales its own
-        self.scaler = torch.amp.GradScaler("cuda") if loss_scaling else None
-        # Each rank takes its share of every global batch (see RandomBlocks).
-        self.train_batches = RandomBlocks(
-            self.corpus.train, model.block_size, tcfg.batch_size, tcfg.seed, stream=TRAIN_STREAM,
-            rank=self.distributed.rank, world_size=self.distributed.world_size,
+        self.wrapped, self.optimizer, self.scheduler = prepare_model(
+            model, cfg, self.engine, self.loss_fn, self.seq_len, self.autocast_dtype
         )
+        # Each rank takes its share of every global batch (see RandomBlocks).
+        self.train_batches = self.sampler("train", TRAIN_STREAM)
         self.step = 0
         self.activation_bytes: Optional[int] = None  # saved for backward by the first micro-batch
-        self.tokens_per_step = tcfg.batch_size * model.block_size * tcfg.grad_accum_steps
+        self.tokens_per_step = tcfg.batch_size * self.seq_len * tcfg.grad_accum_steps
         # The summed loss of the steps since the last log line: saved, so a resumed run logs the same means.
         self.loss_sum: Optional[torch.Tensor] = None
         self.loss_steps = 0
         self.nonfinite = NonFiniteWatch(self.device)  # first NaN/inf step, kept on the device (no sync)
         self.skipped_nonfinite = 0
         self.last_saved: Optional[Path] = None
-        self.throughput = Throughput.for_model(model, self.device, self.autocast_dtype, tcfg.get("peak_tflops"))
+        self.throughput = Throughput.for_model(model, self.seq_len, self.device, self.autocast_dtype, tcfg.get("peak_tflops"))
+
+    def sampler(self, split: str, stream: int):
+        tcfg = self.cfg.trainer
+        return self.data.sampler(
+            split, self.seq_len, tcfg.batch_size, tcfg.seed, stream=stream,
+            rank=self.engine.rank, world_size=self.engine.world_size,
+        )
 
     # -- one step -------------------------------------------------------------------------------
     def autocast(self):
@@ -191,55 +169,35 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's mean loss; the logits are gone when this returns (they would live through backward)."""
+        return self.loss_fn(self.wrapped(batch["input_ids"]), batch["labels"])
+
     def train_step(self) -> torch.Tensor:
         """Accumulate gradients over the micro-batches, clip, step; returns the mean loss (on device).
 
-        With several ranks the gradients are averaged over them (DDP, FSDP) and the returned loss is
-        the global batch's, the same on every rank.
+        With several ranks the gradients are averaged over them (DDP, FSDP, DeepSpeed) and the returned
+        loss is the global batch's, the same on every rank.
         """
-        if not self.model.training:  # model.train() walks every module: only when evaluation left eval mode
-            self.model.train()
+        if not self.wrapped.training:  # train() walks every module: only when evaluation left eval mode
+            self.wrapped.train()
         accum = self.cfg.trainer.grad_accum_steps
-        if self.distributed.kind == "deepspeed":  # DeepSpeed accumulates, clips and steps itself
-            total = deepspeed_engine.train_step(self.wrapped, self.train_batches, accum, self.device, self.autocast)
-            total = self.distributed.mean(total)
-            self.step += 1
-            self.nonfinite.observe(total, self.step)
-            self.loss_sum = total if self.loss_sum is None else self.loss_sum + total
-            self.loss_steps += 1
-            return total
         total = torch.zeros((), device=self.device)
         for i in range(accum):
-            x, y = self.train_batches.next_batch(self.device)
-            # DDP all-reduces gradients only in the last micro-batch's backward
+            batch = self.train_batches.next_batch(self.device)
             counting = self.activation_bytes is None and i == 0  # count once: hooks cost nothing, but once is enough
-            with self.distributed.gradient_sync(self.wrapped, last_micro_batch=i == accum - 1):
+            with self.engine.micro_batch(last=i == accum - 1):
                 with self.autocast(), SavedActivationCounter(self.model) if counting else contextlib.nullcontext() as saved:
-                    loss = self.wrapped(x, y)[1]  # drop the logits now: they would live through backward
+                    loss = self.loss(batch)
                 if counting:
                     self.activation_bytes = saved.bytes
                     log.info("activation memory: %.1f MiB saved for backward per micro-batch", saved.bytes / 2**20)
-                if accum > 1:
-                    loss = loss / accum  # the sum of micro-batch gradients equals the full batch's mean
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-            total += loss.detach()
-        total = self.distributed.mean(total)  # the global batch's loss (a one-number all-reduce)
+                self.engine.backward(loss, accum)
+            total += loss.detach().float() / accum  # the sum of micro-batch means / accum: the batch's mean
+        total = self.engine.mean(total)  # the global batch's loss (a one-number all-reduce)
         if self.cfg.trainer.skip_nonfinite and not torch.isfinite(total).item():  # a host sync, only in this mode
             return self._skip_update(total)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.cfg.trainer.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        self.engine.step(self.cfg.trainer.grad_clip)
         self.step += 1
         self.nonfinite.observe(total, self.step)
         self.loss_sum = total if self.loss_sum is None else self.loss_sum + total
@@ -248,8 +206,7 @@ class Trainer:
 
     def _skip_update(self, loss: torch.Tensor) -> torch.Tensor:
         """``trainer.skip_nonfinite``: drop this step's gradients and update; data and schedule move on."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        self.engine.skip_step()
         self.step += 1
         self.skipped_nonfinite += 1
         limit = self.cfg.trainer.skip_nonfinite
@@ -274,38 +231,36 @@ class Trainer:
     def evaluate(self) -> Dict[str, float]:
         """Mean loss over ``eval_batches`` batches of each split.
 
-        The batches are the same at every evaluation (a fresh generator per call), so the curve
-        shows the model changing, not the sample; and evaluation never disturbs training's RNG.
+        The batches are the same at every evaluation (a fresh sampler per call), so the curve shows
+        the model changing, not the sample; and evaluation never disturbs training's RNG.
         """
-        self.model.eval()
-        tcfg = self.cfg.trainer
+        self.wrapped.eval()
         result = {}
         # Ranks split the batches: each evaluates ceil(eval_batches / world) of them (all the same count,
         # as FSDP's gathers need), and the mean is over all ranks' batches.
-        rank, world = self.distributed.rank, self.distributed.world_size
-        per_rank = -(-tcfg.eval_batches // world)
-        for name, tokens, stream in (("train_loss", self.corpus.train, TRAIN_STREAM + 2), ("val_loss", self.corpus.val, VAL_STREAM)):
-            batches = RandomBlocks(tokens, self.model.block_size, tcfg.batch_size, tcfg.seed, stream=stream, rank=rank, world_size=world)
+        world = self.engine.world_size
+        per_rank = -(-self.cfg.trainer.eval_batches // world)
+        for name, split, stream in (("train_loss", "train", TRAIN_EVAL_STREAM), ("val_loss", "val", VAL_STREAM)):
+            batches = self.sampler(split, stream)
             losses = torch.zeros(per_rank, device=self.device)
             for i in range(per_rank):
-                x, y = batches.next_batch(self.device)
                 with self.autocast():
-                    losses[i] = self.wrapped(x, y)[1]
-            total = self.distributed.sum_(losses.sum())
+                    losses[i] = self.loss(batches.next_batch(self.device))
+            total = self.engine.sum_(losses.sum())
             result[name] = (total / (per_rank * world)).item()  # one host sync per split, not one per batch
-        self.model.train()
+        self.wrapped.train()
         return result
 
     # -- resumable state ------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         return {
-            "format": "ds_hydra.train_state.v1",
+            "format": state_io.TRAIN_STATE_FORMAT,
             "step": self.step,
             # the full state in one process's format, whatever the engine (FSDP, DeepSpeed: gathered)
-            "model": self.distributed.model_state_dict(self.model),
-            "optimizer": self.distributed.optimizer_state_dict(self.model, self.optimizer, self.step),
+            "model": self.engine.model_state_dict(),
+            "optimizer": self.engine.optimizer_state_dict(self.step),
             "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "scaler": self.engine.scaler.state_dict() if self.engine.scaler is not None else None,
             "data": self.train_batches.state_dict(),
             "rng": state_io.rng_state(),
             "loss_window": {"sum": self.loss_sum, "steps": self.loss_steps},
@@ -314,11 +269,11 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.distributed.load_model_state_dict(self.model, state["model"])
-        self.distributed.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], self.run_dir)
+        self.engine.load_model_state_dict(state["model"])
+        self.engine.load_optimizer_state_dict(state["optimizer"], self.run_dir)
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        if self.engine.scaler is not None and state.get("scaler"):
+            self.engine.scaler.load_state_dict(state["scaler"])
         self.train_batches.load_state_dict(state["data"])
         state_io.set_rng_state(state["rng"])
         self.step = state["step"]
@@ -349,9 +304,9 @@ class Trainer:
         if self.last_saved == path:
             return path  # already saved at this step (or resumed from it)
         try:
-            self.distributed.save_engine_checkpoint(self.run_dir, self.step)  # DeepSpeed: every rank's shards
+            self.engine.save_engine_checkpoint(self.run_dir, self.step)  # DeepSpeed: every rank's shards
             state = self.state_dict()  # FSDP, DeepSpeed: every rank takes part in gathering it
-            if self.distributed.is_main:  # one writer
+            if self.engine.is_main:  # one writer
                 state_io.atomic_torch_save(state, path)
         except OSError as exc:
             kept = f"{self.last_saved} is intact" if self.last_saved is not None else "no earlier checkpoint exists"
@@ -360,10 +315,10 @@ class Trainer:
                 f"trainer.keep_last), then continue with resume={self.run_dir}"
             ) from None
         self.last_saved = path
-        if self.distributed.is_main:
+        if self.engine.is_main:
             state_io.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
-            self.distributed.prune_engine_checkpoints(self.run_dir)
-        self.distributed.barrier()  # the checkpoint exists for every rank once save returns
+            self.engine.prune_engine_checkpoints(self.run_dir)
+        self.engine.barrier()  # the checkpoint exists for every rank once save returns
         return path
 
 
@@ -382,7 +337,7 @@ def _train(cfg, run_dir: Path, started: float) -> Dict[str, Any]:
         log.info("%s finished earlier (%s): returning its final metrics", run_dir, resume_io.COMPLETED_FILE)
         return plan.completed
     trainer = Trainer(cfg, run_dir)
-    is_main = trainer.distributed.is_main  # with several processes, only rank 0 writes run files
+    is_main = trainer.engine.is_main  # with several processes, only rank 0 writes run files
     earlier_records = []
     if plan.checkpoint is not None:
         trainer.load(plan.checkpoint, strict=resume_io.in_multirun())
@@ -391,31 +346,29 @@ def _train(cfg, run_dir: Path, started: float) -> Dict[str, Any]:
         log.info("resumed from %s at step %d", plan.checkpoint, trainer.step)
     stop = signals.stop_requested()  # (a collective when distributed: after Trainer set the ranks up)
     if stop:  # asked to stop before this run began (e.g. the previous job of a sweep was pre-empted)
-        trainer.distributed.close()
+        trainer.engine.close()
         raise signals.Stopped(stop, trainer.step, trainer.last_saved, run_dir)
     if cfg.get("resume") and is_main:
         resume_io.record_continuation(run_dir, cfg)
     if is_main:
         write_resolved_config(cfg, run_dir)  # only now: a run that failed to start leaves the directory as it was
-    n_params = trainer.model.num_params() if hasattr(trainer.model, "num_params") else sum(
-        p.numel() for p in trainer.model.parameters()
-    )
+    data = trainer.data
     log.info(
-        "model: %.2fM parameters on %s (%s); data: %s, vocab %d, %d train / %d val tokens",
-        n_params / 1e6, trainer.device, trainer.autocast_dtype or torch.float32,
-        trainer.corpus.source, trainer.corpus.vocab_size, len(trainer.corpus.train), len(trainer.corpus.val),
+        "model: %s, %.2fM parameters on %s (%s); data: %s, vocab %d, %d train / %d val tokens, sequences of %d",
+        type(trainer.model).__name__, num_params(trainer.model) / 1e6, trainer.device, trainer.autocast_dtype or torch.float32,
+        data.source, data.vocab_size, data.num_tokens("train"), data.num_tokens("val"), trainer.seq_len,
     )
     log.info("run dir: %s", run_dir)
-    tcfg, world = cfg.trainer, trainer.distributed.world_size
+    tcfg, world = cfg.trainer, trainer.engine.world_size
     log.info(
         "engine %s; effective batch %d sequences = batch_size %d x grad_accum_steps %d x world size %d",
-        trainer.distributed.describe(), tcfg.batch_size * tcfg.grad_accum_steps * world,
+        trainer.engine.describe(), tcfg.batch_size * tcfg.grad_accum_steps * world,
         tcfg.batch_size, tcfg.grad_accum_steps, world,
     )
     if trainer.throughput.flops_per_token:
         peak = trainer.throughput.peak_flops
         log.info(
-            "%.4g FLOPs per token (6N + 12 L d T); device peak %s",
+            "%.4g FLOPs per token; device peak %s",
             trainer.throughput.flops_per_token, f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown: no MFU",
         )
     # metrics.jsonl and the trackers chosen in `logger` (rank 0 only)
@@ -427,7 +380,7 @@ def _train(cfg, run_dir: Path, started: float) -> Dict[str, Any]:
         metrics.close(error=exc)  # the trackers mark the run failed (or stopped)
         raise
     finally:
-        trainer.distributed.close()  # a process group this run created (not a launcher's)
+        trainer.engine.close()  # a process group this run created (not a launcher's)
     final["wall_s"] = time.perf_counter() - started
     final["run_dir"] = str(run_dir)
     final["activation_bytes"] = trainer.activation_bytes
@@ -475,7 +428,7 @@ def _fit(trainer: Trainer, metrics: MetricsLogger) -> Dict[str, Any]:
             trainer.save()
         # One process: a Python flag, read every step. Several: an all-reduce and a host sync, so only
         # where the loop syncs anyway (log steps); a pre-emption notice gives minutes, not milliseconds.
-        check_stop = trainer.distributed.world_size == 1 or step % tcfg.log_interval == 0
+        check_stop = trainer.engine.world_size == 1 or step % tcfg.log_interval == 0
         stop = signals.stop_requested() if check_stop and step < tcfg.max_steps else None  # ranks agree
         if stop:
             raise signals.Stopped(stop, step, trainer.save(), trainer.run_dir)

@@ -1,0 +1,88 @@
+"""This process's place among the launched processes, and the default process group.
+
+A launcher (torchrun, the deepspeed launcher, a cluster script) sets RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT. The process group is created here unless a launcher-aware caller
+(``ds_hydra.engine.launch``, before Hydra runs) already did; started without a launcher, an engine
+that needs a group runs as a one-process group on an in-memory store.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ds_hydra.errors import UserError
+
+__all__ = [
+    "PROCESS_GROUP_TIMEOUT",
+    "launched",
+    "env_world_size",
+    "env_rank",
+    "env_local_rank",
+    "is_main_process",
+    "init_process_group",
+    "rank_device",
+]
+
+# Collectives wait this long before failing (a rank saving a large checkpoint keeps the others waiting).
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+
+
+def launched() -> bool:
+    """Whether a launcher started this process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
+def env_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
+
+
+def is_main_process() -> bool:
+    """Rank 0 (the only writer of run files); true in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return env_rank() == 0
+
+
+def init_process_group(device: torch.device) -> bool:
+    """Create the default process group unless one exists; returns whether this call created it.
+
+    Launched: from the launcher's environment (env://). Otherwise a one-process group on an
+    in-memory store (no port to pick, nothing to clash with).
+    """
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if launched():
+        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=PROCESS_GROUP_TIMEOUT)
+    return True
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Under a launcher every rank takes ``cuda:LOCAL_RANK``; other devices are shared as they are."""
+    if device.type != "cuda":
+        return device
+    local = env_local_rank()
+    if env_world_size() > 1 and device.index is not None and device.index != local:
+        raise UserError(
+            f"trainer.device={device}: with several processes each rank uses cuda:LOCAL_RANK; set trainer.device=cuda or auto"
+        )
+    if local >= torch.cuda.device_count():
+        raise UserError(
+            f"LOCAL_RANK={local}: this machine has {torch.cuda.device_count()} GPUs; start at most that many "
+            "processes per node (torchrun --nproc_per_node)"
+        )
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)

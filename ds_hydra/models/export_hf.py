@@ -1,0 +1,73 @@
+"""``task=export_hf inference.checkpoint=<run dir>``: a trained run as a Hugging Face model directory.
+
+The run's model is rebuilt from its saved config and weights (``ds_hydra.inference.loading``) and
+written to ``<this run's dir>/hf_model``: ``config.json`` and ``model.safetensors`` (plus the
+tokenizer when the run has one), loadable with ``AutoModelForCausalLM.from_pretrained`` and trainable
+again with ``model=hf_causal_lm model.pretrained=<that dir>``. Hugging Face models are saved with
+their own ``save_pretrained``; the built-in GPT becomes a ``GPT2LMHeadModel`` (``gpt_hf``). The
+directory appears whole or not at all (written beside it, then renamed).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import torch.nn as nn
+
+from ds_hydra.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EXPORT_DIR = "hf_model"
+
+# Model classes (module.QualName) -> a function returning an equivalent transformers model.
+CONVERTERS: Dict[str, str] = {"ds_hydra.models.gpt.GPT": "ds_hydra.models.gpt_hf:to_gpt2"}
+
+
+def hf_model_of(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is a transformers model, else its registered conversion."""
+    if callable(getattr(model, "save_pretrained", None)):
+        return model
+    name = f"{type(model).__module__}.{type(model).__qualname__}"
+    converter = CONVERTERS.get(name)
+    if converter is None:
+        raise UserError(
+            f"task=export_hf: {name} has no transformers equivalent (exportable: transformers models and "
+            f"{', '.join(CONVERTERS)}); save its state_dict with ds_hydra.load_model instead"
+        )
+    from importlib import import_module
+
+    module, _, function = converter.partition(":")
+    convert: Callable[[nn.Module], nn.Module] = getattr(import_module(module), function)
+    return convert(model)
+
+
+def export_hf(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """Write the run named by ``inference.checkpoint`` as a transformers model directory."""
+    from ds_hydra.inference.loading import load_run, output_dir
+
+    from ds_hydra.models.hf import import_transformers
+
+    import_transformers()  # one line naming the extra, before anything is loaded
+    icfg = cfg.inference
+    run = load_run(icfg.checkpoint, "cpu", "fp32", list(cfg.get("allowed_targets") or []))
+    target = output_dir(run_dir, run.run_dir) / EXPORT_DIR
+    hf = hf_model_of(run.model)
+    staging = Path(tempfile.mkdtemp(prefix=f".{EXPORT_DIR}.", dir=target.parent))
+    try:
+        hf.save_pretrained(str(staging), safe_serialization=True)
+        save_tokenizer = getattr(run.data, "save_tokenizer", None)
+        if callable(save_tokenizer):
+            save_tokenizer(staging)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info(
+        "exported %s (step %d) as %s to %s; load it with AutoModelForCausalLM.from_pretrained(%r) or train on with "
+        "model=hf_causal_lm model.pretrained=%s", run.checkpoint, run.step, type(hf).__name__, target, str(target), target,
+    )
+    return {"export_dir": str(target), "architecture": type(hf).__name__, "step": run.step}

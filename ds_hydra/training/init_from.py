@@ -1,0 +1,47 @@
+"""``trainer.init_from=<run dir | checkpoint>``: start a run from another run's weights (fine-tuning).
+
+Only the model's weights are taken: the optimizer, the schedule, the data position and the step start
+afresh. The weights are read with ``torch.load(weights_only=True)``; names and shapes must match the
+model being trained, and every mismatch is listed in one error.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch.nn as nn
+
+from ds_hydra.errors import UserError
+from ds_hydra.training import state as state_io
+
+log = logging.getLogger(__name__)
+
+KEY = "trainer.init_from"
+
+
+def initial_weights_file(value: str) -> Path:
+    """The checkpoint ``value`` names: a run dir's newest ``checkpoints/step_*.pt``, or that file itself."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        latest = state_io.latest_checkpoint(path)
+        if latest is None:
+            raise UserError(f"{KEY}={value}: no {state_io.CHECKPOINT_DIR}/step_*.pt in that directory; give a trained run's directory or one of its checkpoints")
+        return latest
+    if not path.is_file():
+        raise UserError(f"{KEY}={value}: no such run directory or checkpoint file")
+    return path
+
+
+def load_initial_weights(model: nn.Module, value: str) -> Path:
+    """Load the weights of ``value`` into ``model`` (before any training transform); returns the file."""
+    path = initial_weights_file(value)
+    state = state_io.safe_torch_load(path)
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise UserError(f"{KEY}={value}: {path} is not a ds_hydra training checkpoint (it has no 'model' weights)")
+    problems = state_io.state_dict_mismatches(model, weights)
+    if problems:
+        raise UserError(f"{KEY}={value}: {path} does not fit this model: {'; '.join(problems)}")
+    model.load_state_dict(weights, strict=True)
+    log.info("initial weights from %s (step %s); optimizer, schedule and data start afresh", path, state.get("step", "?"))
+    return path
