@@ -52,7 +52,7 @@ def measure(run, batch: int, tokens: int, rounds: int, seed: int, prompt: str):
 
     from ds_hydra.inference.generate import encode_prompt, timed_generate
 
-    ids = encode_prompt(run.corpus, prompt, run.model.vocab_size)
+    ids = encode_prompt(run.data, prompt, run.model.vocab_size)
     prompt_t = torch.tensor([ids] * batch, dtype=torch.long, device=run.device)
     sampling = dict(temperature=0.8, top_k=200)
     times = {True: [], False: []}
@@ -78,7 +78,7 @@ def measure(run, batch: int, tokens: int, rounds: int, seed: int, prompt: str):
         "ratio_best": min(times[False]) / min(times[True]),
         "same_within_block": same,
     }
-    return row, run.corpus.decode(outputs[True][0].tolist())
+    return row, run.data.decode(outputs[True][0].tolist())
 
 
 def main() -> None:

@@ -321,10 +321,10 @@ def _foreign_target(run, tmp):
         (_missing, "no such directory"),
         (_not_a_run, "no config_resolved.yaml"),
         (_no_weights, "the run has no weights"),
-        (_other_model, r"is \(65, 32\) in the checkpoint but \(65, 64\) in the model"),
+        (_other_model, r"wte.weight, lm_head.weight are \(65, 32\) in the checkpoint but \(65, 64\) in the model; .*blocks.\[0-3\].attn.qkv.weight are"),
         (_corrupt, r"step_0000006\.pt: not a (PyTorch|loadable)"),
         (_pickle_with_code, r"step_0000006\.pt: (refused|not a loadable)"),
-        (_foreign_target, r"config_resolved\.yaml: _target_=pathlib\.Path\.touch: not an allowed target"),
+        (_foreign_target, r"config_resolved\.yaml: data\._target_=pathlib\.Path\.touch: not an allowed target"),
     ],
     ids=["missing", "not-a-run", "no-weights", "shape-mismatch", "corrupt", "pickled-code", "foreign-target"],
 )

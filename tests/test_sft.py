@@ -10,6 +10,7 @@ import torch
 from ds_hydra.data.streams import IGNORE_INDEX
 from ds_hydra.data.sft import SFTData, build_rows
 from ds_hydra.errors import UserError
+from ds_hydra.models.contract import CausalLMLoss
 
 CHAR = {"kind": "char", "eos_token": "<|endoftext|>"}
 CPU = torch.device("cpu")
@@ -82,7 +83,7 @@ def test_masked_positions_carry_no_gradient():
         hidden["h"] = out
 
     model.ln_f.register_forward_hook(keep)
-    _, loss = model(batch["input_ids"], batch["labels"])
+    loss = CausalLMLoss()(model(batch["input_ids"]), batch["labels"])
     loss.backward()
     grad = hidden["h"].grad  # (B, T, C): position t's only path to the loss is its own prediction
     assert grad[masked].abs().max() == 0

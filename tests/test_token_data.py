@@ -114,7 +114,8 @@ def test_random_windows_are_todays_batches_from_memory_or_a_file(tmp_path):
         legacy = RandomBlocks(tokens, 64, 12, 1337, stream=0, rank=rank, world_size=2)
         samplers = [RandomWindows(s, 64, 12, 1337, stream=0, rank=rank, world_size=2) for s in sources]
         for _ in range(3):
-            x, y = legacy.next_batch(CPU)
+            expected = legacy.next_batch(CPU)
+            x, y = expected["input_ids"], expected["labels"]
             for sampler in samplers:
                 batch = sampler.next_batch(CPU)
                 assert batch["input_ids"].dtype == torch.int64

@@ -8,7 +8,7 @@ checkpointing, the outputs of the saved ops; the checkpointing code reports thos
 ``note_kept`` so the count is the whole of what is held between forward and backward.
 
     with SavedActivationCounter(model) as saved:
-        loss = model(x, y)[1]
+        loss = loss_fn(model(x), y)
     saved.bytes          # what backward will need, in bytes
 """
 from __future__ import annotations
