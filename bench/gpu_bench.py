@@ -132,7 +132,7 @@ def build_trainer(cfg, run_dir: Path):
 def set_batch(trainer, batch: int) -> None:
     trainer.train_batches.batch_size = batch
     tcfg = trainer.cfg.trainer
-    trainer.tokens_per_step = batch * trainer.train_batches.block_size * tcfg.grad_accum_steps
+    trainer.tokens_per_step = batch * trainer.seq_len * tcfg.grad_accum_steps
 
 
 def timed_steps(trainer, steps: int) -> float:
@@ -492,7 +492,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 try:
                     row, trainer = bench_policy(settings, label, Path(tmp))
-                    row["block_size"] = trainer.train_batches.block_size
+                    row["block_size"] = trainer.seq_len
                     log(f"  {row['tokens_per_s']:,.0f} tokens/s, MFU {_fmt(row['mfu'], '.1%')}, "
                         f"peak {_fmt(row['peak_memory_gib'], '.2f')} GiB")
                     if "throughput" in sections:
