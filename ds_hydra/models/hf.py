@@ -131,6 +131,12 @@ def _from_pretrained(transformers, pretrained: str, torch_dtype, attn_implementa
         )
     if config:
         raise UserError(f"model.config: set with {key}; the directory's config.json defines the model (drop model.config)")
+    if _shapes_only():  # task=validate, the memory preflight: the architecture is enough, the weights are not read
+        hf_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        hf_config.use_cache = False
+        return transformers.AutoModelForCausalLM.from_config(
+            hf_config, attn_implementation=attn_implementation, **_dtype_argument(transformers, torch_dtype)
+        )
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(folder), local_files_only=True, attn_implementation=attn_implementation, use_safetensors=True,
@@ -141,6 +147,14 @@ def _from_pretrained(transformers, pretrained: str, torch_dtype, attn_implementa
     model.config.use_cache = False
     log.info("loaded %s (%s) from %s", type(model).__name__, model.config.model_type, folder)
     return model
+
+
+def _shapes_only() -> bool:
+    """Whether the model is being built for its shapes alone: on the meta device or under FakeTensorMode."""
+    import torch
+
+    probe = torch.empty(0)
+    return probe.device.type == "meta" or type(probe).__name__ == "FakeTensor"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -210,7 +210,8 @@ def _forward_backward_peak(spec: StepSpec, model: nn.Module, batch: Any, ckpt: D
 
     ckpt = {**ckpt, "offload": False, "cpu_checkpointing": False}  # offload moves bytes to the host: see below
     with _autocast(spec):
-        checkpoint_activations(model, example_input=lambda: spec.example_batch(spec.device), **ckpt)
+        checkpoint_activations(model, example_input=lambda: (spec.example_batch(spec.device),),
+                               forward=lambda batch: spec.loss(model, batch), **ckpt)
     existing = [*model.parameters(), *model.buffers(), *(t for t in tree_leaves(batch) if isinstance(t, torch.Tensor))]
     tracker = LiveBytes(existing)
     try:

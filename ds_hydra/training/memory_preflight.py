@@ -73,8 +73,16 @@ def step_spec(cfg):
         autocast_dtype=resolve_precision(getattr(cfg.trainer.precision, "value", cfg.trainer.precision), device),
         grad_accum_steps=int(cfg.trainer.grad_accum_steps),
         sharding=sharding_of(cfg.engine),
-        knobs=Knobs(seq_len="data.seq_len", head_chunk="model.head_chunk_tokens" if "head_chunk_tokens" in cfg.model else None),
+        knobs=Knobs(seq_len=seq_len_key(cfg), head_chunk="model.head_chunk_tokens" if "head_chunk_tokens" in cfg.model else None),
     )
+
+
+def seq_len_key(cfg) -> str:
+    """The key that sets the sequence length: ``data.seq_len``, or when it is null the model's own length
+    (``model.block_size`` for the built-in GPT)."""
+    if cfg.data.get("seq_len", None) is None and "block_size" in cfg.model:
+        return "model.block_size"
+    return "data.seq_len"
 
 
 def seq_len_of(cfg, vocab_size: int) -> int:
