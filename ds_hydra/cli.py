@@ -121,7 +121,7 @@ def _cli_main() -> None:
     main = hydra.main(version_base=None, config_path=config_dir(), config_name="config")(run_task)
     from ds_hydra.training.preflight import RunRefused
     from ds_hydra.engine.deepspeed_import import expand_deepspeed_config_args
-    from ds_hydra.training.resume import continue_after_restart, expand_resume_args
+    from ds_hydra.training.resume import expand_resume_args
     from ds_hydra.training.run_lock import release_all
     from ds_hydra.training.signals import Stopped, stop_on_signals
     from ds_hydra.engine.launch import after_hydra, before_hydra, strip_local_rank, wait_for_all_ranks
@@ -129,7 +129,6 @@ def _cli_main() -> None:
     try:
         # resume=<run>: the run's saved overrides, in its own directory (before Hydra parses argv)
         sys.argv = [sys.argv[0], *strip_local_rank(sys.argv[1:])]  # launchers may pass --local-rank=N
-        sys.argv = [sys.argv[0], *continue_after_restart(sys.argv[1:])]  # torchrun --max-restarts
         # deepspeed_config=<ds_config.json>: the file's settings as overrides, before the command line's own
         sys.argv = [sys.argv[0], *expand_deepspeed_config_args(sys.argv[1:])]
         sys.argv = [sys.argv[0], *expand_resume_args(sys.argv[1:])]

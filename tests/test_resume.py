@@ -417,3 +417,70 @@ def test_the_seed_sets_every_generator_a_checkpoint_records(tmp_path):
     random.seed(5)
     np.random.seed(5)
     assert draws[0][:2] == (random.random(), float(np.random.rand()))
+
+
+def _with_hydra(overrides):
+    """The composed config with its ``hydra`` node, as preflight sees it (``${now:}`` resolvable)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from ds_hydra.cli import config_dir
+    from ds_hydra.config_store import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_a_restarted_torchrun_attempt_finds_its_run_by_the_directory(tmp_path, monkeypatch):
+    """Fixed hydra.run.dir: that directory once it holds the run's overrides. A name from the clock: the
+    run whose torchrun_job.json names this job (its rendezvous id; for the default id 'none' also the
+    agent process), among the directories the pattern names."""
+    import json
+
+    from ds_hydra.training.resume.torchrun_restart import JOB_FILE, record_job, run_to_continue, this_job
+
+    def make_run(path, wrote_overrides=True, **job):
+        (path / ".hydra").mkdir(parents=True)
+        if wrote_overrides:
+            (path / ".hydra" / "overrides.yaml").write_text("[]\n")
+        if job:
+            (path / JOB_FILE).write_text(json.dumps(job))
+        return path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # _with_hydra sets it: restored after the test
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    fixed = tmp_path / "fixed"
+    fixed_dir, fixed_and_resume, from_the_clock = (
+        _with_hydra(o) for o in ([f"hydra.run.dir={fixed}"], [f"hydra.run.dir={fixed}", f"resume={fixed}"], []))
+    assert run_to_continue(fixed_dir) is None  # a first attempt starts anew
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert run_to_continue(fixed_dir) is None  # the first attempt wrote nothing
+    make_run(fixed)
+    assert run_to_continue(fixed_dir) == fixed
+    assert run_to_continue(fixed_and_resume) is None  # resume= says it
+
+    outputs = tmp_path / "outputs"
+    make_run(outputs / "2024-05-01" / "23-59-59", **{**this_job(), "run_id": "job-6"})  # another job's run
+    ours = make_run(outputs / "2024-05-01" / "23-59-58")
+    record_job(ours)  # what rank 0 of the first attempt wrote
+    make_run(outputs / "2024-05-02" / "00-00-01", wrote_overrides=False, **{**this_job(), "run_id": "job-7"})  # not a run yet
+    assert json.loads((ours / JOB_FILE).read_text())["restart"] == 1
+    assert run_to_continue(from_the_clock) == Path("outputs/2024-05-01/23-59-58")  # across midnight too
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default id: only this agent's own run
+    assert run_to_continue(from_the_clock) is None
+    other_agent = make_run(outputs / "2024-05-03" / "01-00-00", **{**this_job(), "run_id": "none", "agent_pid": 1})
+    assert run_to_continue(from_the_clock) is None, other_agent
+    mine = make_run(outputs / "2024-05-03" / "01-00-01", **{**this_job(), "run_id": "none"})
+    assert run_to_continue(from_the_clock) == Path("outputs/2024-05-03/01-00-01") == Path(os.path.relpath(mine))

@@ -867,9 +867,9 @@ def expand_deepspeed_config_args(argv: Sequence[str]) -> List[str]:
     found = [m for a in argv if (m := _ARG.match(a))]
     if not found:
         return argv
-    from ds_hydra.training.resume import _unquote
+    from ds_hydra.training.resume.command_line import unquote
 
-    value = _unquote(found[-1].group(2))
+    value = unquote(found[-1].group(2))
     if value in ("", "null"):
         return argv
     if ("-m" in argv or "--multirun" in argv) and "," in value:

@@ -6,9 +6,11 @@ ranks agree on one run directory instead:
 
 1. every rank creates the process group (from the launcher's environment) before Hydra runs;
 2. rank 0 runs Hydra as usual; once its run directory exists (in the task function) it broadcasts
-   the path (``share_run_dir``);
+   the path (``share_run_dir``), and whether it continues that run (a torchrun restart:
+   ``ds_hydra.training.resume.torchrun_restart``);
 3. every other rank waits for that path and runs Hydra with ``hydra.run.dir=<path>`` and
-   ``hydra.output_subdir=null``: same directory, no ``.hydra/`` of its own;
+   ``hydra.output_subdir=null`` (and ``resume=<path>`` when continued): same directory, no ``.hydra/``
+   of its own;
 4. every rank logs to ``rank{N}.log`` (``hydra.job.name=rank{N}``); only rank 0 prints INFO lines.
 
 If rank 0 stops before sharing (a config error, ``--cfg job``), it broadcasts that instead and the
@@ -84,11 +86,12 @@ def before_hydra(args: Sequence[str]) -> List[str]:
     if rank == 0:
         _owed = True
     else:
-        status, run_dir = _receive()
+        status, run_dir, continued = _receive()
         if run_dir is None:
             _finish_process_group()
             sys.exit(status)
         extra += [f"hydra.run.dir={_quote(run_dir)}", "hydra.output_subdir=null"]
+        extra += [f"resume={_quote(continued)}"] if continued else []
     return [*args, *extra]
 
 
@@ -106,12 +109,13 @@ def _init_launched_process_group(dist, timeout) -> None:
     dist.init_process_group(store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
-def share_run_dir(run_dir: str) -> None:
-    """Rank 0, once Hydra made the run dir: send it to the other ranks (no-op elsewhere or when done)."""
+def share_run_dir(run_dir: str, continued: Optional[str] = None) -> None:
+    """Rank 0, once Hydra made the run dir: send it to the other ranks (no-op elsewhere or when done);
+    ``continued``: the run dir a restarted torchrun attempt continues."""
     global _owed
     if _owed:
         _owed = False
-        _broadcast((0, str(run_dir)))
+        _broadcast((0, str(run_dir), continued))
 
 
 def on_task_start() -> None:
@@ -119,12 +123,10 @@ def on_task_start() -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from ds_hydra.training.resume import note_run_dir_for_restarts
+    from ds_hydra.training.resume.torchrun_restart import continuing_run
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
-        note_run_dir_for_restarts(HydraConfig.get().runtime.output_dir)  # torchrun --max-restarts continues it
-    if _owed and HydraConfig.initialized():
-        share_run_dir(HydraConfig.get().runtime.output_dir)
+    if _owed and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
+        share_run_dir(HydraConfig.get().runtime.output_dir, continuing_run())
     quiet_console_on_other_ranks()
 
 
@@ -141,7 +143,7 @@ def after_hydra() -> None:
             status = exc.code if isinstance(exc.code, int) else 1
         else:
             status = exit_status_for(exc)
-        _broadcast((status, None))
+        _broadcast((status, None, None))
     _finish_process_group()
 
 

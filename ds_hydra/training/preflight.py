@@ -9,7 +9,8 @@ an earlier run (``resume=<run>``, or ``hydra.run.dir=<run>``) it would overwrite
 1. the config (``ds_hydra.validation``): every range and cross-field problem;
 2. a CUDA device is there when ``trainer.device`` asks for one, and one training step fits in the
    device's free memory (``memory_preflight``: estimated on fake tensors, nothing allocated);
-3. the run directory can be created and written (``hydra.run.dir``), then takes it: a directory named
+3. the run directory can be created and written (``hydra.run.dir``; a restarted torchrun attempt
+   continues the run the first attempt wrote, ``resume.torchrun_restart``), then takes it: a directory named
    from the clock (``${now:...}``) is claimed exclusively, under the next free name if another launch
    took it (``hydra.run.dir`` is set to the name claimed); any other is created if missing; either
    way it is locked for this process (``ds_hydra.training.run_lock``; under torchrun rank 0 holds
@@ -61,6 +62,7 @@ class Preflight(Callback):
         taken = None
         try:
             check_config(config)
+            continue_after_torchrun_restart(config)
             taken = take_run_dir(config)
             check_run_dir(config)
         except (UserError, OmegaConfBaseException) as exc:
@@ -152,6 +154,17 @@ def _other_rank() -> bool:
     return multi_process() and os.environ.get("RANK", "0") != "0"
 
 
+def continue_after_torchrun_restart(config) -> None:
+    """A restarted torchrun attempt's rank 0: continue the run the first attempt wrote, found by its
+    directory (``resume.torchrun_restart``); other ranks are told by rank 0."""
+    from ds_hydra.training.resume.torchrun_restart import continue_run, run_to_continue
+
+    if _task(config) in ("train", "resume") and not _other_rank():
+        found = run_to_continue(config)
+        if found is not None:
+            continue_run(config, found)
+
+
 def take_run_dir(config) -> Optional[TakenDir]:
     """Claim (a name from the clock) or create ``hydra.run.dir``, then lock it for this process."""
     if _other_rank():
@@ -203,6 +216,10 @@ def _take(config, kind: str) -> TakenDir:
         raise
     if lock.took_over and kind == "run":
         _deferred.append((logging.WARNING, lock.took_over))
+    if kind == "run":
+        from ds_hydra.training.resume.torchrun_restart import record_job
+
+        record_job(taken.path)  # a torchrun job that may restart: its restarted workers find this run by it
     return taken
 
 

@@ -1,0 +1,145 @@
+"""``resume=<run>`` on the command line: the arguments that continue a run in its own directory.
+
+``expand_resume_args`` runs before Hydra parses ``sys.argv``: the run's saved overrides
+(``<run>/.hydra/overrides.yaml``) come first, then ``hydra.run.dir=<run>`` and ``resume=<run>`` (or
+its ``checkpoints/step_N.pt``), then the new command's own overrides, which win. Torch-free.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple
+
+from ds_hydra.errors import UserError
+from ds_hydra.training.checkpoint_files import CHECKPOINT_DIR, STEP_FILE
+
+log = logging.getLogger(__name__)
+
+OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+HYDRA_FILE = Path(".hydra") / "hydra.yaml"
+# Overrides that apply to one command only: a resume does not repeat them from the saved ones.
+ONE_SHOT_KEYS = ("resume", "run.break_lock")
+RESUME_ARG = re.compile(r"^(\+\+|\+)?resume=(.*)$")
+
+
+def expand_resume_args(argv: Sequence[str]) -> List[str]:
+    """The arguments that continue the run named by ``resume=<run>`` (unchanged if there is none).
+
+    The run's saved overrides come first, then ``hydra.run.dir=<run>`` and ``resume=<run>``, then
+    the new command's own overrides, which win: ``resume=<run> trainer.max_steps=5000`` trains on.
+    """
+    argv = list(argv)
+    values = [(i, m.group(2)) for i, a in enumerate(argv) if (m := RESUME_ARG.match(a))]
+    wants_task = "task=resume" in argv
+    if not values:
+        if wants_task:
+            raise UserError("task=resume: also name the run to continue, resume=<run dir> (e.g. resume=outputs/2024-05-01/12-00-00)")
+        return argv
+    index, value = values[-1]
+    value = unquote(value)
+    if value in ("", "null"):
+        return argv
+    if "-m" in argv or "--multirun" in argv:
+        raise UserError(
+            f"resume={value}: continues a single run; to continue a sweep, re-run the same multirun command "
+            f"with hydra.sweep.dir=<its sweep dir> (finished jobs are skipped)"
+        )
+    run_dir, checkpoint = locate_run(value)
+    saved = read_saved_overrides(run_dir)
+    rest = [a for i, a in enumerate(argv) if not RESUME_ARG.match(a)]
+    for arg in rest:
+        if override_key(arg) == "hydra.run.dir":
+            raise UserError(f"resume={value}: continues in {run_dir} itself; drop {arg}")
+    user_keys = {override_key(a) for a in rest if not a.startswith("-")}
+    widening = [o for o in saved if override_key(o) == "allowed_targets"]
+    if widening and "allowed_targets" not in user_keys:
+        raise UserError(
+            f"{run_dir / OVERRIDES_FILE}: sets {widening[-1]}, and a run directory may not widen the _target_ "
+            f"allowlist on its own; if you trust that run, repeat {widening[-1]} on the resume command"
+        )
+    kept = [o for o in saved if override_key(o) not in user_keys and override_key(o) not in ONE_SHOT_KEYS and o != "task=resume"]
+    target = checkpoint if checkpoint is not None else run_dir
+    # hydra.output_subdir=null: Hydra leaves the run's .hydra/ alone; train records the continuation
+    # there only once the checkpoint has loaded (record_continuation), so a failed resume changes nothing.
+    own = [f"hydra.run.dir={quote(run_dir)}", "hydra.output_subdir=null", f"resume={quote(target)}"]
+    expanded = _config_name_args(run_dir, rest) + kept + own + rest
+    log.debug("resume: %s", expanded)
+    return expanded
+
+
+def locate_run(value: str, hydra_run: bool = True) -> Tuple[Path, Optional[Path]]:
+    """``(run dir, checkpoint or None)`` for ``resume=<run dir>`` or ``resume=<run>/checkpoints/step_N.pt``.
+
+    ``hydra_run``: the directory must have been written by the CLI (it has ``.hydra/overrides.yaml``).
+    """
+    path = Path(value).expanduser()
+    if STEP_FILE.match(path.name) or path.suffix == ".pt":
+        if not path.is_file():
+            raise UserError(f"resume={value}: no such checkpoint file (checkpoints: {path.parent}/step_*.pt)")
+        if not STEP_FILE.match(path.name) or path.parent.name != CHECKPOINT_DIR:
+            raise UserError(f"resume={value}: not a checkpoint of a run; give a run directory or <run>/{CHECKPOINT_DIR}/step_NNNNNNN.pt")
+        run_dir, checkpoint = path.parent.parent, path
+    else:
+        run_dir, checkpoint = path, None
+    run_dir = run_dir.resolve()
+    if not run_dir.exists():
+        raise UserError(f"resume={value}: no such run directory; give the directory of an earlier run, e.g. outputs/2024-05-01/12-00-00")
+    if not run_dir.is_dir():
+        raise UserError(f"resume={value}: a file, not a run directory; give the directory of an earlier run")
+    if hydra_run and not (run_dir / OVERRIDES_FILE).is_file():
+        if (run_dir / "multirun.yaml").is_file():
+            raise UserError(
+                f"resume={value}: a sweep directory; re-run the same multirun with hydra.sweep.dir={run_dir} to continue "
+                f"the sweep, or continue one job with resume={run_dir}/<job number>"
+            )
+        raise UserError(f"resume={value}: not a run directory (it has no {OVERRIDES_FILE}); give the directory of an earlier run")
+    return run_dir, (checkpoint.resolve() if checkpoint is not None else None)
+
+
+def read_saved_overrides(run_dir: Path) -> List[str]:
+    """The command-line overrides the run was started with (``.hydra/overrides.yaml``)."""
+    import yaml
+
+    path = Path(run_dir) / OVERRIDES_FILE
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: cannot read the run's overrides ({reason}); the run directory is damaged") from None
+    if saved is None:
+        return []
+    if not isinstance(saved, list) or not all(isinstance(o, str) for o in saved):
+        raise UserError(f"{path}: not a list of overrides (found {type(saved).__name__}); the run directory is damaged")
+    return saved
+
+
+def quote(value: Any) -> str:
+    """``value`` as a quoted Hydra override value (safe for spaces, commas, ``=`` and quotes)."""
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
+def unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1].replace("\\'", "'").replace('\\"', '"').replace("\\\\", "\\")
+    return value
+
+
+def override_key(override: str) -> str:
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key.split("@", 1)[0].strip()
+
+
+def _config_name_args(run_dir: Path, args: Sequence[str]) -> List[str]:
+    """``--config-name=<name>`` when the run used another primary config and the command names none."""
+    if any(a in ("-cn", "--config-name") or a.startswith("--config-name=") for a in args):
+        return []
+    import yaml
+
+    try:
+        hydra_yaml = yaml.safe_load((Path(run_dir) / HYDRA_FILE).read_text(encoding="utf-8"))
+        name = hydra_yaml["hydra"]["job"]["config_name"]
+    except Exception:  # no or unreadable hydra.yaml: the default primary config
+        return []
+    return [f"--config-name={name}"] if isinstance(name, str) and name and name != "config" else []
