@@ -11,13 +11,16 @@ tokenizer: byte-level BPE with 8192 tokens, trained once beforehand, so neither 
 * prepare: ``prepare_dataset`` with the same tokenizer file (hashing the inputs, chunking, splitting
   train/val, meta.json, the atomic rename: everything ``task=prepare`` does), for each ``num_proc``.
 
-Rounds are interleaved so drift hits every variant alike; each variant's time is its fastest round.
+Rounds are interleaved, each in a new order, so drift hits every variant alike; each variant's time is
+its fastest round (the median ratio is printed beside it).
 Throughput ratio = plain time / prepare time (target >= 0.9 with one worker).
 """
 from __future__ import annotations
 
 import argparse
+import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -90,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=int, default=16, help="corpus size in MB")
     parser.add_argument("--procs", default="1,2,4", help="num_proc values to run")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     procs = [int(p) for p in args.procs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,22 +103,25 @@ def main() -> None:
         mb = sum(f.stat().st_size for f in files) / 1e6
         times = {name: [] for name in ["plain"] + [f"prepare num_proc={n}" for n in procs]}
         tokens = {}
+        runs = {"plain": lambda: plain_script(files, tokenizer_file, tmp / "plain.bin")}
+        for n in procs:
+            runs[f"prepare num_proc={n}"] = lambda n=n: run_prepare(tmp / "corpus", tokenizer_file, tmp / "out", n)
+        order = random.Random(0)
         for _ in range(args.rounds):
-            started = time.perf_counter()
-            tokens["plain"] = plain_script(files, tokenizer_file, tmp / "plain.bin")
-            times["plain"].append(time.perf_counter() - started)
-            for n in procs:
+            for name in order.sample(list(runs), len(runs)):  # a new order each round: no variant always goes first
                 started = time.perf_counter()
-                tokens[f"prepare num_proc={n}"] = run_prepare(tmp / "corpus", tokenizer_file, tmp / "out", n)
-                times[f"prepare num_proc={n}"].append(time.perf_counter() - started)
-                shutil.rmtree(tmp / "out")
+                tokens[name] = runs[name]()
+                times[name].append(time.perf_counter() - started)
+                shutil.rmtree(tmp / "out", ignore_errors=True)
     plain = min(times["plain"])
-    print(f"{mb:.1f} MB in {len(files)} files, BPE 8192, fastest of {args.rounds} rounds\n")
-    print("| variant | tokens | seconds | MB/s | tokens/s | throughput vs plain |")
-    print("|---|---|---|---|---|---|")
+    median_plain = statistics.median(times["plain"])
+    print(f"{mb:.1f} MB in {len(files)} files, BPE 8192, fastest (and median) of {args.rounds} rounds in shuffled order\n")
+    print("| variant | tokens | seconds | MB/s | tokens/s | throughput vs plain | (medians) |")
+    print("|---|---|---|---|---|---|---|")
     for name, runs in times.items():
         best = min(runs)
-        print(f"| {name} | {tokens[name]:,} | {best:.2f} | {mb / best:.2f} | {tokens[name] / best:,.0f} | {plain / best:.2f} |")
+        print(f"| {name} | {tokens[name]:,} | {best:.2f} | {mb / best:.2f} | {tokens[name] / best:,.0f} | {plain / best:.2f} "
+              f"| {median_plain / statistics.median(runs):.2f} |")
     assert len({tokens[name] for name in times}) == 1, f"token counts differ: {tokens}"
 
 

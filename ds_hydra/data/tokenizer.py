@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
@@ -29,8 +30,9 @@ TOKENIZER_META_FILE = "tokenizer_meta.json"
 META_FORMAT = "ds_hydra.tokenizer.v1"
 # End-of-text tokens of well-known tokenizers, tried in this order when none is named.
 KNOWN_EOS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
-# A long text is encoded in pieces of about this many characters, so the batch encoder can use every core.
-PIECE_CHARS = 1 << 15
+# A batch of fewer texts than 4 per core is cut into pieces (of at least this many characters), so the
+# batch encoder can use every core; more pieces than that only cost time.
+PIECE_CHARS = 1 << 18
 
 
 class Tokenizer:
@@ -192,8 +194,9 @@ class HFTokenizer(Tokenizer):
     def encode_arrays(self, texts: Sequence[str]) -> List[np.ndarray]:
         """Each text's ids; long texts are cut at line starts and all pieces encoded in one batch."""
         pieces, owners = [], []
+        size = self._piece_size(texts)
         for n, text in enumerate(texts):
-            parts = split_at_lines(text, PIECE_CHARS) if self._split_exactly else [text]
+            parts = split_at_lines(text, size) if size else [text]
             pieces += parts
             owners += [n] * len(parts)
         encoded = self._encode_pieces(pieces)
@@ -201,6 +204,13 @@ class HFTokenizer(Tokenizer):
         for owner, enc in zip(owners, encoded):
             out[owner].append(np.asarray(enc.ids, dtype=np.int64))
         return [np.concatenate(parts) if parts else np.zeros(0, np.int64) for parts in out]
+
+    def _piece_size(self, texts: Sequence[str]) -> Optional[int]:
+        """How long the pieces of ``texts`` should be, or None to leave them whole."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if not self._split_exactly or len(texts) >= 4 * cores:
+            return None
+        return max(PIECE_CHARS, sum(map(len, texts)) // (4 * cores))
 
     def _encode_pieces(self, pieces: List[str]) -> list:
         special = [n for n, p in enumerate(pieces) if self._specials is not None and self._specials.search(p)]
