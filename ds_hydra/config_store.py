@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from ds_hydra.activation_checkpointing.config import CkptConfig
-from ds_hydra.data.config import CharCorpusConfig, SFTConfig, SyntheticConfig, TextConfig, TokensConfig
+from ds_hydra.data.config import SFTConfig, SyntheticConfig, TextConfig, TokensConfig
 from ds_hydra.data.prepare_config import PrepareConfig
 from ds_hydra.data.tokenizer_config import BPETokenizerConfig, BytesTokenizerConfig, CharTokenizerConfig, HFTokenizerConfig
 from ds_hydra.engine.config import AutoEngineConfig, DDPEngineConfig, DeepSpeedEngineConfig, FSDPEngineConfig
@@ -98,7 +98,6 @@ class DSHydraConfig:
 SCHEMAS = [
     ("model", "gpt", GPTConfig),
     ("model", "hf_causal_lm", HFCausalLMConfig),
-    ("data", "char_corpus", CharCorpusConfig),
     ("data", "synthetic", SyntheticConfig),
     ("data", "tokens", TokensConfig),
     ("data", "text", TextConfig),

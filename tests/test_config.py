@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -31,6 +32,7 @@ COMPLETIONS = {
     ("model", "hf_causal_lm"): ["+model.config.model_type=llama", "+model.config.hidden_size=32",
                                 "+model.config.intermediate_size=64", "+model.config.num_hidden_layers=2",
                                 "+model.config.num_attention_heads=2"],
+    ("data", "tokens"): ["data.dir=data/mycorpus"],
 }
 HF_MODEL_OPTIONS = {"hf_llama", "hf_gpt2", "hf_causal_lm"}
 
@@ -63,14 +65,20 @@ def test_model_options_build_and_meet_the_contract(option):
 
 
 @pytest.mark.parametrize("option", options("data"))
-def test_data_options_instantiate(option):
+def test_data_options_instantiate(option, tmp_path):
     from ds_hydra.data.base import build_data
 
-    data = build_data(compose([f"data={option}"]))
+    overrides = [f"data={option}"]
+    if option == "tokens":  # a directory as nanoGPT's prepare scripts write it
+        ids = np.arange(5000, dtype=np.uint16) % 50
+        ids[:4500].tofile(tmp_path / "train.bin")
+        ids[4500:].tofile(tmp_path / "val.bin")
+        overrides.append(f"data.dir={tmp_path}")
+    data = build_data(compose(overrides))
     assert data.vocab_size >= 2 and data.num_tokens("train") > data.num_tokens("val") > 0
     assert int(data.tokens("train").max()) < data.vocab_size
-    batch = data.sampler("train", seq_len=8, batch_size=2, seed=0).next_batch(torch.device("cpu"))
-    assert batch["input_ids"].shape == batch["labels"].shape == (2, 8)
+    batch = data.sampler("train", seq_len=64, batch_size=2, seed=0).next_batch(torch.device("cpu"))
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, 64)
 
 
 @pytest.mark.parametrize("option", options("optimizer"))

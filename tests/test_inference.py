@@ -358,7 +358,7 @@ def test_reduced_precision_weights_and_cache(trained_run, dtype, expected):
 def test_prompt_outside_the_vocabulary_names_the_key(trained_run, tmp_path):
     cfg = compose(["task=infer", f"inference.checkpoint={trained_run}"])
     cfg.inference.prompt = "héllo"
-    with pytest.raises(UserError, match=r"^inference.prompt='héllo': characters not in the corpus vocabulary: 'é'"):
+    with pytest.raises(UserError, match=r"^inference.prompt='héllo': characters not in the vocabulary: 'é'"):
         infer(cfg, run_dir=tmp_path / "out")
 
 

@@ -9,8 +9,13 @@ _EXPORTS = {
     "build_data": "base",
     "CharCorpus": "corpus",
     "SyntheticTokens": "corpus",
-    "embedded_corpus_text": "corpus",
+    "embedded_corpus_text": "text",
+    "TextData": "text",
+    "TokenFiles": "token_files",
+    "SFTData": "sft",
     "RandomBlocks": "batches",
+    "SequentialWindows": "samplers",
+    "load_tokenizer": "tokenizer",
 }
 
 __all__ = sorted(_EXPORTS)

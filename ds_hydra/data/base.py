@@ -4,17 +4,29 @@
 ``vocab_size`` (ids are in ``[0, vocab_size)``), ``seq_len`` (None: the model's maximum positions),
 and asks ``sampler(split, ...)`` for batches ``{"input_ids", "labels"}`` of shape (B, T) whose
 ``labels[:, t]`` is the target of position t (-100: no loss there). Text data also encode and
-decode, for prompts and samples.
+decode, for prompts and samples, through their ``tokenizer`` (``ds_hydra.data.tokenizer``), which a
+run saves into its directory (``tokenizer/``) so that inference decodes exactly as training encoded.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import logging
+from typing import List, Optional, Tuple
 
 from ds_hydra.data.batches import RandomBlocks
+from ds_hydra.errors import UserError
+from ds_hydra.models.contract import IGNORE_INDEX  # noqa: F401  (labels that carry no loss; data produce them)
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 # Sampler streams: one random sequence per use of a split (training, and each split's loss estimate).
 TRAIN_STREAM, VAL_STREAM, TRAIN_EVAL_STREAM = 0, 1, 2
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: one of {', '.join(SPLITS)}")
+    return split
 
 
 class TokenData:
@@ -24,14 +36,13 @@ class TokenData:
     vocab_size: int
     train = None
     val = None
+    tokenizer = None  # text data: what encodes and decodes (encode, decode, vocab_size, eos_id, save)
 
     def __init__(self, seq_len: Optional[int] = None):
         self.seq_len = seq_len
 
     def tokens(self, split: str):
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r}: one of {', '.join(SPLITS)}")
-        return getattr(self, split)
+        return getattr(self, check_split(split))
 
     def num_tokens(self, split: str) -> int:
         return len(self.tokens(split))
@@ -42,15 +53,45 @@ class TokenData:
         return RandomBlocks(self.tokens(split), seq_len, batch_size, seed, stream=stream, rank=rank, world_size=world_size)
 
     def encode(self, text: str) -> List[int]:
-        raise NotImplementedError(f"{type(self).__name__} has no text encoding")
+        if self.tokenizer is None:
+            raise NotImplementedError(f"{type(self).__name__} has no text encoding")
+        return self.tokenizer.encode(text)
 
     def decode(self, tokens) -> str:
-        raise NotImplementedError(f"{type(self).__name__} has no text decoding")
+        if self.tokenizer is None:
+            raise NotImplementedError(f"{type(self).__name__} has no text decoding")
+        return self.tokenizer.decode(tokens)
+
+
+# What build_data passes to a data class that takes it: the tokenizer group, the pretrained model dir.
+RUNTIME_ARGUMENTS = ("tokenizer_cfg", "model_pretrained")
 
 
 def build_data(cfg) -> TokenData:
-    """The run's data from ``cfg.data`` (through the ``_target_`` allowlist), built once per process: the
-    memory preflight and ``task=validate`` need it too (``ds_hydra.data.cache``)."""
-    from ds_hydra.data.cache import cached_corpus
+    """The run's data from ``cfg.data`` (through the ``_target_`` allowlist). Data that tokenize text
+    get the ``tokenizer`` group; a tokenizer that is not ``model.pretrained``'s is refused."""
+    import inspect
 
-    return cached_corpus(cfg.data)
+    from omegaconf import OmegaConf
+
+    from ds_hydra.errors import ConfigError
+    from ds_hydra.instantiate import _full_key, allowed_prefixes, instantiate, locate_target, target_problems
+
+    refused = target_problems(cfg.data, allowed_prefixes(cfg.data), path=_full_key(cfg.data))
+    if refused:  # before anything is imported
+        raise ConfigError(refused)
+    takes = inspect.signature(locate_target(cfg.data._target_)).parameters
+    pretrained = (cfg.get("model") or {}).get("pretrained", None)
+    tokenizer = cfg.get("tokenizer", None)
+    runtime = {"tokenizer_cfg": OmegaConf.to_container(tokenizer, resolve=True) if tokenizer is not None else None,
+               "model_pretrained": pretrained}
+    data = instantiate(cfg.data, **{k: v for k, v in runtime.items() if k in takes})
+    if tokenizer is not None and "tokenizer_cfg" not in takes and tokenizer.get("kind") != "char":
+        log.warning("tokenizer=%s: not used by %s, which brings its own", tokenizer.kind, cfg.data._target_.rsplit(".", 1)[-1])
+    if pretrained and data.tokenizer is not None:
+        from ds_hydra.data.tokenizer import tokenizer_mismatch
+
+        problem = tokenizer_mismatch(data.tokenizer, pretrained)
+        if problem:
+            raise UserError(f"data: {problem}")
+    return data

@@ -13,7 +13,8 @@ class RandomBlocks:
 
     ``next_batch`` gives ``{"input_ids": window[:-1], "labels": window[1:]}``, each (B, T): the label
     of a position is the token that follows it (nanoGPT's ``get_batch``). ``tokens`` is a 1-D torch
-    tensor or NumPy array (a ``np.memmap`` is read window by window, never whole). The generator is
+    tensor, a NumPy array, or a ``TokenSource`` (a token file mapped afresh for each batch: see
+    ``ds_hydra.data.token_source``). The generator is
     seeded from (seed, stream), so each split has its own reproducible sequence; ``state_dict``
     captures the position.
 
@@ -37,14 +38,12 @@ class RandomBlocks:
     ):
         if len(tokens) <= seq_len:
             raise ValueError(f"the token stream ({len(tokens)} tokens) is shorter than seq_len + 1 = {seq_len + 1}")
-        world_size = rank + 1 if world_size is None else world_size
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank}: must be in [0, world_size={world_size})")
+        world_size = check_rank(rank, world_size)
         self.tokens = tokens
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(_mix_seed(seed, stream))
+        self.generator = torch.Generator().manual_seed(mix_seed(seed, stream))
         # Pinned memory lets the copy to the GPU overlap with compute (non_blocking=True).
         self.pin = torch.cuda.is_available()
 
@@ -62,6 +61,14 @@ class RandomBlocks:
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]):
         self.generator.set_state(state["generator"])
+
+
+def check_rank(rank: int, world_size: Optional[int]) -> int:
+    """``world_size`` (None: ``rank + 1``, the fewest ranks that include ``rank``), checked against ``rank``."""
+    world_size = rank + 1 if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}: must be in [0, world_size={world_size})")
+    return world_size
 
 
 def gather_windows(tokens, offsets: torch.Tensor, length: int) -> torch.Tensor:
@@ -83,6 +90,6 @@ def to_device(batch: Batch, device: torch.device, pin: bool = False) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _mix_seed(seed: int, stream: int) -> int:
-    # A fixed odd-multiplier mix keeps the streams of different splits far apart.
+def mix_seed(seed: int, stream: int) -> int:
+    """The generator seed of a (seed, stream) pair; the odd-multiplier mix keeps the streams far apart."""
     return (seed * 1_000_003 + stream * 7_919) % (2**63 - 1)

@@ -1,52 +1,58 @@
-"""One corpus per data config per process: the memory preflight, ``task=validate`` and the trainer
-all need the corpus (its vocabulary, its tokens), and building Tiny Shakespeare's token tensor
-takes about half a second; it is built once and shared.
+"""One data set per data config per process: the memory preflight, ``task=validate`` and the trainer
+all need the data (its vocabulary, its tokens), and building Tiny Shakespeare's tokens, or reading a
+token directory's metadata, is done once and shared.
 
-The key is the resolved ``data`` config, plus the size and modification time of a ``path`` it reads,
-so an edited file is read again. At most ``MAX_CORPORA`` are kept (the most recently used).
+The key is the resolved ``data`` config with what building it reads besides: the ``tokenizer`` group,
+``model.pretrained``, and the size and modification time of the files it names (``data.path``, or
+``data.dir``'s token files and meta.json), so an edited file is read again. At most ``MAX_CACHED``
+are kept (the most recently used).
 """
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Any, Tuple
+from typing import Any, Callable, Hashable, Tuple
 
-MAX_CORPORA = 4
-_corpora: "OrderedDict[Tuple, Any]" = OrderedDict()
-
-
-def cached_corpus(data_cfg) -> Any:
-    """The corpus ``data_cfg`` describes (``instantiate(data_cfg)``), built once per process."""
-    from ds_hydra.instantiate import instantiate
-
-    key = _key(data_cfg)
-    if key in _corpora:
-        _corpora.move_to_end(key)
-        return _corpora[key]
-    corpus = instantiate(data_cfg)
-    _corpora[key] = corpus
-    while len(_corpora) > MAX_CORPORA:
-        _corpora.popitem(last=False)
-    return corpus
+MAX_CACHED = 4
+_cache: "OrderedDict[Hashable, Any]" = OrderedDict()
+_DIR_FILES = ("meta.json", "meta.pkl", "train.bin", "val.bin", "tokenizer.json")
 
 
-def vocab_size_of(cfg) -> Tuple[int, str]:
-    """(the model's vocabulary size, where it comes from): ``model.vocab_size``, else the data's
-    ``vocab_size`` setting, else the corpus's (built, and cached, to learn it)."""
-    if cfg.model.get("vocab_size", None):
-        return int(cfg.model.vocab_size), "model.vocab_size"
-    if cfg.data.get("vocab_size", None):
-        return int(cfg.data.vocab_size), "data.vocab_size"
-    return int(cached_corpus(cfg.data).vocab_size), f"from {cfg.data._target_.rsplit('.', 1)[-1]}"
+def cached(key: Hashable, build: Callable[[], Any]) -> Any:
+    """``build()``, or what it returned for ``key`` before in this process."""
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
+    value = build()
+    _cache[key] = value
+    while len(_cache) > MAX_CACHED:
+        _cache.popitem(last=False)
+    return value
 
 
-def _key(data_cfg) -> Tuple:
+def data_key(cfg) -> Tuple:
+    """What the data of ``cfg`` depends on (see the module docstring)."""
     from omegaconf import OmegaConf
 
-    path = data_cfg.get("path", None) if hasattr(data_cfg, "get") else None
+    data = cfg.data
+    tokenizer = cfg.get("tokenizer", None)
+    pretrained = (cfg.get("model", None) or {}).get("pretrained", None)
+    files = []
+    if data.get("path", None):
+        files.append(data.path)
+    if data.get("dir", None):
+        files += [os.path.join(str(data.dir), name) for name in _DIR_FILES]
+    return (
+        OmegaConf.to_yaml(data, resolve=True),
+        OmegaConf.to_yaml(tokenizer, resolve=True) if tokenizer is not None else None,
+        pretrained,
+        tuple(_version(path) for path in files),
+    )
+
+
+def _version(path) -> Tuple:
     try:
-        stat = os.stat(os.path.expanduser(str(path))) if path else None
-        version = (stat.st_size, stat.st_mtime_ns) if stat else None
+        stat = os.stat(os.path.expanduser(str(path)))
     except OSError:
-        version = None  # missing: building it raises the user's error
-    return OmegaConf.to_yaml(data_cfg, resolve=True), version
+        return (str(path), None)  # missing: building it raises the user's error (or it is optional)
+    return (str(path), stat.st_size, stat.st_mtime_ns)

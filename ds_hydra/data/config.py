@@ -9,19 +9,6 @@ from omegaconf import MISSING
 
 
 @dataclass
-class CharCorpusConfig:
-    """A character-level text corpus; by default Tiny Shakespeare, which ships inside the package."""
-
-    _target_: str = "ds_hydra.data.corpus.CharCorpus"
-    path: Optional[str] = None
-    """A UTF-8 text file to train on instead; ``null`` uses the embedded Tiny Shakespeare."""
-    train_fraction: float = 0.9
-    """The first fraction of the text trains, the rest validates (nanoGPT's 90/10 split)."""
-    seq_len: Optional[int] = None
-    """Tokens per training sequence; null: the model's maximum positions (model.block_size for the built-in GPT)."""
-
-
-@dataclass
 class SyntheticConfig:
     """Random tokens from a fixed low-entropy Markov chain: learnable, any vocabulary size."""
 
@@ -47,10 +34,17 @@ def validate_data(cfg, prefix: str = "data") -> List[str]:
     if cfg.get("seq_len") is not None and cfg.seq_len < 1:
         problems.append(f"{prefix}.seq_len={cfg.seq_len}: must be >= 1, or null for the model's maximum positions")
     for key in ("vocab_size", "num_tokens"):
-        if key in cfg and cfg[key] < 2:
+        if cfg.get(key) is not None and cfg[key] < 2:
             problems.append(f"{prefix}.{key}={cfg[key]}: must be >= 2")
     if "predictability" in cfg and not 0.0 <= cfg.predictability <= 1.0:
         problems.append(f"{prefix}.predictability={cfg.predictability}: must be in [0, 1]")
+    if "train_roles" in cfg and not cfg.train_roles:
+        problems.append(f"{prefix}.train_roles: empty; name the roles whose messages carry loss, e.g. [assistant]")
+    if "role_template" in cfg:
+        try:
+            cfg.role_template.format(role="user")
+        except (KeyError, IndexError, ValueError) as exc:
+            problems.append(f"{prefix}.role_template={cfg.role_template!r}: {{role}} is its only field ({type(exc).__name__}: {exc})")
     return problems
 
 

@@ -1,27 +1,16 @@
-"""Token corpora: a character-level text corpus (Tiny Shakespeare by default) and synthetic tokens.
+"""The built-in corpora: Tiny Shakespeare (embedded in the package) and synthetic tokens.
 
-Each is a ``TokenData`` (``ds_hydra.data.base``): two 1-D ``int64`` tensors, ``train`` and ``val``, and
-their ``vocab_size``; text corpora can also ``encode`` and ``decode``.
+Each is a ``TokenData`` (``ds_hydra.data.base``) with a ``train`` and a ``val`` stream of ids and
+their ``vocab_size``. ``CharCorpus`` is ``data=text`` with the char tokenizer (``ds_hydra.data.text``).
 """
 from __future__ import annotations
 
-import gzip
-from importlib import resources
-from pathlib import Path
 from typing import List, Optional
 
 import torch
 
 from ds_hydra.data.base import TokenData
-from ds_hydra.errors import UserError
-
-EMBEDDED_CORPUS = "tinyshakespeare.txt.gz"
-
-
-def embedded_corpus_text() -> str:
-    """The Tiny Shakespeare text (1,115,394 characters) that ships inside the package."""
-    data = resources.files("ds_hydra.data").joinpath(EMBEDDED_CORPUS).read_bytes()
-    return gzip.decompress(data).decode("utf-8")
+from ds_hydra.data.text import TextData, embedded_corpus_text  # noqa: F401  (embedded_corpus_text: imported from here too)
 
 
 def split_tokens(tokens: torch.Tensor, train_fraction: float):
@@ -30,39 +19,13 @@ def split_tokens(tokens: torch.Tensor, train_fraction: float):
     return tokens[:n_train], tokens[n_train:]
 
 
-class CharCorpus(TokenData):
-    """Characters of a text as tokens; the vocabulary is the sorted set of characters in the text."""
+class CharCorpus(TextData):
+    """Characters of a text as tokens (``TextData`` with the char tokenizer): the vocabulary is the
+    sorted set of the text's characters. Run directories from before the ``tokenizer`` group name it."""
 
     def __init__(self, path: Optional[str] = None, train_fraction: float = 0.9, seq_len: Optional[int] = None):
-        super().__init__(seq_len)
-        if path is None:
-            text = embedded_corpus_text()
-            self.source = "embedded Tiny Shakespeare"
-        else:
-            file = Path(path).expanduser()
-            if not file.is_file():
-                raise UserError(f"data.path={path}: no such file (give a UTF-8 text file, or null for the embedded corpus)")
-            try:
-                text = file.read_text(encoding="utf-8")
-            except UnicodeDecodeError as exc:
-                raise UserError(f"data.path={path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-            self.source = str(file)
-        if len(text) < 2:
-            raise UserError(f"data.path={path}: the text is empty")
-        self.chars: List[str] = sorted(set(text))
-        self.vocab_size = len(self.chars)
-        self._index = {ch: i for i, ch in enumerate(self.chars)}
-        tokens = torch.tensor([self._index[ch] for ch in text], dtype=torch.int64)
-        self.train, self.val = split_tokens(tokens, train_fraction)
-
-    def encode(self, text: str) -> List[int]:
-        unknown = sorted(set(text) - set(self._index))
-        if unknown:
-            raise UserError(f"characters not in the corpus vocabulary: {''.join(unknown)!r}")
-        return [self._index[ch] for ch in text]
-
-    def decode(self, tokens) -> str:
-        return "".join(self.chars[int(t)] for t in tokens)
+        super().__init__(path, train_fraction, seq_len=seq_len)
+        self.chars: List[str] = self.tokenizer.chars
 
 
 class SyntheticTokens(TokenData):

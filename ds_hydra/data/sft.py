@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ds_hydra.data.streams import IGNORE_INDEX, SplitData
+from ds_hydra.data.base import IGNORE_INDEX, TokenData, check_split
 from ds_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -30,13 +30,14 @@ Part = Tuple[str, bool]  # (text, trained on)
 EOS = None  # a part standing for the end-of-text token
 
 
-class SFTData(SplitData):
+class SFTData(TokenData):
     """Prompt/response or chat examples as rows of ``{"input_ids", "labels"}`` with the prompt masked."""
 
     def __init__(self, path: Optional[str] = None, val_path: Optional[str] = None, train_fraction: float = 0.9, seq_len: Optional[int] = None,
                  pack: bool = False, train_roles: Sequence[str] = ("assistant",), role_template: str = "<|{role}|>\n",
                  message_end: str = "\n", tokenizer_cfg=None, model_pretrained: Optional[str] = None):
-        self.seq_len, self.pack = seq_len, pack
+        super().__init__(seq_len)
+        self.pack = pack
         render = lambda record, where: render_example(record, where, list(train_roles), role_template, message_end)  # noqa: E731
         train = [render(r, w) for r, w in read_jsonl(path, "data.path")]
         if val_path is not None:
@@ -69,12 +70,16 @@ class SFTData(SplitData):
             trained.append(np.full(len(piece), train))
         return np.concatenate(ids), np.concatenate(trained)
 
+    def tokens(self, split: str) -> np.ndarray:
+        """The split's examples' tokens, one after another (what the loss sees is ``rows``)."""
+        return np.concatenate([ids for ids, _ in self.examples[check_split(split)]])
+
     def num_tokens(self, split: str) -> int:
-        return sum(len(ids) for ids, _ in self.examples[self._split(split)])
+        return sum(len(ids) for ids, _ in self.examples[check_split(split)])
 
     def rows(self, split: str, seq_len: int) -> Tuple[np.ndarray, np.ndarray]:
         """``(input_ids, labels)``, each ``(rows, seq_len)`` int64, of the split's examples."""
-        key = (self._split(split), seq_len)
+        key = (check_split(split), seq_len)
         if key not in self._rows:
             self._rows[key] = build_rows(self.examples[split], seq_len, self.pack, pad_id=self.tokenizer.eos_id or 0, split=split)
         return self._rows[key]

@@ -25,7 +25,17 @@ from ds_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_NAME = "tinyshakespeare.txt"
+EMBEDDED_CORPUS = "tinyshakespeare.txt.gz"  # in the package
+EMBEDDED_NAME = "tinyshakespeare.txt"  # its text, written into the cache when BPE or hf tokenize it
+
+
+def embedded_corpus_text() -> str:
+    """The Tiny Shakespeare text (1,115,394 characters) that ships inside the package."""
+    import gzip
+    from importlib import resources
+
+    data = resources.files("ds_hydra.data").joinpath(EMBEDDED_CORPUS).read_bytes()
+    return gzip.decompress(data).decode("utf-8")
 
 
 def default_cache_dir() -> Path:
@@ -35,8 +45,6 @@ def default_cache_dir() -> Path:
 def read_text_bytes(path: Optional[str]) -> tuple:
     """(bytes, name) of ``path``, or of the embedded corpus when ``path`` is None."""
     if path is None:
-        from ds_hydra.data.corpus import embedded_corpus_text
-
         return embedded_corpus_text().encode("utf-8"), "embedded Tiny Shakespeare"
     file = Path(path).expanduser()
     if not file.is_file():
@@ -63,8 +71,6 @@ class TextData(TokenStreams):
                  seq_len: Optional[int] = None, cache_dir: Optional[str] = None, tokenizer_cfg=None, model_pretrained: Optional[str] = None):
         tokenizer = _plain(tokenizer_cfg) if tokenizer_cfg is not None else {"kind": "char", "eos_token": None}
         kind = tokenizer["kind"]
-        sampling = getattr(sampling, "value", sampling)
-        self.seq_len = seq_len
         data, name = read_text_bytes(path)
         if not data:
             raise UserError(f"data.path={path}: the file is empty")
@@ -86,7 +92,7 @@ class TextData(TokenStreams):
             source = f"{name} (cached in {prepared})"
         if min(len(train), len(val)) < 2:
             raise UserError(f"data.train_fraction={train_fraction}: leaves {len(train)} train and {len(val)} val tokens; each needs at least 2")
-        super().__init__(train, val, chosen.vocab_size, source, chosen, sampling=sampling, shuffle=shuffle)
+        super().__init__(train, val, chosen.vocab_size, source, chosen, sampling=sampling, shuffle=shuffle, seq_len=seq_len)
 
 
 def _plain(cfg) -> dict:

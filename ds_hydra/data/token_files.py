@@ -108,7 +108,7 @@ class TokenFiles(TokenStreams):
         for name in (TRAIN_FILE, VAL_FILE):
             if not (folder / name).is_file():
                 raise UserError(f"data.dir={dir}: no {name} (a token directory holds train.bin and val.bin)")
-        self.dir, self.seq_len = folder, seq_len
+        self.dir = folder
         if is_prepared_dir(folder):
             vocab, dtype, saved, counts = self._prepared(folder)
         elif (folder / NANOGPT_META_FILE).is_file():
@@ -121,9 +121,8 @@ class TokenFiles(TokenStreams):
         chosen = self._tokenizer(saved, tokenizer, folder)
         if chosen is not None and chosen.vocab_size > vocab:
             raise UserError(f"data.tokenizer={tokenizer}: its vocabulary ({chosen.vocab_size}) is larger than the data's ({vocab})")
-        sampling = getattr(sampling, "value", sampling)
-        source = f"{folder} ({len(train):,} train / {len(val):,} val {dtype.name} tokens)"
-        super().__init__(train, val, vocab, source, chosen, sampling=sampling, shuffle=shuffle)
+        source = f"{folder} ({dtype.name} token files)"
+        super().__init__(train, val, vocab, source, chosen, sampling=sampling, shuffle=shuffle, seq_len=seq_len)
 
     @staticmethod
     def _prepared(folder: Path):

@@ -12,12 +12,12 @@ import numpy as np
 
 
 class TokenSource:
-    """``len()`` tokens; ``windows(offsets, length)`` copies out ``(len(offsets), length)`` of them."""
+    """``len()`` tokens, indexed like a 1-D array (``source[index]`` copies out what the index names)."""
 
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def windows(self, offsets: np.ndarray, length: int) -> np.ndarray:
+    def __getitem__(self, index) -> np.ndarray:
         raise NotImplementedError
 
     def array(self) -> np.ndarray:
@@ -32,8 +32,8 @@ class ArrayTokens(TokenSource):
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def windows(self, offsets: np.ndarray, length: int) -> np.ndarray:
-        return self.tokens[np.asarray(offsets)[:, None] + np.arange(length)]
+    def __getitem__(self, index) -> np.ndarray:
+        return self.tokens[index]
 
     def array(self) -> np.ndarray:
         return self.tokens
@@ -48,9 +48,9 @@ class FileTokens(TokenSource):
     def __len__(self) -> int:
         return self.length
 
-    def windows(self, offsets: np.ndarray, length: int) -> np.ndarray:
-        # fancy indexing copies, so the temporary map is dropped (unmapped) as soon as this returns
-        return self.array()[np.asarray(offsets)[:, None] + np.arange(length)]
+    def __getitem__(self, index) -> np.ndarray:
+        # a copy (np.array): the temporary map is dropped, unmapped, as soon as this returns
+        return np.array(self.array()[index])
 
     def array(self) -> np.ndarray:
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.length,))

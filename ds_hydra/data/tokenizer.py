@@ -116,7 +116,7 @@ class CharTokenizer(Tokenizer):
         ids[inside] = self._table[codepoints[inside]]
         if len(ids) and ids.min() < 0:
             unknown = sorted({chr(c) for c in codepoints[ids < 0].tolist()})
-            raise UserError(f"characters not in the tokenizer's vocabulary: {''.join(unknown)[:40]!r}")
+            raise UserError(f"characters not in the vocabulary: {''.join(unknown)[:40]!r}")
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -439,3 +439,42 @@ def read_json(path: Path) -> dict:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+# -- a run's own copy ------------------------------------------------------------------------------
+
+RUN_TOKENIZER_DIR = "tokenizer"  # <run dir>/tokenizer/: what the run's data was encoded with
+
+
+def save_run_tokenizer(data, run_dir) -> None:
+    """Save the data's tokenizer (if it has one) into ``<run_dir>/tokenizer/``; a resumed run checks that
+    its data still has the tokenizer it started with."""
+    tokenizer = getattr(data, "tokenizer", None)
+    if tokenizer is None:
+        return
+    folder = Path(run_dir) / RUN_TOKENIZER_DIR
+    if has_saved_tokenizer(folder):
+        _check_same(load_tokenizer(folder), tokenizer, folder)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(folder)
+
+
+def adopt_run_tokenizer(data, run_dir) -> None:
+    """A trained run's data encodes and decodes with the tokenizer saved in its directory; data whose
+    tokenizer has changed since (a data dir prepared again with other settings) is refused."""
+    folder = Path(run_dir) / RUN_TOKENIZER_DIR
+    if not has_saved_tokenizer(folder):
+        return  # a run from before tokenizers were saved, or data without text
+    saved = load_tokenizer(folder)
+    if getattr(data, "tokenizer", None) is not None:
+        _check_same(saved, data.tokenizer, folder)
+    data.tokenizer = saved
+
+
+def _check_same(saved: Tokenizer, current: Tokenizer, folder: Path) -> None:
+    if saved.fingerprint() != current.fingerprint():
+        raise UserError(
+            f"{folder}: the run was trained with the {saved}, but its data now has the {current} "
+            "(was the data prepared again?); use the data the run trained on"
+        )

@@ -108,6 +108,7 @@ def load_run(
     own ``allowed_targets`` are not trusted, so a copied-in run cannot make us import other code.
     """
     from ds_hydra.data.base import build_data
+    from ds_hydra.data.tokenizer import adopt_run_tokenizer
     from ds_hydra.models.build import build_model
     from ds_hydra.training.fit import resolve_seq_len
 
@@ -121,12 +122,14 @@ def load_run(
         {
             "model": OmegaConf.to_container(saved.model, resolve=True),
             "data": OmegaConf.to_container(saved.data, resolve=True),
+            "tokenizer": OmegaConf.to_container(saved.tokenizer, resolve=True) if "tokenizer" in saved else None,
             "allowed_targets": list(allowed_targets or []),
         }
     )
     config_file = run_dir / RESOLVED_CONFIG_FILE
     try:
         data = build_data(build_cfg)
+        adopt_run_tokenizer(data, run_dir)  # decode exactly as training encoded
         model = build_model(build_cfg.model, data.vocab_size)
         seq_len = resolve_seq_len(data, model)
     except UserError as exc:  # a refused _target_, a missing data file: say which config asked for it

@@ -23,6 +23,7 @@ from ds_hydra import checkpointing as deepspeed_checkpointing
 from ds_hydra.activation_checkpointing import SavedActivationCounter, checkpoint_activations, checkpointing_state
 from ds_hydra.activation_checkpointing.blocks import model_blocks
 from ds_hydra.data.base import TRAIN_EVAL_STREAM, TRAIN_STREAM, VAL_STREAM, build_data
+from ds_hydra.data.tokenizer import save_run_tokenizer
 from ds_hydra.devices import resolve_device, resolve_precision
 from ds_hydra.engine import start_engine
 from ds_hydra.engine.base import Engine
@@ -352,6 +353,7 @@ def _train(cfg, run_dir: Path, started: float) -> Dict[str, Any]:
         resume_io.record_continuation(run_dir, cfg)
     if is_main:
         write_resolved_config(cfg, run_dir)  # only now: a run that failed to start leaves the directory as it was
+        save_run_tokenizer(trainer.data, run_dir)  # <run dir>/tokenizer/: inference decodes as training encoded
     data = trainer.data
     log.info(
         "model: %s, %.2fM parameters on %s (%s); data: %s, vocab %d, %d train / %d val tokens, sequences of %d",

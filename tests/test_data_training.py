@@ -1,0 +1,166 @@
+"""Training on one's own data: prepared and nanoGPT token directories, the run's saved tokenizer, exact
+resume of sequential epochs, and refusals at start (ids beyond the model, another model's tokenizer)."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, compose, run_cli
+from ds_hydra.data.corpus import embedded_corpus_text
+from ds_hydra.errors import UserError
+
+EOS = "<|endoftext|>"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Runs compared bit for bit use one intra-op thread (the same count in every run)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def prepared_dir(folder: Path, tokenizer: dict, chars: int = 120_000) -> Path:
+    """A directory written by task=prepare from four text files of Tiny Shakespeare."""
+    from ds_hydra.data.prepare import prepare_dataset
+    from ds_hydra.data.sources import resolve_inputs
+
+    text = embedded_corpus_text()[:chars]
+    corpus = folder.parent / f"{folder.name}_text"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        (corpus / f"part{i}.txt").write_text(text[i * chars // 4:(i + 1) * chars // 4], encoding="utf-8")
+    prepare_dataset(resolve_inputs([str(corpus)]), folder, tokenizer, progress=False)
+    return folder
+
+
+CHAR = {"kind": "char", "eos_token": EOS}
+
+
+@pytest.fixture(scope="module")
+def char_dir(tmp_path_factory):
+    return prepared_dir(tmp_path_factory.mktemp("data") / "chars", CHAR)
+
+
+def train_in_process(overrides, run_dir=None):
+    from ds_hydra.training.trainer import train
+
+    return train(compose(overrides), run_dir=run_dir)
+
+
+def test_sequential_epochs_resume_bit_for_bit(tmp_path, monkeypatch, char_dir):
+    from test_resume import assert_same_state, final_state, interrupt, loss_records
+
+    from ds_hydra.training.signals import Stopped
+
+    run = [*TINY, "data=tokens", f"data.dir={char_dir}", "data.sampling=sequential", "model.dropout=0.1",
+           "trainer.grad_accum_steps=2", "trainer.save_every=2"]
+    reference = train_in_process(run, tmp_path / "reference")
+    with monkeypatch.context() as patch:
+        interrupt(patch, 3, "SIGUSR1")
+        with pytest.raises(Stopped):
+            train_in_process(run, tmp_path / "run")
+    resumed = train_in_process([*run, f"resume={tmp_path / 'run'}"])
+    assert loss_records(tmp_path / "run") == loss_records(tmp_path / "reference")
+    assert resumed["val_loss"] == reference["val_loss"]
+    state = final_state(tmp_path / "run")
+    assert_same_state(state, final_state(tmp_path / "reference"))
+    assert state["data"] == {"batches": 6 * 2}  # the position: global micro-batches drawn
+
+
+def test_the_run_keeps_its_tokenizer_and_refuses_data_prepared_again(tmp_path):
+    from ds_hydra.data.tokenizer import load_tokenizer
+    from ds_hydra.inference.loading import load_run
+
+    data = prepared_dir(tmp_path / "data", {"kind": "bpe", "vocab_size": 300, "min_frequency": 2, "eos_token": EOS, "train_chars": None})
+    train_in_process([*TINY, "data=tokens", f"data.dir={data}"], tmp_path / "run")
+    saved = load_tokenizer(tmp_path / "run" / "tokenizer")
+    assert saved.fingerprint() == load_tokenizer(data).fingerprint() and saved.vocab_size == 300
+    run = load_run(str(tmp_path / "run"), device="cpu")
+    assert run.data.decode(run.data.encode("ROMEO: hello")) == "ROMEO: hello"
+    prepared_dir(tmp_path / "data", {"kind": "bpe", "vocab_size": 280, "min_frequency": 2, "eos_token": EOS, "train_chars": None})
+    with pytest.raises(UserError, match=r"tokenizer: the run was trained with the bpe tokenizer \(vocab 300.*but its data now has the bpe tokenizer \(vocab 280"):
+        load_run(str(tmp_path / "run"), device="cpu")
+
+
+def test_ids_beyond_the_model_and_another_models_tokenizer_are_refused(tmp_path, char_dir):
+    from ds_hydra.data.base import build_data
+    from ds_hydra.data.tokenizer import CharTokenizer
+
+    with pytest.raises(UserError, match=r"^model.vocab_size=10: the data has 62 distinct tokens"):
+        train_in_process([*TINY, "data=tokens", f"data.dir={char_dir}", "model.vocab_size=10"], tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    pytest.importorskip("tokenizers")
+    from ds_hydra.data.tokenizer import train_bpe
+    from omegaconf import OmegaConf
+
+    pretrained = tmp_path / "pretrained"
+    pretrained.mkdir()
+    bpe = train_bpe([embedded_corpus_text()[:50_000]], OmegaConf.create({"vocab_size": 300, "min_frequency": 2, "eos_token": EOS}))
+    bpe.tokenizer.save(str(pretrained / "tokenizer.json"))
+    cfg = compose(["data=tokens", f"data.dir={char_dir}", "model=hf_llama", f"model.pretrained={pretrained}"])
+    with pytest.raises(UserError, match=r"^data: the data's char tokenizer \(vocab 62.*is not the tokenizer of model.pretrained=.*prepare the data with tokenizer=hf tokenizer.path="):
+        build_data(cfg)
+    assert isinstance(build_data(compose(["data=tokens", f"data.dir={char_dir}"])).tokenizer, CharTokenizer)
+
+
+def nanogpt_char_dir(folder: Path) -> Path:
+    """What nanoGPT's data/shakespeare_char/prepare.py writes: uint16 train.bin/val.bin and meta.pkl."""
+    data = embedded_corpus_text()
+    chars = sorted(set(data))
+    stoi, itos = {ch: i for i, ch in enumerate(chars)}, {i: ch for i, ch in enumerate(chars)}
+    n = len(data)
+    folder.mkdir(parents=True)
+    np.array([stoi[c] for c in data[: int(n * 0.9)]], dtype=np.uint16).tofile(folder / "train.bin")
+    np.array([stoi[c] for c in data[int(n * 0.9):]], dtype=np.uint16).tofile(folder / "val.bin")
+    with open(folder / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": itos, "stoi": stoi}, f)
+    return folder
+
+
+def test_a_nanogpt_directory_trains_like_the_embedded_corpus(tmp_path):
+    """nanoGPT's shakespeare_char directory is the embedded corpus, split alike: the same run, the same losses."""
+    folder = nanogpt_char_dir(tmp_path / "shakespeare_char")
+    ours = train_in_process(list(TINY), tmp_path / "embedded")
+    theirs = train_in_process([*TINY, "data=tokens", f"data.dir={folder}"], tmp_path / "nanogpt")
+    for key in ("train_loss", "val_loss"):
+        assert theirs[key] == ours[key], key
+
+
+@pytest.mark.slow
+def test_from_a_folder_of_text_to_decoded_samples(tmp_path):
+    """README's path: prepare a folder with BPE, train, infer; then the same with model=hf_llama."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = embedded_corpus_text()
+    for i in range(8):
+        (corpus / f"play{i}.txt").write_text(text[i * 100_000:(i + 1) * 100_000], encoding="utf-8")
+    data = tmp_path / "data" / "mycorpus"
+    prepared = run_cli(["task=prepare", f"prepare.input={corpus}/*.txt", f"prepare.output={data}", "tokenizer=bpe",
+                        "tokenizer.vocab_size=512", f"hydra.run.dir={tmp_path}/prep"])
+    assert prepared.returncode == 0, prepared.stderr
+    models = [["model=gpt_tiny"]]
+    try:
+        import transformers  # noqa: F401
+
+        models.append(["model=hf_llama"])
+    except ImportError:
+        pass
+    for n, model in enumerate(models):
+        run = tmp_path / f"run{n}"
+        trained = run_cli([*model, "data=tokens", f"data.dir={data}", "trainer.max_steps=30", "trainer.eval_interval=30",
+                           "trainer.eval_batches=2", "trainer.device=cpu", "trainer.progress=false", f"hydra.run.dir={run}"])
+        assert trained.returncode == 0, trained.stderr
+        assert json.loads((run / "tokenizer" / "tokenizer_meta.json").read_text())["kind"] == "bpe"
+        sampled = run_cli(["task=infer", f"inference.checkpoint={run}", "inference.prompt=ROMEO:", "inference.max_new_tokens=24",
+                           "inference.compare=false", f"hydra.run.dir={tmp_path}/infer{n}"])
+        assert sampled.returncode == 0, sampled.stderr
+        sample = (tmp_path / f"infer{n}" / "samples.txt").read_text(encoding="utf-8").split("----------------")[0]
+        assert sample.startswith("ROMEO:") and len(sample.strip()) > len("ROMEO:") and sample in sampled.stdout  # printed
+        assert "\ufffd" not in sample and not sample[6:].strip().replace(" ", "").isdigit()  # decoded text, not ids
