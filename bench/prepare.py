@@ -12,13 +12,17 @@ tokenizer: byte-level BPE with 8192 tokens, trained once beforehand, so neither 
   train/val, meta.json, the atomic rename: everything ``task=prepare`` does), for each ``num_proc``.
 
 Rounds are interleaved, each in a new order, so drift hits every variant alike; each variant's time is
-its fastest round (the median ratio is printed beside it).
+its fastest round (the median ratio is printed beside it). On a shared machine wall times move with
+the neighbours' load; CPU time (this process and its workers) moves much less: with ``--threads 1``
+it is the work each variant does per token.
 Throughput ratio = plain time / prepare time (target >= 0.9 with one worker).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import resource
 import shutil
 import statistics
 import sys
@@ -89,12 +93,21 @@ def run_prepare(folder: Path, tokenizer_file: Path, out: Path, num_proc: int) ->
     return meta["tokens"]["train"] + meta["tokens"]["val"]
 
 
+def cpu_seconds() -> float:
+    """User + system time of this process and of its finished children (the pool's workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=int, default=16, help="corpus size in MB")
     parser.add_argument("--procs", default="1,2,4", help="num_proc values to run")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="tokenizer threads per process (RAYON_NUM_THREADS); default: all cores")
     args = parser.parse_args()
+    if args.threads:  # before the tokenizers library starts its thread pool
+        os.environ["RAYON_NUM_THREADS"] = str(args.threads)
     procs = [int(p) for p in args.procs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -102,6 +115,7 @@ def main() -> None:
         tokenizer_file = train_tokenizer(files, tmp / "tok")
         mb = sum(f.stat().st_size for f in files) / 1e6
         times = {name: [] for name in ["plain"] + [f"prepare num_proc={n}" for n in procs]}
+        cpu = {name: [] for name in times}
         tokens = {}
         runs = {"plain": lambda: plain_script(files, tokenizer_file, tmp / "plain.bin")}
         for n in procs:
@@ -109,19 +123,22 @@ def main() -> None:
         order = random.Random(0)
         for _ in range(args.rounds):
             for name in order.sample(list(runs), len(runs)):  # a new order each round: no variant always goes first
-                started = time.perf_counter()
+                started, used = time.perf_counter(), cpu_seconds()
                 tokens[name] = runs[name]()
                 times[name].append(time.perf_counter() - started)
+                cpu[name].append(cpu_seconds() - used)
                 shutil.rmtree(tmp / "out", ignore_errors=True)
     plain = min(times["plain"])
-    median_plain = statistics.median(times["plain"])
-    print(f"{mb:.1f} MB in {len(files)} files, BPE 8192, fastest (and median) of {args.rounds} rounds in shuffled order\n")
-    print("| variant | tokens | seconds | MB/s | tokens/s | throughput vs plain | (medians) |")
-    print("|---|---|---|---|---|---|---|")
+    median_plain, cpu_plain = statistics.median(times["plain"]), min(cpu["plain"])
+    threads = os.environ.get("RAYON_NUM_THREADS", "all cores")
+    print(f"{mb:.1f} MB in {len(files)} files, BPE 8192, tokenizer threads per process: {threads}; "
+          f"{args.rounds} rounds in shuffled order: fastest, median, and the least CPU time (all processes)\n")
+    print("| variant | tokens | seconds | tokens/s | throughput vs plain | (median) | CPU s | CPU vs plain |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, runs in times.items():
         best = min(runs)
-        print(f"| {name} | {tokens[name]:,} | {best:.2f} | {mb / best:.2f} | {tokens[name] / best:,.0f} | {plain / best:.2f} "
-              f"| {median_plain / statistics.median(runs):.2f} |")
+        print(f"| {name} | {tokens[name]:,} | {best:.2f} | {tokens[name] / best:,.0f} | {plain / best:.2f} "
+              f"| {median_plain / statistics.median(runs):.2f} | {min(cpu[name]):.2f} | {cpu_plain / min(cpu[name]):.2f} |")
     assert len({tokens[name] for name in times}) == 1, f"token counts differ: {tokens}"
 
 

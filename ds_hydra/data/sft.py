@@ -52,6 +52,9 @@ class SFTData(TokenData):
             )
         self.tokenizer = _sft_tokenizer(tokenizer_cfg, train + val, model_pretrained)
         self.vocab_size = self.tokenizer.vocab_size
+        if self.tokenizer.eos_id is None:
+            log.warning("the %s has no end-of-text token: trained messages end without one, so the model does not learn "
+                        "where to stop (set tokenizer.eos_token)", self.tokenizer)
         self.examples = {"train": [self._encode(e) for e in train], "val": [self._encode(e) for e in val]}
         self.source = f"{path or EXAMPLE_FILE} ({len(train)} train / {len(val)} val examples{', packed' if pack else ''})"
         self._rows: Dict[Tuple[str, int], Tuple[np.ndarray, np.ndarray]] = {}
