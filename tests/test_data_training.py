@@ -3,27 +3,17 @@ resume of sequential epochs, and refusals at start (ids beyond the model, anothe
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from conftest import TINY, compose, run_cli
+from test_resume import one_thread  # noqa: F401  (autouse: runs compared bit for bit use one thread)
+from test_token_data import nanogpt_char_dir
 from ds_hydra.data.corpus import embedded_corpus_text
 from ds_hydra.errors import UserError
 
 EOS = "<|endoftext|>"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Runs compared bit for bit use one intra-op thread (the same count in every run)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def prepared_dir(folder: Path, tokenizer: dict, chars: int = 120_000) -> Path:
@@ -108,20 +98,6 @@ def test_ids_beyond_the_model_and_another_models_tokenizer_are_refused(tmp_path,
     with pytest.raises(UserError, match=r"^data: the data's char tokenizer \(vocab 62.*is not the tokenizer of model.pretrained=.*prepare the data with tokenizer=hf tokenizer.path="):
         build_data(cfg)
     assert isinstance(build_data(compose(["data=tokens", f"data.dir={char_dir}"])).tokenizer, CharTokenizer)
-
-
-def nanogpt_char_dir(folder: Path) -> Path:
-    """What nanoGPT's data/shakespeare_char/prepare.py writes: uint16 train.bin/val.bin and meta.pkl."""
-    data = embedded_corpus_text()
-    chars = sorted(set(data))
-    stoi, itos = {ch: i for i, ch in enumerate(chars)}, {i: ch for i, ch in enumerate(chars)}
-    n = len(data)
-    folder.mkdir(parents=True)
-    np.array([stoi[c] for c in data[: int(n * 0.9)]], dtype=np.uint16).tofile(folder / "train.bin")
-    np.array([stoi[c] for c in data[int(n * 0.9):]], dtype=np.uint16).tofile(folder / "val.bin")
-    with open(folder / "meta.pkl", "wb") as f:
-        pickle.dump({"vocab_size": len(chars), "itos": itos, "stoi": stoi}, f)
-    return folder
 
 
 def test_a_nanogpt_directory_trains_like_the_embedded_corpus(tmp_path):
