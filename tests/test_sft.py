@@ -68,7 +68,6 @@ def test_padding_packing_and_cutting():
 
 
 def test_masked_positions_carry_no_gradient():
-    from ds_hydra.models.contract import CausalLMLoss
     from ds_hydra.models.gpt import GPT
 
     data = SFTData(tokenizer_cfg=CHAR)  # the example set shipped with ds_hydra
@@ -84,11 +83,7 @@ def test_masked_positions_carry_no_gradient():
         hidden["h"] = out
 
     model.ln_f.register_forward_hook(keep)
-<<<<<<< HEAD
-    loss = CausalLMLoss()(model(batch["input_ids"]), batch["labels"])
-=======
     loss = CausalLMLoss()(model(batch["input_ids"]), batch["labels"])  # the trainer's loss
->>>>>>> 417f6ca (data=tokens, data=text and data=sft are data options: build_data hands them the tokenizer group and model.pretrained, refuses another model's tokenizer; runs save their tokenizer, inference decodes with it; shakespeare_char is data=text with the char tokenizer)
     loss.backward()
     grad = hidden["h"].grad  # (B, T, C): position t's only path to the loss is its own prediction
     assert grad[masked].abs().max() == 0

@@ -113,12 +113,7 @@ def test_random_windows_of_a_file_are_the_in_memory_batches(tmp_path):
         in_memory = RandomBlocks(torch.from_numpy(tokens), 64, 12, 1337, stream=0, rank=rank, world_size=2)
         samplers = [RandomBlocks(s, 64, 12, 1337, stream=0, rank=rank, world_size=2) for s in sources]
         for _ in range(3):
-<<<<<<< HEAD
-            expected = legacy.next_batch(CPU)
-            x, y = expected["input_ids"], expected["labels"]
-=======
             expected = in_memory.next_batch(CPU)
->>>>>>> 417f6ca (data=tokens, data=text and data=sft are data options: build_data hands them the tokenizer group and model.pretrained, refuses another model's tokenizer; runs save their tokenizer, inference decodes with it; shakespeare_char is data=text with the char tokenizer)
             for sampler in samplers:
                 batch = sampler.next_batch(CPU)
                 assert batch["input_ids"].dtype == torch.int64
