@@ -69,7 +69,24 @@ RUNTIME_ARGUMENTS = ("tokenizer_cfg", "model_pretrained")
 
 def build_data(cfg) -> TokenData:
     """The run's data from ``cfg.data`` (through the ``_target_`` allowlist). Data that tokenize text
-    get the ``tokenizer`` group; a tokenizer that is not ``model.pretrained``'s is refused."""
+    get the ``tokenizer`` group; a tokenizer that is not ``model.pretrained``'s is refused. Built once
+    per process (``ds_hydra.data.cache``): the memory preflight and ``task=validate`` need it too."""
+    from ds_hydra.data.cache import cached, data_key
+
+    return cached(data_key(cfg), lambda: _build_data(cfg))
+
+
+def vocab_size_of(cfg) -> Tuple[int, str]:
+    """(the model's vocabulary size, where it comes from): ``model.vocab_size``, else the data's
+    ``vocab_size`` setting, else the data's own (built, and cached, to learn it)."""
+    if cfg.model.get("vocab_size", None):
+        return int(cfg.model.vocab_size), "model.vocab_size"
+    if cfg.data.get("vocab_size", None):
+        return int(cfg.data.vocab_size), "data.vocab_size"
+    return int(build_data(cfg).vocab_size), f"from {cfg.data._target_.rsplit('.', 1)[-1]}"
+
+
+def _build_data(cfg) -> TokenData:
     import inspect
 
     from omegaconf import OmegaConf
