@@ -138,7 +138,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seeds", default="1337", help="comma-separated seeds for the nanogpt run (mean reported)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for the step benchmarks (0: torch's default); "
+                        "1 keeps a shared machine's other work from disturbing the ratio")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     todo = args.only or ["step", "hf", "startup", "nanogpt"]
     print("| benchmark | ds_hydra | reference | ratio | target |")
     print("|---|---|---|---|---|")
