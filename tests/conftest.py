@@ -40,8 +40,9 @@ ENGINE_RUN = [
 ]
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "config"):
-    """Compose the shipped config (as ``python -m ds_hydra`` would) without running anything."""
+def compose(overrides: Sequence[str] = (), config_name: str = "config", return_hydra_config: bool = False):
+    """Compose the shipped config (as ``python -m ds_hydra`` would) without running anything; with
+    ``return_hydra_config`` the ``hydra`` node comes too (``${now:}`` and ``hydra.run.dir`` resolvable)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -59,7 +60,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config"):
     else:
         ctx = initialize_config_dir(config_dir=path, version_base=None)
     with ctx:
-        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)
+        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def run_cli(args: Sequence[str], cwd: Path = None, env: dict = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -421,18 +421,9 @@ def test_the_seed_sets_every_generator_a_checkpoint_records(tmp_path):
 
 def _with_hydra(overrides):
     """The composed config with its ``hydra`` node, as preflight sees it (``${now:}`` resolvable)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    from ds_hydra.cli import config_dir
-    from ds_hydra.config_store import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    cfg = compose(overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     return cfg
 
