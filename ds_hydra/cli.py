@@ -71,7 +71,7 @@ TASKS = {
     "train": "ds_hydra.training.trainer:train",
     "infer": "ds_hydra.inference:run_inference",
     "eval": "ds_hydra.inference.evaluate:evaluate",
-    "validate": "ds_hydra.validation:validate_task",
+    "validate": "ds_hydra.validate_task:validate_task",
     "resume": "ds_hydra.training.trainer:train",  # with resume=<run>: continue that run
     "export_deepspeed": "ds_hydra.engine.deepspeed_config:export_deepspeed",  # the DeepSpeed JSON, no training
     "export_hf": "ds_hydra.models.export_hf:export_hf",  # a trained run as a transformers model directory

@@ -21,19 +21,12 @@ from ds_hydra.engine.config import AutoEngineConfig, DDPEngineConfig, DeepSpeedE
 from ds_hydra.inference.config import InferenceConfig
 from ds_hydra.models.config import GPTConfig, HFCausalLMConfig
 from ds_hydra.optim.config import (
-    AdagradConfig,
-    AdamaxConfig,
-    AdamConfig,
-    AdamWConfig,
     ConstantSchedulerConfig,
     CosineSchedulerConfig,
     LRRangeTestConfig,
-    NAdamConfig,
     OneCycleConfig,
+    OptimizerConfig,
     ParamGroupsConfig,
-    RAdamConfig,
-    RMSpropConfig,
-    SGDConfig,
     WarmupCosineLRConfig,
     WarmupDecayLRConfig,
     WarmupLRConfig,
@@ -64,20 +57,27 @@ class DSHydraConfig:
     model: Any = MISSING
     """Any model node with a _target_ (conf/model: the built-in GPT, Hugging Face causal LMs, custom)."""
     data: Any = MISSING
+    """Where batches come from (conf/data: the embedded Tiny Shakespeare, synthetic tokens, ...)."""
     tokenizer: Any = MISSING
     """char, bytes, bpe or hf (conf/tokenizer): how task=prepare, data=text and data=sft tokenize text."""
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     """What task=prepare reads and writes."""
     optimizer: Any = MISSING
+    """An optimizer class and its arguments (conf/optimizer), a callable over param groups."""
     scheduler: Any = MISSING
+    """The lr schedule (conf/scheduler), a callable over the optimizer."""
     param_groups: ParamGroupsConfig = field(default_factory=ParamGroupsConfig)
     """How parameters are split into optimizer param groups (weight decay, lr multipliers)."""
     ckpt: CkptConfig = field(default_factory=CkptConfig)
+    """Activation checkpointing: which blocks recompute in backward (conf/ckpt)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """The training loop: steps, batch, evaluation, device, precision, checkpoints."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Where metrics go besides metrics.jsonl (conf/logger: several at once)."""
     run: RunConfig = field(default_factory=RunConfig)
     """How a run owns its directory: the lock's staleness and take-over."""
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    """Generation and evaluation from a trained run (task=infer, task=eval)."""
     engine: Any = MISSING
     """auto, ddp, fsdp or deepspeed (conf/engine)."""
     allowed_targets: List[str] = field(default_factory=list)
@@ -107,14 +107,7 @@ SCHEMAS = [
     ("tokenizer", "bpe", BPETokenizerConfig),
     ("tokenizer", "hf", HFTokenizerConfig),
     ("prepare", "prepare", PrepareConfig),
-    ("optimizer", "adam", AdamConfig),
-    ("optimizer", "adamw", AdamWConfig),
-    ("optimizer", "sgd", SGDConfig),
-    ("optimizer", "adagrad", AdagradConfig),
-    ("optimizer", "rmsprop", RMSpropConfig),
-    ("optimizer", "adamax", AdamaxConfig),
-    ("optimizer", "nadam", NAdamConfig),
-    ("optimizer", "radam", RAdamConfig),
+    ("optimizer", "optimizer", OptimizerConfig),  # open: other keys bind to _target_'s signature
     ("scheduler", "constant", ConstantSchedulerConfig),
     ("scheduler", "cosine", CosineSchedulerConfig),
     ("scheduler", "wsd", WSDSchedulerConfig),
@@ -154,5 +147,16 @@ def register_configs() -> None:
     register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="ds_hydra_schema", node=DSHydraConfig)
-    for group, name, node in SCHEMAS:
-        cs.store(group=f"schema/{group}", name=name, node=node)
+    for group, name, schema in SCHEMAS:
+        cs.store(group=f"schema/{group}", name=name, node=_open(schema) if schema in OPEN_SCHEMAS else schema)
+
+
+# Schemas whose nodes take keys beyond their fields: ds_hydra.validation binds those to the node's _target_.
+OPEN_SCHEMAS = (OptimizerConfig,)
+
+
+def _open(schema):
+    """The schema as a node that types its fields and accepts other keys (``optimizer.momentum=0.9``)."""
+    node = OmegaConf.structured(schema)
+    OmegaConf.set_struct(node, False)
+    return node

@@ -9,6 +9,9 @@ depth is checked twice, before anything is built:
 1. the written path must be under an allowed prefix (so no other module is even imported), and
 2. the object it resolves to must be defined under an allowed prefix too (its ``__module__``), so an
    alias such as ``ds_hydra.cli.os.system`` (``os`` imported into an allowed module) is refused.
+
+``signature_problems`` adds a third check without calling anything: each node's keys bind to its
+callable's signature, so an argument it does not take fails naming the key.
 """
 from __future__ import annotations
 
@@ -50,17 +53,74 @@ def allowed_prefixes(node: Any = None, extra: Optional[Sequence[str]] = None) ->
 
 def target_problems(node: Any, allowed: Sequence[str], path: str = "") -> List[str]:
     """One message per refused or unresolvable ``_target_`` in ``node`` (any depth); [] if all are fine."""
-    return [problem for key, target in iter_targets(node, path) for problem in _check_target(key, target, allowed)]
+    return [problem for key, n in iter_targets(node, path) for problem in _check_target(key, _value(n, "_target_"), allowed)]
+
+
+def signature_problems(node: Any, path: str = "") -> List[str]:
+    """Every ``_target_`` in ``node`` (any depth): allowed, importable, and given only arguments it takes.
+
+    The config's keys are bound to the callable's signature (as torchtune validates its components):
+    an unknown argument is named with a did-you-mean and the arguments the callable takes; a missing
+    required one too, except on ``_partial_`` nodes (the caller supplies the rest: parameters, the
+    optimizer) and for what ds_hydra passes itself (``RUNTIME_ARGUMENTS``). Nothing is called.
+    """
+    problems = target_problems(node, allowed_prefixes(node), path)
+    if problems:  # refused or unimportable targets: their signatures cannot be checked
+        return problems
+    for key, target_node in iter_targets(node, path):
+        problems += _binding_problems(target_node, key)
+    return problems
+
+
+# Arguments ds_hydra passes itself when it instantiates the node at this key.
+RUNTIME_ARGUMENTS = {"model": ("vocab_size",)}
+_HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
+
+
+def _binding_problems(node: Any, path: str) -> List[str]:
+    import inspect
+
+    target = _value(node, "_target_")
+    try:
+        params = inspect.signature(locate_target(target)).parameters
+    except (TypeError, ValueError):  # some builtins have no signature to check against
+        return []
+    where = f"{path}." if path else ""
+    keys = [str(k) for k in node.keys() if k not in _HYDRA_KEYS]
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    problems = []
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        problems += [
+            f"{where}{key}: {target} has no argument '{key}'{_did_you_mean(key, named)}; it takes: {', '.join(named)}"
+            for key in keys
+            if key not in params
+        ]
+    if not node.get("_partial_", False):
+        positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        supplied = {*keys, *positional[: len(node.get("_args_", None) or [])], *RUNTIME_ARGUMENTS.get(path, ())}
+        problems += [
+            f"{where}{name}: missing; {target} needs it (set {where}{name}=...)"
+            for name, p in params.items()
+            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in supplied
+        ]
+    return problems
+
+
+def _did_you_mean(word: str, options: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def iter_targets(node: Any, path: str = "") -> Iterator[Tuple[str, Any]]:
-    """``(dotted key of the node, its _target_)`` for every node with a ``_target_``, outermost first."""
+    """``(dotted key, node)`` for every node with a ``_target_`` in ``node``, outermost first."""
     from omegaconf import DictConfig, ListConfig
 
     if isinstance(node, (dict, DictConfig)):
         keys = list(node.keys())
         if "_target_" in keys:
-            yield path, _value(node, "_target_")
+            yield path, node
         for key in keys:
             if key == "_target_":
                 continue

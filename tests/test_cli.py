@@ -29,6 +29,7 @@ def test_train_run_learns_and_writes_everything(tmp_path):
     assert progress and "tokens_per_s" not in progress[0] and "tok_s" in progress[0] and " eta 0m" in progress[0]
     resolved = (run_dir / "config_resolved.yaml").read_text()
     assert "${" not in resolved and "n_layer: 4" in resolved
+    assert "max_steps: 40" in (run_dir / ".hydra" / "config.yaml").read_text()  # Hydra's own record of the run
     from ds_hydra.training.state import latest_checkpoint, safe_torch_load
 
     state = safe_torch_load(latest_checkpoint(run_dir))
@@ -45,7 +46,9 @@ def test_readme_command_with_segments(tmp_path):
 @pytest.mark.parametrize(
     "override,expected",
     [
-        ("optimizer.lrr=0.1", ["optimizer.lrr", "unknown key", "did you mean 'lr'", "allowed keys:"]),
+        # the optimizer's keys bind to its class's signature (before the run dir or any model exists)
+        ("optimizer.lrr=0.1", ["optimizer.lrr", "torch.optim.AdamW has no argument 'lrr'", "did you mean 'lr'", "it takes:"]),
+        ("optimizer.betaz=[0.9,0.95]", ["optimizer.betaz", "did you mean 'betas'"]),
         ("trainer.max_stepz=3", ["trainer.max_stepz", "unknown key", "max_steps"]),
         ("trainer.max_steps=abc", ["trainer.max_steps", "abc"]),
         ("model=gpt_huge", ["model=gpt_huge", "no such config option", "gpt_small", "gpt_tiny"]),
@@ -65,6 +68,7 @@ def test_bad_input_is_one_clear_line(tmp_path, override, expected):
     for fragment in expected:
         assert fragment in lines[0], (fragment, lines[0])
     assert "Traceback" not in proc.stderr
+    assert not run_dir.exists()  # refused before anything was written
 
 
 def test_several_problems_are_reported_together(tmp_path):

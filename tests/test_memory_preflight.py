@@ -154,7 +154,7 @@ def test_train_refuses_before_building_anything(free_24_gib, monkeypatch, tmp_pa
 
 
 def test_validate_prints_the_estimate(capsys):
-    from ds_hydra.validation import validate_task
+    from ds_hydra.validate_task import validate_task
 
     metrics = validate_task(compose([*TINY, "task=validate"]))
     out = capsys.readouterr().out

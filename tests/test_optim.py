@@ -2,6 +2,7 @@
 the weight-decay / lr-multiplier split has the counts the model's shapes predict."""
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 
@@ -165,14 +166,28 @@ def test_optimizer_callable_takes_params_or_group_dicts():
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
 
 
-def test_arguments_this_torch_lacks_are_dropped_when_unset_and_refused_when_set():
+def test_arguments_the_optimizer_class_lacks_are_refused_naming_the_key():
+    """One schema for every optimizer: its keys bind to the class's signature before anything is built."""
     # torch.optim.AdamW has no decoupled_weight_decay argument (it is always decoupled)
     node = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "decoupled_weight_decay": False}
-    optimizer = optimizer_callable(OmegaConf.create(node))([torch.nn.Parameter(torch.ones(1))])
-    assert isinstance(optimizer, torch.optim.AdamW)
-    node["decoupled_weight_decay"] = True
-    with pytest.raises(ConfigError, match=r"optimizer.decoupled_weight_decay=True: torch .*'s AdamW has no 'decoupled_weight_decay' argument"):
+    with pytest.raises(ConfigError, match=r"^optimizer.decoupled_weight_decay: torch.optim.AdamW has no argument "
+                                          r"'decoupled_weight_decay' \(did you mean 'weight_decay'\?\); it takes: params, lr, betas"):
         optimizer_callable(OmegaConf.create(node))
+    del node["decoupled_weight_decay"]
+    node["amsgrad"] = True  # an argument of the class, not of the schema
+    optimizer = optimizer_callable(OmegaConf.create(node))([torch.nn.Parameter(torch.ones(1))])
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["amsgrad"] is True
+
+
+def test_optimizer_keys_are_checked_against_the_chosen_class():
+    cfg = compose(["optimizer=sgd", "optimizer.momentum=0.5", "optimizer.nesterov=true", "optimizer.betas=[0.9,0.99]"])
+    assert config_problems(cfg) == [
+        "optimizer.betas: torch.optim.SGD has no argument 'betas'; it takes: "
+        + ", ".join(inspect.signature(torch.optim.SGD).parameters)
+    ]
+    assert config_problems(compose(["optimizer=adam", "optimizer.betas=[0.8,0.9]", "optimizer.amsgrad=true"])) == []
+    # tasks that build no optimizer do not import its class to check it
+    assert not [p for p in config_problems(compose(["+optimizer.betaz=1", "task=infer"])) if "betaz" in p]
 
 
 @pytest.mark.parametrize("option", ["adam", "adamw", "sgd", "adagrad"])

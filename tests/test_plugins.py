@@ -37,7 +37,7 @@ def test_config_source_prefixes_public_groups_and_hides_private_ones():
     model = source.load_config("ds_hydra/model/gpt_tiny").config
     assert list(model.defaults) == ["/schema/model/gpt@_here_", "_self_"] and model.n_embd == 32
     optimizer = source.load_config("ds_hydra/optimizer/adamw").config
-    assert optimizer.defaults[0] == "/schema/optimizer/adamw@_here_"  # its own line, unchanged
+    assert optimizer.defaults[0] == "/schema/optimizer/optimizer@_here_"  # its own line, unchanged
 
 
 def test_plugin_appends_for_other_apps_and_skips_ds_hydra_itself():
@@ -111,7 +111,7 @@ def test_foreign_app_composes_ds_hydra_groups_with_their_schemas(installed):
     proc = run_foreign_app(installed, "ds_hydra/optimizer@optimizer=sgd", "optimizer.momentum=0.5")
     assert proc.returncode == 0, proc.stderr
     cfg = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert cfg["schemas"] == {"model": "GPTConfig", "optimizer": "SGDConfig", "scheduler": "CosineSchedulerConfig",
+    assert cfg["schemas"] == {"model": "GPTConfig", "optimizer": "OptimizerConfig", "scheduler": "CosineSchedulerConfig",
                               "trainer": "TrainerConfig"}
     assert cfg["optimizer"]["_target_"] == "torch.optim.SGD" and cfg["optimizer"]["momentum"] == 0.5
     # the resolver came along: 5% warmup of the app's trainer.max_steps=300

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from conftest import compose, run_cli
 from ds_hydra.errors import ConfigError
-from ds_hydra.validation import lr_curve, sparkline, target_signature_problems, validate_task
+from ds_hydra.instantiate import signature_problems
+from ds_hydra.validate_task import lr_curve, sparkline, validate_task
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -67,10 +68,10 @@ def test_signature_check_names_unknown_and_missing_arguments():
         "nested": {"inner": [{"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 3, "gama": 0.5}]},
         "evil": {"_target_": "ds_hydra.cli.os.system", "command": "true"},
     })
-    problems = target_signature_problems(cfg)
+    problems = signature_problems(cfg)
     assert len(problems) == 1 and "evil._target_=ds_hydra.cli.os.system: resolves to" in problems[0]  # refused first
     del cfg["evil"]
-    problems = target_signature_problems(cfg)
+    problems = signature_problems(cfg)
     assert sorted(problems) == sorted([
         "sched.warmup_step: ds_hydra.optim.schedules.WarmupCosineDecay has no argument 'warmup_step' (did you mean "
         "'warmup_steps'?); it takes: optimizer, warmup_steps, total_steps, min_lr_ratio, last_epoch",

@@ -481,7 +481,7 @@ class _Mapper:
                                   "to true): optimizer=adamw")
         self.set("optimizer", option, "optimizer.type")
         self.consumed.append("optimizer.type")
-        fields_ = _schema_fields("optimizer", option)
+        fields_ = _optimizer_arguments(option)
         for key, value in params.items():
             where = f"optimizer.params.{key}"
             if key == "max_grad_norm":
@@ -833,8 +833,17 @@ def _not_deepspeed(word: str, options: Sequence[str]) -> str:
     return "not a DeepSpeed key, which DeepSpeed ignores too" + (f"; did you mean {close[0]!r}?" if close else "")
 
 
+def _optimizer_arguments(option: str) -> List[str]:
+    """The keyword arguments of the torch.optim class an optimizer option builds (imports torch)."""
+    import inspect
+
+    import torch
+
+    return [n for n in inspect.signature(getattr(torch.optim, OPTIMIZER_SPELLING[option])).parameters if n != "params"]
+
+
 def _schema_fields(group: str, option: str) -> List[str]:
-    """The keyword arguments an optimizer or scheduler option takes (its schema's fields)."""
+    """The keyword arguments a scheduler option takes (its schema's fields)."""
     from ds_hydra.config_store import SCHEMAS
 
     for g, name, schema in SCHEMAS:

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from typing import Any, Dict, List, Mapping, Optional
@@ -15,14 +16,11 @@ import torch
 import torch.nn as nn
 
 from ds_hydra.errors import ConfigError, UserError
-from ds_hydra.instantiate import allowed_prefixes, instantiate
+from ds_hydra.instantiate import instantiate, signature_problems
 from ds_hydra.optim.param_groups import build_param_groups
 from ds_hydra.optim.types import DeepSpeedOptimizerCallable, DeepSpeedSchedulerCallable
 
 log = logging.getLogger(__name__)
-
-_CONFIG_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
-
 
 def has_fused_kernel(optimizer_cls: type, device_type: str) -> bool:
     """Whether this torch build has ``optimizer_cls``'s fused kernel for ``device_type`` (cuda, cpu)."""
@@ -56,30 +54,15 @@ def kernel_kwargs(optimizer_cls: type, spec: Mapping[str, Any], device: torch.de
 def optimizer_callable(cfg_optimizer, device: Optional[torch.device] = None) -> DeepSpeedOptimizerCallable:
     """The optimizer config as a callable over parameters or param groups.
 
-    Arguments this torch's optimizer lacks are dropped when null or false (so one schema serves
-    torch 2.4 to now) and refused, naming the key, when set; on CUDA, ``fused``/``foreach`` are
-    chosen by ``kernel_kwargs``.
+    Its keys are first bound to the optimizer class's signature (a name it does not take is a
+    ConfigError naming the key); on CUDA, ``fused``/``foreach`` left unset are chosen by ``kernel_kwargs``.
     """
-    factory = instantiate(cfg_optimizer)
-    optimizer_cls = factory.func
-    accepted = inspect.signature(optimizer_cls).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    spec = dict(factory.keywords)
-    missing = [] if takes_any else [k for k in spec if k not in accepted]
-    problems = [
-        f"optimizer.{k}={spec[k]}: torch {torch.__version__}'s {optimizer_cls.__name__} has no '{k}' argument "
-        f"(needs a newer torch; leave it null or false)"
-        for k in missing
-        if spec[k] not in (None, False)
-    ]
+    problems = signature_problems(cfg_optimizer, "optimizer")
     if problems:
         raise ConfigError(problems)
-    extra = kernel_kwargs(optimizer_cls, spec, device) if device is not None else {}
-    if not missing and not extra:
-        return factory
-    node = {k: v for k, v in _plain(cfg_optimizer).items() if k not in missing}
-    node.update(extra)
-    return instantiate(node, _allowed_=allowed_prefixes(cfg_optimizer))
+    factory = instantiate(cfg_optimizer)
+    extra = kernel_kwargs(factory.func, factory.keywords, device) if device is not None else {}
+    return functools.partial(factory, **extra) if extra else factory
 
 
 def scheduler_callable(cfg_scheduler) -> DeepSpeedSchedulerCallable:

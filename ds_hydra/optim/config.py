@@ -1,8 +1,8 @@
 """Schemas of the ``optimizer`` and ``scheduler`` config groups and of ``param_groups`` (torch-free).
 
-Each optimizer option is ``_target_: torch.optim.X`` with ``_partial_: true`` and the optimizer's own
-keyword arguments: instantiating it gives a ``DeepSpeedOptimizerCallable`` that takes parameters or
-param groups. Each scheduler option is ``_partial_`` too and gives a ``DeepSpeedSchedulerCallable`` that
+Each optimizer option is ``_target_: torch.optim.X`` with ``_partial_: true`` and the keyword arguments
+it sets (one schema for all: the optimizer class's signature is the rest of it); instantiating it gives
+a ``DeepSpeedOptimizerCallable`` that takes parameters or param groups. Each scheduler option is ``_partial_`` too and gives a ``DeepSpeedSchedulerCallable`` that
 takes the optimizer. ``param_groups`` says how ds_hydra splits the model's parameters into the groups
 the optimizer callable receives (weight decay on or off, lr multipliers).
 """
@@ -20,138 +20,24 @@ from omegaconf import II, MISSING
 # -- optimizers -----------------------------------------------------------------------------------
 @dataclass
 class OptimizerConfig:
-    """Arguments every torch optimizer has. ``weight_decay`` is the decayed group's; the others get 0.
+    """Any optimizer class as a callable over param groups: its ``_target_`` and its keyword arguments.
 
-    Arguments this torch version lacks (e.g. ``fused`` before it existed) are dropped when left at
-    null/false and refused when set.
+    Only what ds_hydra itself reads is typed here. Every other key is a keyword argument of
+    ``_target_`` (``optimizer.betas=[0.9,0.95]``, ``optimizer.momentum=0.9``), bound to the class's
+    signature before anything is built, so a name it does not take fails naming the key and the
+    closest argument (ds_hydra.validation); what a key leaves out is the class's own default
+    (``task=validate`` prints every argument with its value). On CUDA, ``fused`` and ``foreach`` left
+    unset are chosen by ds_hydra (ds_hydra.optim.build.kernel_kwargs).
     """
 
-    _target_: str = "torch.optim.AdamW"
+    _target_: str = MISSING
+    """The optimizer class (torch.optim, or a module listed in allowed_targets); each option names one."""
     _partial_: bool = True
+    """Instantiated, the node is a callable over parameters or param groups (DeepSpeedOptimizerCallable)."""
     lr: float = 1e-3
     """Peak learning rate (schedules scale it per step; param_groups.lr_rules multiply it per group)."""
     weight_decay: float = 0.0
     """Weight decay of the decayed group (matrices); biases, norm gains and param_groups.no_decay get 0."""
-    foreach: Optional[bool] = None
-    """Multi-tensor kernels; null lets ds_hydra choose (on for CUDA when there is no fused kernel)."""
-    maximize: bool = False
-    """Maximize the objective instead of minimizing it."""
-    differentiable: bool = False
-    """Let autograd run through the optimizer step (meta-learning; slower)."""
-
-
-@dataclass
-class AdamFamilyConfig(OptimizerConfig):
-    """Arguments Adam and AdamW share."""
-
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    """Decay rates of the first and second moment estimates."""
-    eps: float = 1e-8
-    """Added to the denominator for numerical stability."""
-    amsgrad: bool = False
-    """Use the maximum of past second moments (AMSGrad)."""
-    capturable: bool = False
-    """Keep step counts on the device so the step can be captured in a CUDA graph."""
-    fused: Optional[bool] = None
-    """Single fused kernel; null lets ds_hydra choose (on for CUDA)."""
-
-
-@dataclass
-class AdamConfig(AdamFamilyConfig):
-    _target_: str = "torch.optim.Adam"
-    decoupled_weight_decay: bool = False
-    """Decay the weights directly (AdamW) instead of adding an L2 term to the gradient (newer torch only)."""
-
-
-@dataclass
-class AdamWConfig(AdamFamilyConfig):
-    _target_: str = "torch.optim.AdamW"
-    weight_decay: float = 0.01
-
-
-@dataclass
-class SGDConfig(OptimizerConfig):
-    _target_: str = "torch.optim.SGD"
-    lr: float = 0.1
-    momentum: float = 0.0
-    """Momentum factor (0 is plain SGD)."""
-    dampening: float = 0.0
-    """Dampening for momentum."""
-    nesterov: bool = False
-    """Nesterov momentum (needs momentum > 0 and dampening 0)."""
-    fused: Optional[bool] = None
-    """Single fused kernel; null lets ds_hydra choose (on for CUDA)."""
-
-
-@dataclass
-class AdagradConfig(OptimizerConfig):
-    _target_: str = "torch.optim.Adagrad"
-    lr: float = 1e-2
-    lr_decay: float = 0.0
-    """lr of step t is lr / (1 + (t - 1) * lr_decay)."""
-    initial_accumulator_value: float = 0.0
-    """Starting value of the sum of squared gradients."""
-    eps: float = 1e-10
-    """Added to the denominator for numerical stability."""
-    fused: Optional[bool] = None
-    """Single fused kernel (newer torch only); null lets ds_hydra choose (on for CUDA when torch has one)."""
-
-
-@dataclass
-class RMSpropConfig(OptimizerConfig):
-    _target_: str = "torch.optim.RMSprop"
-    lr: float = 1e-2
-    alpha: float = 0.99
-    """Smoothing constant of the running mean of squared gradients."""
-    eps: float = 1e-8
-    """Added to the denominator for numerical stability."""
-    momentum: float = 0.0
-    """Momentum factor."""
-    centered: bool = False
-    """Normalize by the estimated gradient variance instead of the raw second moment."""
-    capturable: bool = False
-    """Keep step counts on the device so the step can be captured in a CUDA graph."""
-
-
-@dataclass
-class AdamaxConfig(OptimizerConfig):
-    _target_: str = "torch.optim.Adamax"
-    lr: float = 2e-3
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    """Decay rates of the first moment and of the infinity norm."""
-    eps: float = 1e-8
-    """Added to the denominator for numerical stability."""
-    capturable: bool = False
-    """Keep step counts on the device so the step can be captured in a CUDA graph."""
-
-
-@dataclass
-class NAdamConfig(OptimizerConfig):
-    _target_: str = "torch.optim.NAdam"
-    lr: float = 2e-3
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    """Decay rates of the first and second moment estimates."""
-    eps: float = 1e-8
-    """Added to the denominator for numerical stability."""
-    momentum_decay: float = 4e-3
-    """Momentum decay (psi in the NAdam paper)."""
-    decoupled_weight_decay: bool = False
-    """Decay the weights directly (NAdamW) instead of adding an L2 term to the gradient."""
-    capturable: bool = False
-    """Keep step counts on the device so the step can be captured in a CUDA graph."""
-
-
-@dataclass
-class RAdamConfig(OptimizerConfig):
-    _target_: str = "torch.optim.RAdam"
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    """Decay rates of the first and second moment estimates."""
-    eps: float = 1e-8
-    """Added to the denominator for numerical stability."""
-    decoupled_weight_decay: bool = False
-    """Decay the weights directly (RAdamW) instead of adding an L2 term to the gradient."""
-    capturable: bool = False
-    """Keep step counts on the device so the step can be captured in a CUDA graph."""
 
 
 # -- param groups ---------------------------------------------------------------------------------

@@ -172,13 +172,11 @@ def plot_sweep(records: List[Dict[str, Any]], rows: List[Dict[str, Any]], path: 
     """Left: the final ``metric`` of each job (best ringed, failed crossed). Right: every job's loss curve."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from ds_hydra.plotting import new_figure, save_figure
     from ds_hydra.training.metrics import read_metrics
 
-    fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 1.4]})
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (ax_bar, ax_curve) = new_figure(13, 4.5, ncols=2, gridspec_kw={"width_ratios": [1, 1.4]})
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     xs = list(range(len(rows)))
     failed_x: List[int] = []
     for x, record, row in zip(xs, records, rows):
@@ -222,6 +220,4 @@ def plot_sweep(records: List[Dict[str, Any]], rows: List[Dict[str, Any]], path: 
     ax_curve.grid(alpha=0.3)
     if ax_curve.get_legend_handles_labels()[0]:
         ax_curve.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

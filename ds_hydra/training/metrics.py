@@ -82,12 +82,9 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
 
 def plot_loss_curve(records: List[Dict[str, Any]], path: Path, title: str = "") -> None:
     """Training loss per logged step, and train/val estimates at each evaluation."""
-    import matplotlib
+    from ds_hydra.plotting import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure(7, 4)
     steps = [r["step"] for r in records if "loss" in r]
     ax.plot(steps, [r["loss"] for r in records if "loss" in r], label="train (batch)", alpha=0.5)
     evals = [r for r in records if "val_loss" in r]
@@ -99,9 +96,7 @@ def plot_loss_curve(records: List[Dict[str, Any]], path: Path, title: str = "") 
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plain(value: Any) -> Any:

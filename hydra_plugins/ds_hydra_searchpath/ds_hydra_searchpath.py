@@ -9,7 +9,9 @@ root config, ``experiment``, ``hparams_search`` and ``hydra`` presets stay priva
 
 The option YAMLs extend ds_hydra's schemas (``/schema/<group>/<name>``), so the plugin registers them
 in the ConfigStore (torch-free) along with the ``${ds_hydra.fraction:...}`` resolver: a typo such as
-``optimizer.lrr=1`` fails at composition, naming the key, as in ds_hydra itself.
+``model.n_layr=1`` fails at composition, naming the key, as in ds_hydra itself. An optimizer's keys
+beyond lr and weight decay are its class's arguments: ``ds_hydra.instantiate.signature_problems``
+checks them against the class, as ds_hydra's CLI does before it builds anything.
 
 Discovery imports this module in every Hydra app, so it imports nothing but Hydra at import time.
 """
