@@ -4,6 +4,7 @@
     python bench/train.py --only step   # ds_hydra step vs a plain PyTorch loop
     python bench/train.py --only hf     # the same for model=hf_llama (transformers' LlamaForCausalLM)
     python bench/train.py --only nanogpt --only startup
+    python bench/train.py --only startup_run --repeats 11
 
 1. step: the ds_hydra train step against a hand-written PyTorch loop over the same model, batch and
    optimizer (target ratio <= 1.02), rounds interleaved so drift hits both alike.
@@ -12,6 +13,10 @@
 3. nanogpt: `python -m ds_hydra experiment=nanogpt_cpu` end to end: final val loss vs nanoGPT's
    published 1.88, and wall time (nanoGPT itself took about 70 s on this kind of machine).
 4. startup: `python -m ds_hydra --cfg job` against `python -c "import torch"` (target <= 1.25x).
+5. startup_run: a one-step `model=gpt_tiny` training run end to end against `python -c` that imports
+   torch and builds an AdamW (target <= 1.3x): what ds_hydra adds to torch's own start (composition,
+   validation, the memory preflight, the run dir, the first step, the final checkpoint). Repeats are
+   interleaved; wall and CPU time (user + sys of the child) are medians.
 """
 from __future__ import annotations
 
@@ -125,6 +130,37 @@ def _median_wall(cmd, repeats: int) -> float:
     return statistics.median(walls)
 
 
+def _run_timed(cmd) -> tuple:
+    """(wall seconds, CPU seconds of the child) of one run of ``cmd``."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+TORCH_ADAMW = "import torch; m = torch.nn.Linear(8, 8); torch.optim.AdamW(m.parameters())"
+
+
+def bench_startup_run(repeats: int) -> dict:
+    """A one-step gpt_tiny run against importing torch and building an AdamW, interleaved."""
+    torch_runs, ours_runs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            torch_runs.append(_run_timed([sys.executable, "-c", TORCH_ADAMW]))
+            ours_runs.append(_run_timed([
+                sys.executable, "-m", "ds_hydra", "model=gpt_tiny", "trainer.max_steps=1", "trainer.eval_interval=0",
+                "trainer.eval_batches=1", "trainer.device=cpu", "trainer.progress=false", f"hydra.run.dir={tmp}/run{i}",
+            ]))
+    wall = [statistics.median(r[0] for r in runs) for runs in (ours_runs, torch_runs)]
+    cpu = [statistics.median(r[1] for r in runs) for runs in (ours_runs, torch_runs)]
+    return {"run_s": wall[0], "torch_s": wall[1], "ratio": wall[0] / wall[1],
+            "run_cpu_s": cpu[0], "torch_cpu_s": cpu[1], "cpu_ratio": cpu[0] / cpu[1]}
+
+
 def bench_startup(repeats: int) -> dict:
     torch_s = _median_wall([sys.executable, "-c", "import torch"], repeats)
     cfg_s = _median_wall([sys.executable, "-m", "ds_hydra", "--cfg", "job"], repeats)
@@ -133,7 +169,7 @@ def bench_startup(repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", action="append", choices=["step", "hf", "nanogpt", "startup"])
+    parser.add_argument("--only", action="append", choices=["step", "hf", "nanogpt", "startup", "startup_run"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
@@ -145,7 +181,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    todo = args.only or ["step", "hf", "startup", "nanogpt"]
+    todo = args.only or ["step", "hf", "startup", "startup_run", "nanogpt"]
     print("| benchmark | ds_hydra | reference | ratio | target |")
     print("|---|---|---|---|---|")
     if "step" in todo:
@@ -161,6 +197,12 @@ def main() -> None:
         r = bench_startup(args.repeats)
         print(f"| start-up: `ds-hydra --cfg job` vs `python -c 'import torch'` | {r['cfg_job_s']:.2f} s "
               f"| {r['import_torch_s']:.2f} s | {r['ratio']:.2f} | <= 1.25 |", flush=True)
+    if "startup_run" in todo:
+        r = bench_startup_run(args.repeats)
+        print(f"| start-up: one-step `model=gpt_tiny` run vs `python -c 'import torch; ...AdamW(...)'` (median of "
+              f"{args.repeats}, interleaved) | {r['run_s']:.2f} s | {r['torch_s']:.2f} s | {r['ratio']:.2f} | <= 1.3 |")
+        print(f"| the same, CPU time (user + sys) | {r['run_cpu_s']:.2f} s | {r['torch_cpu_s']:.2f} s "
+              f"| {r['cpu_ratio']:.2f} | <= 1.3 |", flush=True)
     if "nanogpt" in todo:
         seeds = [int(s) for s in args.seeds.split(",")]
         runs = [bench_nanogpt(seed) for seed in seeds]

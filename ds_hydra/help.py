@@ -12,11 +12,17 @@ _MULTI = {"logger": "several at once: 'logger=[jsonl,csv,tensorboard,wandb,mlflo
 
 
 def config_groups(_root_: Any = None) -> str:
-    """One line per group: its options, the default marked with ``*``; then Hydra's launchers."""
+    """One line per group: its options, the default marked with ``*``; then Hydra's launchers.
+
+    Composition merges into ``hydra.help`` before the command's choices exist, which evaluates the
+    page's interpolations; listing every group's options there would cost every run a scan of the
+    config sources, so the list is drawn only for the page itself, once the choices are known."""
     from hydra.core.global_hydra import GlobalHydra
 
-    loader = GlobalHydra.instance().config_loader()
     choices = _choices(_root_)
+    if not choices:
+        return ""
+    loader = GlobalHydra.instance().config_loader()
     lines = []
     for group in sorted(g for g in loader.list_groups("") if g not in _HIDDEN):
         options = _options(loader, group)
@@ -35,14 +41,16 @@ def _options(loader, group: str) -> List[str]:
 
 
 def _choices(root: Any) -> Dict[str, Set[str]]:
-    """The options this command composed: ``hydra.runtime.choices``, and ``logger``'s list from its flags."""
+    """The options this command composed: ``hydra.runtime.choices``, and ``logger``'s list from its flags
+    ({} while composing)."""
     from ds_hydra.tracking.config import chosen_trackers
 
     try:
         chosen = {group: {str(option)} for group, option in root.hydra.runtime.choices.items()}
-        chosen["logger"] = {"jsonl", *chosen_trackers(root.logger)}  # several options: not among Hydra's choices
-    except Exception:  # no config to read (the resolver called elsewhere): list the options unmarked
+    except Exception:  # no config to read (the resolver called elsewhere)
         return {}
+    if chosen:
+        chosen["logger"] = {"jsonl", *chosen_trackers(root.logger)}  # several options: not among Hydra's choices
     return chosen
 
 

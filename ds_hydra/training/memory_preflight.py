@@ -86,10 +86,14 @@ def seq_len_key(cfg) -> str:
 
 
 def seq_len_of(cfg, vocab_size: int) -> int:
-    """The run's sequence length: ``data.seq_len``, else the model's maximum positions, asked of the model
-    built on the meta device (no memory)."""
+    """The run's sequence length: ``data.seq_len``, else the model's maximum positions (other models than the
+    built-in GPT are asked, built on the meta device: no memory)."""
+    from ds_hydra.models.config import GPT_TARGET
+
     if cfg.data.get("seq_len", None):
         return int(cfg.data.seq_len)
+    if cfg.model.get("_target_") == GPT_TARGET:  # the built-in GPT's length is its block_size: nothing to build
+        return int(cfg.model.block_size)
     import torch
 
     from ds_hydra.models.build import build_model
