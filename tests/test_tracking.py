@@ -97,6 +97,21 @@ def test_loss_curve_title_says_what_the_run_was(tmp_path):
     assert run_title(compose([]), tmp_path / "run") == f"default config ({tmp_path / 'run'})"
 
 
+def test_tensorboard_holds_the_runs_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ds_hydra.training.trainer import train
+
+    train(compose([*TINY, "logger=tensorboard", "trainer.max_steps=2", "trainer.log_interval=1"]), run_dir=tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    jsonl = metric_rows([json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()])
+    for key in ("loss", "lr", "val_loss"):
+        logged = {e.step: e.value for e in events.Scalars(key)}
+        assert logged == pytest.approx({step: row[key] for step, row in jsonl.items() if key in row}, rel=1e-6), key
+
+
 # -- W&B and MLflow: every metric, read back ----------------------------------------------------------
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
