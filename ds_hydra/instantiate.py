@@ -95,6 +95,11 @@ def _binding_problems(node: Any, path: str) -> List[str]:
             for key in keys
             if key not in params
         ]
+    for key in (k for k in keys if k in params):
+        value, default = _value(node, key), params[key].default
+        kind = _kind_expected(default, value)
+        if kind:
+            problems.append(f"{where}{key}={value}: {target} takes {kind} here (its default is {default!r})")
     if not node.get("_partial_", False):
         positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         supplied = {*keys, *positional[: len(node.get("_args_", None) or [])], *RUNTIME_ARGUMENTS.get(path, ())}
@@ -104,6 +109,24 @@ def _binding_problems(node: Any, path: str) -> List[str]:
             if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in supplied
         ]
     return problems
+
+
+def _kind_expected(default: Any, value: Any) -> Optional[str]:
+    """What ``value`` should have been, judged by the argument's default; None when it fits (or there is
+    no default to judge by: null, required)."""
+    from numbers import Real
+
+    from omegaconf import ListConfig
+
+    if value is None or default is None or isinstance(default, type):  # inspect.Parameter.empty is a class
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, Real):
+        return None if isinstance(value, Real) and not isinstance(value, bool) else "a number"
+    if isinstance(default, (tuple, list)):
+        return None if isinstance(value, (tuple, list, ListConfig)) else "a list"
+    return None
 
 
 def _did_you_mean(word: str, options: Sequence[str]) -> str:

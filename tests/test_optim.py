@@ -186,6 +186,12 @@ def test_optimizer_keys_are_checked_against_the_chosen_class():
         + ", ".join(inspect.signature(torch.optim.SGD).parameters)
     ]
     assert config_problems(compose(["optimizer=adam", "optimizer.betas=[0.8,0.9]", "optimizer.amsgrad=true"])) == []
+    # the schema types only lr and weight_decay: the class's defaults say what the others take
+    assert config_problems(compose(["optimizer.eps=abc", "optimizer.amsgrad=1", "optimizer.betas=0.9"])) == [
+        "optimizer.betas=0.9: torch.optim.AdamW takes a list here (its default is (0.9, 0.999))",  # adamw.yaml sets it
+        "optimizer.eps=abc: torch.optim.AdamW takes a number here (its default is 1e-08)",
+        "optimizer.amsgrad=1: torch.optim.AdamW takes true or false here (its default is False)",
+    ]
     # tasks that build no optimizer do not import its class to check it
     assert not [p for p in config_problems(compose(["+optimizer.betaz=1", "task=infer"])) if "betaz" in p]
 

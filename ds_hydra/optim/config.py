@@ -9,6 +9,7 @@ the optimizer callable receives (weight decay on or off, lr multipliers).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from numbers import Real
@@ -214,31 +215,39 @@ class LRRangeTestConfig(SchedulerConfig):
 
 
 # -- validation -----------------------------------------------------------------------------------
+# Ranges of the optimizer arguments ds_hydra knows, by name (their types are checked against the class's
+# defaults: ds_hydra.instantiate.signature_problems; values of the wrong type are left to that check).
+_OPTIMIZER_RANGES = {
+    "lr": ("> 0", lambda v: v > 0),
+    "eps": ("> 0", lambda v: v > 0),
+    "alpha": ("in [0, 1)", lambda v: 0.0 <= v < 1.0),
+    **{key: (">= 0", lambda v: v >= 0) for key in (
+        "weight_decay", "momentum", "dampening", "lr_decay", "initial_accumulator_value", "momentum_decay")},
+}
+
+
 def validate_optimizer(cfg, prefix: str = "optimizer") -> List[str]:
-    problems = []
-    if "lr" in cfg and not cfg.lr > 0:
-        problems.append(f"{prefix}.lr={cfg.lr}: must be > 0")
-    if "weight_decay" in cfg and cfg.weight_decay < 0:
-        problems.append(f"{prefix}.weight_decay={cfg.weight_decay}: must be >= 0")
-    if "betas" in cfg:
-        betas = list(cfg.betas)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            problems.append(f"{prefix}.betas={betas}: must be two numbers in [0, 1)")
-    for key in ("eps",):
-        if key in cfg and not cfg[key] > 0:
-            problems.append(f"{prefix}.{key}={cfg[key]}: must be > 0")
-    for key in ("momentum", "dampening", "lr_decay", "initial_accumulator_value", "momentum_decay"):
-        if key in cfg and cfg[key] < 0:
-            problems.append(f"{prefix}.{key}={cfg[key]}: must be >= 0")
-    if "alpha" in cfg and not 0.0 <= cfg.alpha < 1.0:
-        problems.append(f"{prefix}.alpha={cfg.alpha}: must be in [0, 1)")
-    if cfg.get("nesterov") and not (cfg.get("momentum", 0) > 0 and cfg.get("dampening", 0) == 0):
+    problems = [
+        f"{prefix}.{key}={cfg[key]}: must be {rule}"
+        for key, (rule, ok) in _OPTIMIZER_RANGES.items()
+        if _is_number(cfg.get(key)) and not ok(cfg[key])
+    ]
+    betas = cfg.get("betas")
+    if isinstance(betas, Sequence) and not isinstance(betas, str):  # (not a list: the signature check says so)
+        if not (len(betas) == 2 and all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)):
+            problems.append(f"{prefix}.betas={list(betas)}: must be two numbers in [0, 1), e.g. [0.9,0.999]")
+    momentum, dampening = cfg.get("momentum", 0), cfg.get("dampening", 0)
+    if cfg.get("nesterov") is True and _is_number(momentum) and _is_number(dampening) and not (momentum > 0 and dampening == 0):
         problems.append(f"{prefix}.nesterov=true: needs {prefix}.momentum > 0 and {prefix}.dampening=0")
-    if cfg.get("fused") and cfg.get("foreach"):
+    if cfg.get("fused") is True and cfg.get("foreach") is True:
         problems.append(f"{prefix}.fused=true and {prefix}.foreach=true: pick one (or leave both null)")
-    if cfg.get("fused") and cfg.get("differentiable"):
+    if cfg.get("fused") is True and cfg.get("differentiable") is True:
         problems.append(f"{prefix}.fused=true: the fused kernel does not support {prefix}.differentiable=true")
     return problems
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def validate_param_groups(cfg, prefix: str = "param_groups") -> List[str]:

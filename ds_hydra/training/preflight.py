@@ -45,7 +45,8 @@ _deferred: List[Tuple[int, str]] = []
 
 
 class RunRefused(BaseException):
-    """A ``UserError`` found before the run started, carried past Hydra's callback error handling."""
+    """What stopped the run before it started (a ``UserError``, or a bug in a check), carried past Hydra's
+    callback error handling (which would only warn and let the run start)."""
 
     def __init__(self, error: Exception):
         self.error = error
@@ -57,15 +58,13 @@ class Preflight(Callback):
     ``on_multirun_start``: take the sweep directory."""
 
     def on_run_start(self, config, **kwargs: Any) -> None:
-        from omegaconf.errors import OmegaConfBaseException
-
         taken = None
         try:
             check_config(config)
             continue_after_torchrun_restart(config)
             taken = take_run_dir(config)
             check_run_dir(config)
-        except (UserError, OmegaConfBaseException) as exc:
+        except Exception as exc:  # a user error, or a bug in a check: either way the run must not start
             if taken is not None:
                 taken.give_back()
             raise RunRefused(exc) from exc
