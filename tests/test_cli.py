@@ -38,9 +38,12 @@ def test_train_run_learns_and_writes_everything(tmp_path):
 
 def test_readme_command_with_segments(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli(["optimizer=adam", "ckpt.segments=4", "trainer.max_steps=3", "model=gpt_tiny", f"hydra.run.dir={run_dir}", "trainer.eval_batches=2"])
+    proc = run_cli(["optimizer=adam", "ckpt.segments=4", "trainer.max_steps=3", "model=gpt_tiny", f"hydra.run.dir={run_dir}",
+                    "trainer.eval_batches=2", "trainer.device=cpu", "trainer.progress=false"])
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "metrics.jsonl").is_file()
+    out = proc.stdout + proc.stderr  # the plan and what it saved, in the log
+    assert "activation checkpointing: blocks (4 x Block): 3/4 blocks recomputed" in out and "activation memory:" in out
 
 
 @pytest.mark.parametrize(

@@ -106,7 +106,11 @@ def train_steps(result: Imported, tmp_path: Path, *command_line):
     return cfg, metrics, records
 
 
-@pytest.mark.parametrize("name", NAMES)
+# Every config composes and validates above; two of them train in the default run, all of them with -m slow.
+TRAINED_BY_DEFAULT = ("zero1_bf16_warmup_lr", "hf_trainer_auto")
+
+
+@pytest.mark.parametrize("name", [n if n in TRAINED_BY_DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
 def test_each_config_trains_a_few_steps_on_the_cpu(name, tmp_path):
     """Without DeepSpeed's engine (the native engine the import falls back to): DeepSpeed's engine on the
     CPU is the slow test below. fp16 needs CUDA, so the fp16 config runs with trainer.precision=bf16."""
