@@ -100,6 +100,29 @@ def test_ids_beyond_the_model_and_another_models_tokenizer_are_refused(tmp_path,
     assert isinstance(build_data(compose(["data=tokens", f"data.dir={char_dir}"])).tokenizer, CharTokenizer)
 
 
+# The default run's losses (TINY, one thread) before the tokenizer group existed, when the embedded corpus
+# was a torch tensor of character ids: the same tokens and batches must give the same numbers.
+PINNED_LOSSES = [
+    {"step": 2, "loss": 4.17620849609375},
+    {"step": 3, "train_loss": 4.070722579956055, "val_loss": 4.084455966949463},
+    {"step": 4, "loss": 4.090095043182373},
+    {"step": 6, "loss": 4.067100524902344},
+    {"step": 6, "train_loss": 4.015419960021973, "val_loss": 4.033684730529785},
+]
+
+
+def test_the_embedded_corpus_trains_as_it_always_did(tmp_path):
+    from test_resume import loss_records
+
+    train_in_process(list(TINY), tmp_path / "run")
+    records = loss_records(tmp_path / "run")
+    assert [r.keys() - {"lr"} for r in records] == [r.keys() for r in PINNED_LOSSES]
+    for got, pinned in zip(records, PINNED_LOSSES):
+        assert got["step"] == pinned["step"]
+        for key in pinned.keys() - {"step"}:
+            assert got[key] == pytest.approx(pinned[key], rel=1e-6, abs=0), (got, pinned)
+
+
 def test_a_nanogpt_directory_trains_like_the_embedded_corpus(tmp_path):
     """nanoGPT's shakespeare_char directory is the embedded corpus, split alike: the same run, the same losses."""
     folder = nanogpt_char_dir(tmp_path / "shakespeare_char")
