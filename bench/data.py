@@ -13,7 +13,7 @@ ids repeated to the size asked for: 2 MB (1M tokens) and ``--big-mb`` (default 8
    epochs, each from a file mapped afresh per batch) against the mean time of a whole train step
    (its own batch included). Target: data <= 1% of the step.
 2. memory: ``python -m ds_hydra experiment=nanogpt_cpu data=tokens data.dir=<small|large>`` for
-   ``--steps`` steps, each in its own process; peak resident memory (ru_maxrss of that process).
+   ``--steps`` steps, each in its own process; peak resident memory (that process's VmHWM).
    Target: small and large within 50 MiB. Beside it, what the two obvious alternatives cost on the
    large file: reading it into memory (``np.fromfile``), and one ``np.memmap`` kept open while
    drawing the windows of ``--draws`` batches (touched pages stay resident) against ds_hydra's
@@ -109,13 +109,23 @@ def _mean_time(fn, repeats: int) -> float:
 
 
 def peak_rss_of(cmd, env=None) -> float:
-    """Peak resident memory (MiB) of the process ``cmd`` runs, and its exit status must be 0."""
+    """Peak resident memory (MiB) of the process ``cmd`` runs (its exit status must be 0): the kernel's
+    high-water mark of that process's own memory (VmHWM), read until it exits. Not ru_maxrss, which a
+    child inherits from the parent it was forked from."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak_kib = 0
+    status_file = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            for line in status_file.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak_kib = max(peak_kib, int(line.split()[1]))
+        except (OSError, ValueError):
+            pass  # exiting between poll() and the read
+        time.sleep(0.02)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-    return usage.ru_maxrss / 1024  # KiB on Linux
+    return peak_kib / 1024
 
 
 def bench_memory(small: Path, big: Path, steps: int, draws: int) -> None:
@@ -160,11 +170,12 @@ def probe(how: str, path: str, draws: int) -> None:
     if how == "fromfile":
         tokens = np.fromfile(path, dtype=np.uint16)
         assert len(tokens) == n
-        return
-    source = np.memmap(path, dtype=np.uint16, mode="r") if how == "memmap" else FileTokens(Path(path), np.uint16, n)
-    sampler = RandomBlocks(source, 64, 12, seed=0)
-    for _ in range(draws):
-        sampler.next_batch(torch.device("cpu"))
+    else:
+        source = np.memmap(path, dtype=np.uint16, mode="r") if how == "memmap" else FileTokens(Path(path), np.uint16, n)
+        sampler = RandomBlocks(source, 64, 12, seed=0)
+        for _ in range(draws):
+            sampler.next_batch(torch.device("cpu"))
+    time.sleep(0.3)  # the parent reads the high-water mark every 20 ms: let it see the last one
 
 
 def _mb(folder: Path) -> int:
@@ -187,6 +198,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ds_hydra_bench_data_") as tmp:
         small = make_token_dir(Path(tmp) / "small", 1 << 20)
         big = make_token_dir(Path(tmp) / "big", args.big_mb * 1_000_000 // 2)
+        os.sync()  # written out before anything is timed: writeback would steal from the measured steps
         print(f"token files: {_mb(small)} MB and {_mb(big)} MB (uint16) in {tmp} (deleted at the end)")
         if "time" in only:
             bench_time(big, args.batches, steps=100)

@@ -74,6 +74,7 @@ def bench_step(rounds: int, steps: int, overrides) -> dict:
     """ds_hydra's train step against the hand-written loop over a fresh copy of the same model."""
     import copy
 
+    import numpy as np
     import torch
 
     from conftest import compose
@@ -87,7 +88,8 @@ def bench_step(rounds: int, steps: int, overrides) -> dict:
         model = build_model(cfg.model, trainer.data.vocab_size)
         if getattr(getattr(model, "config", None), "use_cache", False):
             model.config.use_cache = False  # as anyone training a transformers model by hand would
-        plain = plain_pytorch_step_fn(copy.deepcopy(model), trainer.data.tokens("train"), trainer.seq_len, cfg.trainer.batch_size)
+        tokens = torch.as_tensor(np.asarray(trainer.data.tokens("train")), dtype=torch.long)  # the plain loop slices a tensor
+        plain = plain_pytorch_step_fn(copy.deepcopy(model), tokens, trainer.seq_len, cfg.trainer.batch_size)
         ours = trainer.train_step
         for fn in (ours, plain):  # warm-up: allocator, kernels, optimizer state
             for _ in range(5):
