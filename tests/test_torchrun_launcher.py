@@ -121,6 +121,36 @@ def test_a_rank_reports_the_user_error_behind_its_exit(tmp_path, monkeypatch):
     assert saved["error"] == "ConfigError: trainer.max_steps=0: must be >= 1" and "traceback" not in saved
 
 
+def test_a_failure_is_timed_when_its_rank_tears_the_group_down(tmp_path, monkeypatch):
+    """The failing rank's teardown is what makes its peers fail, and its own report can come later (the
+    error still travels up through Hydra): the report carries the teardown's time, not the report's."""
+    from ds_hydra.engine import launch
+
+    class Group:  # stands in for torch.distributed
+        destroyed = 0
+
+        def destroy_process_group(self):
+            self.destroyed += 1
+
+    monkeypatch.setattr(launch, "_failed_at", None)
+    monkeypatch.setenv(torchrun_job.RANK_REPORTS_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    group = Group()
+    launch.leave_process_group(group)  # a clean exit notes nothing
+    assert (group.destroyed, launch.failed_at()) == (1, None)
+    with pytest.raises(RuntimeError):
+        with torchrun_job.reporting_to_launcher():
+            try:
+                raise RuntimeError("planted")
+            finally:
+                launch.leave_process_group(group)  # (the engine's close, or cli_main's after_hydra)
+                torn_down = launch.failed_at()
+                time.sleep(0.05)  # the error's way up to the report
+    saved = json.loads((tmp_path / "rank1.json").read_text())
+    assert group.destroyed == 2 and torn_down is not None and saved["time"] == torn_down
+    assert saved["error"] == "RuntimeError: planted"
+
+
 def test_a_stop_signal_starts_no_further_job(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

@@ -156,7 +156,9 @@ class Engine:
     def close(self) -> None:
         """Destroy the process group if this engine created it (a launcher's stays up)."""
         if self.owns_group and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            from ds_hydra.engine.launch import leave_process_group
+
+            leave_process_group(dist)
         self.owns_group = False
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import List, Optional, Sequence
 
 from ds_hydra.errors import EXIT_USAGE, UserError
@@ -190,7 +191,26 @@ def _process_group_module():
 def _finish_process_group() -> None:
     dist = _process_group_module()
     if dist is not None:
-        dist.destroy_process_group()
+        leave_process_group(dist)
+
+
+# When this rank failed, noted as it tears its process group down with an exception in flight: the other
+# ranks fail only after that (their collectives lose this peer), so the launcher can tell which rank
+# failed first even when a later failure is reported sooner.
+_failed_at: Optional[float] = None
+
+
+def leave_process_group(dist) -> None:
+    """Destroy the default process group; with an exception in flight, note when this rank failed."""
+    global _failed_at
+    if sys.exc_info()[1] is not None and _failed_at is None:
+        _failed_at = time.time()
+    dist.destroy_process_group()
+
+
+def failed_at() -> Optional[float]:
+    """When this rank failed with its process group up (``time.time()``), or None."""
+    return _failed_at
 
 
 def _quote(value: str) -> str:

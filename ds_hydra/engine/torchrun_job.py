@@ -223,8 +223,12 @@ def _failure(exc: BaseException) -> Dict[str, Any]:
 
 
 def _report(folder: Path, outcome: Dict[str, Any]) -> None:
+    from ds_hydra.engine.launch import failed_at
+
     rank = int(os.environ.get("RANK", "0"))
-    outcome = {"rank": rank, "time": time.time(), **outcome}
+    # a failure's time is when it happened (before this rank's teardown made its peers fail), not now
+    when = failed_at() if outcome.get("status") == "failed" else None
+    outcome = {"rank": rank, "time": when or time.time(), **outcome}
     path = folder / f"rank{rank}.json"
     try:
         tmp = path.with_suffix(".tmp")
