@@ -1,4 +1,4 @@
-from ds_hydra.cli import cli_main
+from ds_hydra.cli import main
 
 if __name__ == "__main__":
-    cli_main()
+    main()

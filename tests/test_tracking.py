@@ -97,6 +97,21 @@ def test_loss_curve_title_says_what_the_run_was(tmp_path):
     assert run_title(compose([]), tmp_path / "run") == f"default config ({tmp_path / 'run'})"
 
 
+def test_the_loss_curve_is_drawn_once_two_steps_are_logged(tmp_path):
+    """One logged step is no curve: nothing is drawn (and no tracker is handed a missing file)."""
+    from ds_hydra.training.metrics import LOSS_CURVE_FILE, MetricsLogger
+
+    cfg = compose(TINY)
+    for steps, drawn in (([5], False), ([5, 5], False), ([5, 6], True)):
+        run_dir = tmp_path / "-".join(map(str, steps))
+        run_dir.mkdir()
+        metrics = MetricsLogger(run_dir, cfg)
+        for step in steps:
+            metrics.log(step, loss=2.0)
+        metrics.finish({"step": steps[-1]})
+        assert (run_dir / LOSS_CURVE_FILE).is_file() == drawn, steps
+
+
 def test_tensorboard_holds_the_runs_metrics(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -44,7 +44,7 @@ class MetricsLogger:
     def finish(self, final: Dict[str, Any]) -> None:
         """The run is done: the loss-curve PNG, then the final metrics and files to every tracker."""
         try:
-            if self.enabled:
+            if self.enabled and len(curve_steps(self.records)) >= 2:  # one step is no curve (and plotting costs ~0.5 s)
                 plot_loss_curve(self.records, self.run_dir / LOSS_CURVE_FILE, title=self.title)
         finally:
             self.close(final=final)
@@ -60,6 +60,7 @@ class MetricsLogger:
             self._file = None
         status = FINISHED if error is None else (STOPPED if isinstance(error, Stopped) else FAILED)
         files = [self.run_dir / LOSS_CURVE_FILE, self.run_dir / RESOLVED_CONFIG_FILE] if error is None else []
+        files = [f for f in files if f.is_file()]
         self.trackers.finish(final or {}, files=files, status=status)
 
 
@@ -78,6 +79,11 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def curve_steps(records: List[Dict[str, Any]]) -> List[int]:
+    """The distinct steps that have a loss to plot."""
+    return sorted({r["step"] for r in records if "loss" in r or "val_loss" in r})
 
 
 def plot_loss_curve(records: List[Dict[str, Any]], path: Path, title: str = "") -> None:
