@@ -2,7 +2,7 @@
 
 Names are imported lazily, so ``import ds_hydra`` (and composing configs) does not import torch.
 """
-from importlib import import_module
+from ds_hydra.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -31,8 +31,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ds_hydra' has no attribute {name!r}")
-    return getattr(import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

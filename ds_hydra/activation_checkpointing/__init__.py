@@ -7,7 +7,7 @@ config group's fields), one call removes it (``remove_activation_checkpointing``
 ``selective`` (per-op saving), ``planner`` (probe, memory predictions, budget plans), ``counter``
 (saved-bytes counting), ``offload`` (host memory), ``apply`` (wiring it into the model).
 """
-from importlib import import_module
+from ds_hydra.lazy import lazy_attributes
 
 _EXPORTS = {
     "checkpoint_activations": "apply",
@@ -26,8 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -2,7 +2,7 @@
 
 Imported lazily: everything here needs torch, and reading configs must not import it.
 """
-from importlib import import_module
+from ds_hydra.lazy import lazy_attributes
 
 _EXPORTS = {
     "TokenData": "base",
@@ -21,8 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -1,12 +1,8 @@
-"""Models. ``GPT`` is imported lazily so that reading configs does not import torch."""
+"""Models. Imported lazily so that reading configs does not import torch."""
+from ds_hydra.lazy import lazy_attributes
 
+_EXPORTS = {"GPT": "gpt", "KVCache": "gpt"}
 
-def __getattr__(name):
-    if name in ("GPT", "KVCache"):
-        from ds_hydra.models import gpt
+__all__ = sorted(_EXPORTS)
 
-        return getattr(gpt, name)
-    raise AttributeError(name)
-
-
-__all__ = ["GPT", "KVCache"]
+__getattr__ = lazy_attributes(__name__, _EXPORTS)
