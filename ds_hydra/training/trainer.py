@@ -141,6 +141,9 @@ class Trainer:
         # self.wrapped runs forward and backward (DDP, FSDP, DeepSpeed's engine, or the model itself);
         # self.model is the model underneath: its attributes, parameter names and state dict.
         self.model = model
+        # model FLOPs from the model as written: before checkpointing (recompute is not model FLOPs), compile
+        # or sharding wrap it
+        self.throughput = Throughput.for_model(model, self.seq_len, self.device, self.autocast_dtype, tcfg.get("peak_tflops"))
         self.wrapped, self.optimizer, self.scheduler = prepare_model(
             model, cfg, self.engine, self.loss_fn, self.seq_len, self.autocast_dtype
         )
@@ -155,7 +158,6 @@ class Trainer:
         self.nonfinite = NonFiniteWatch(self.device)  # first NaN/inf step, kept on the device (no sync)
         self.skipped_nonfinite = 0
         self.last_saved: Optional[Path] = None
-        self.throughput = Throughput.for_model(model, self.seq_len, self.device, self.autocast_dtype, tcfg.get("peak_tflops"))
 
     def sampler(self, split: str, stream: int):
         tcfg = self.cfg.trainer
