@@ -35,12 +35,15 @@ COMPLETIONS = {
     ("data", "tokens"): ["data.dir=data/mycorpus"],
 }
 HF_MODEL_OPTIONS = {"hf_llama", "hf_gpt2", "hf_causal_lm"}
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 @pytest.mark.parametrize("group,option", ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
 def test_option_composes_and_resolves(group, option):
     if (group, option) == ("hparams_search", "optuna"):
         pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the optuna sweeper is an optional extra (sweeps)")
+    if group == "logger" and option in TRACKER_PACKAGES:  # a tracker without its package is refused (test_tracking)
+        pytest.importorskip(TRACKER_PACKAGES[option], reason=f"logger={option} is an optional extra ({option})")
     cfg = compose([f"{group}={option}", *COMPLETIONS.get((group, option), [])])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # no dangling interpolation
     assert config_problems(cfg) == []

@@ -77,7 +77,10 @@ def test_hf_infer_decodes_through_generate_and_eval_reports_perplexity(one_proce
 
 
 def test_hf_validate_builds_on_the_meta_device(tmp_path):
-    proc = run_cli(["task=validate", *LLAMA, "ckpt=selective", f"hydra.run.dir={tmp_path / 'v'}"])
+    from ds_hydra.activation_checkpointing.selective import selective_available
+
+    policy = "ckpt=selective" if selective_available() else "ckpt=full"  # (selective needs torch >= 2.5)
+    proc = run_cli(["task=validate", *LLAMA, policy, f"hydra.run.dir={tmp_path / 'v'}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "-> LlamaForCausalLM:" in proc.stdout and "model.layers: 4 blocks, 4 recomputed" in proc.stdout
 
