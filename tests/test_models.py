@@ -187,6 +187,16 @@ def test_missing_transformers_names_the_extra(tmp_path):
     assert "pip install 'ds-hydra[hf]'" in lines[0]
 
 
+def test_a_transformers_that_turned_its_models_off_is_one_line(monkeypatch):
+    """transformers 5 imports on torch < 2.6 but leaves its PyTorch models out: say so, not an AttributeError."""
+    transformers = pytest.importorskip("transformers")
+    from ds_hydra.models.hf import causal_lm
+
+    monkeypatch.setattr(transformers.utils, "is_torch_available", lambda: False)
+    with pytest.raises(UserError, match=r"^model: transformers .* does not run on torch .*'transformers<5' for torch < 2.6$"):
+        causal_lm(config={"model_type": "llama"}, vocab_size=65)
+
+
 def test_import_ds_hydra_never_imports_transformers():
     code = "import ds_hydra, sys; ds_hydra.register_configs(); print('transformers' in sys.modules)"
     import subprocess

@@ -36,6 +36,13 @@ def import_transformers():
         import transformers
     except ImportError:
         raise UserError(f"model: Hugging Face models need the transformers package: {EXTRA}") from None
+    if not transformers.utils.is_torch_available():  # transformers 5 turns its models off below torch 2.6
+        import torch
+
+        raise UserError(
+            f"model: transformers {transformers.__version__} does not run on torch {torch.__version__} (it turned its "
+            f"PyTorch models off); install a transformers that does, e.g. pip install 'transformers<5' for torch < 2.6"
+        )
     return transformers
 
 
