@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -236,7 +237,10 @@ def estimate_step_memory(spec: StepSpec) -> StepMemory:
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # the plan is logged when the trainer applies it, not here
     try:
-        with FakeTensorMode(), torch.device(spec.device):
+        with warnings.catch_warnings(), FakeTensorMode(), torch.device(spec.device):
+            # torch's own deprecation notices (torch 2.4's checkpoint calls torch.cpu.amp.autocast) belong to
+            # the run, if anywhere; a refusal is one line
+            warnings.simplefilter("ignore", FutureWarning)
             model = spec.build_model()
             model.train()
             batch = spec.example_batch(spec.device)
