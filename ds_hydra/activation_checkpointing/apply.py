@@ -63,6 +63,7 @@ from ds_hydra.activation_checkpointing.selective import (
     selective_available,
 )
 from ds_hydra.errors import ConfigError, UserError
+from ds_hydra.models.contract import leading_tensor
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,9 @@ def _original_forward(block: nn.Module):
 
 def _hidden(output, where: str):
     """The part of a block's output the next block takes: the tensor, or the first item of a tuple."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
+    hidden = leading_tensor(output)
+    if hidden is not None:
+        return hidden
     raise UserError(
         f"ckpt.segments: {where} returned {type(output).__name__}, and a segment of several blocks passes each "
         f"block's output (a tensor, or the first item of a tuple) to the next; use per-block checkpointing "

@@ -29,6 +29,7 @@ __all__ = [
     "IGNORE_INDEX",
     "ChunkedHead",
     "CausalLMLoss",
+    "leading_tensor",
     "logits_of",
     "max_positions",
     "model_vocab_size",
@@ -72,17 +73,26 @@ class ChunkedHead:
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits in a model's output (see the module docstring for the accepted forms)."""
+def leading_tensor(output: Any) -> Optional[torch.Tensor]:
+    """The tensor a module's output leads with: the output itself, or the first item of a tuple or list;
+    None otherwise (how both models and their blocks may return extras beside the tensor)."""
     if isinstance(output, torch.Tensor):
         return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output (see the module docstring for the accepted forms)."""
     if isinstance(output, ChunkedHead):
         return output.logits
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
+    leading = leading_tensor(output)
+    if leading is not None:
+        return leading
     raise TypeError(
         f"the model returned {type(output).__name__}; a model must return its logits (a (batch, seq, vocab) tensor), "
         f"an object with .logits, or a tuple whose first item is the logits"
