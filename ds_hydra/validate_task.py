@@ -134,6 +134,15 @@ def sparkline(values: List[float], width: int = 60) -> str:
     return "".join(_SPARK[min(len(_SPARK) - 1, int((v - low) / (high - low) * len(_SPARK)))] for v in picks)
 
 
+def step_axis(width: int, last: int) -> str:
+    """The line under a sparkline of ``width`` bars: ``step 0`` under the first bar, ``step <last>``
+    ending under the last; a curve too short for both labels gets them side by side."""
+    left, right = " step 0", f"step {last}"
+    if width + 1 >= len(left) + 1 + len(right):
+        return left + right.rjust(width + 1 - len(left))
+    return f"{left} .. {right}" if last > 0 else left
+
+
 def _lr_section(cfg, optimizer, report: ValidationReport) -> None:
     from ds_hydra.optim.build import build_scheduler
 
@@ -153,7 +162,7 @@ def _lr_section(cfg, optimizer, report: ValidationReport) -> None:
         f"step 0 {first[0]:.3g}, peak {first[peak]:.3g} at step {peak}, last {first[-1]:.3g} at step {len(first) - 1}",
         f"lr from {min(first):.3g} (lowest bar) to {max(first):.3g} (highest bar), one bar per {max(1, steps // len(spark))} steps:",
         f"|{spark}|",
-        f" step 0{'step ' + str(len(first) - 1):>{len(spark) - 6}}",
+        step_axis(len(spark), len(first) - 1),
     ]
     if truncated:
         body.append(f"(stepped to step {len(first)} only: this scheduler has no closed form)")

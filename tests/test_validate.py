@@ -138,3 +138,22 @@ def test_cli_exit_codes(tmp_path):
     assert bad.returncode == 2
     assert "ds_hydra: error: 2 config problems:" in bad.stderr
     assert "model.n_embd=32: must be divisible by model.n_head=3" in bad.stderr and "ckpt.segments=7" in bad.stderr
+
+
+@pytest.mark.parametrize("max_steps", [1, 3, 13, 14])
+def test_short_runs_draw_their_lr_curve(capsys, max_steps):
+    """A run shorter than the axis labels still gets its curve: one bar per step, both ends labelled."""
+    metrics = validate_task(compose(["model=gpt_tiny", f"trainer.max_steps={max_steps}", "task=validate"]))
+    lines = capsys.readouterr().out.splitlines()
+    bars = next(i for i, line in enumerate(lines) if line.startswith("|") and line.endswith("|"))
+    assert len(lines[bars]) == max_steps + 2 and metrics["problems"] == 0
+    axis = lines[bars + 1]
+    assert axis.startswith(" step 0") and (max_steps == 1 or axis.endswith(f"step {max_steps - 1}"))
+
+
+def test_step_axis_ends_under_the_last_bar():
+    from ds_hydra.validate_task import step_axis
+
+    assert step_axis(60, 399) == " step 0" + " " * 46 + "step 399"  # width + 1: under "|" + 60 bars
+    assert step_axis(3, 2) == " step 0 .. step 2"
+    assert step_axis(1, 0) == " step 0"
