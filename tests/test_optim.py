@@ -253,3 +253,13 @@ def test_trainer_steps_warmup_cosine_lr_once_per_optimizer_step(tmp_path):
         return 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * min(1.0, (i - warmup + 1) / (steps - warmup)))) / 2
 
     assert logged == pytest.approx([1e-3 * ratio(n - 2) for n in range(1, steps + 1)], rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_optimizer_numbers_are_refused(value):
+    """optimizer.lr=inf passes "> 0" but makes every weight nan at the first update: refused up front."""
+    problems = config_problems(compose([f"optimizer.lr={value}", f"optimizer.weight_decay={value}",
+                                        f"param_groups.lr_rules=[{{pattern:wte,lr_mult:{value}}}]"]))
+    assert f"optimizer.lr={float(value)}: must be a finite number > 0" in problems
+    assert f"optimizer.weight_decay={float(value)}: must be a finite number >= 0" in problems
+    assert f"param_groups.lr_rules[0].lr_mult={float(value)}: must be a finite number > 0" in problems

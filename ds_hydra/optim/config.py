@@ -8,6 +8,7 @@ the optimizer callable receives (weight decay on or off, lr multipliers).
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -227,11 +228,15 @@ _OPTIMIZER_RANGES = {
 
 
 def validate_optimizer(cfg, prefix: str = "optimizer") -> List[str]:
-    problems = [
-        f"{prefix}.{key}={cfg[key]}: must be {rule}"
-        for key, (rule, ok) in _OPTIMIZER_RANGES.items()
-        if _is_number(cfg.get(key)) and not ok(cfg[key])
-    ]
+    problems = []
+    for key, (rule, ok) in _OPTIMIZER_RANGES.items():
+        value = cfg.get(key)
+        if not _is_number(value):
+            continue
+        if not math.isfinite(value):  # inf passes "> 0" and turns the weights into nan at the first update
+            problems.append(f"{prefix}.{key}={value}: must be a finite number {rule}")
+        elif not ok(value):
+            problems.append(f"{prefix}.{key}={value}: must be {rule}")
     betas = cfg.get("betas")
     if isinstance(betas, Sequence) and not isinstance(betas, str):  # (not a list: the signature check says so)
         if not (len(betas) == 2 and all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)):
@@ -254,7 +259,9 @@ def validate_param_groups(cfg, prefix: str = "param_groups") -> List[str]:
     problems = [_regex_problem(f"{prefix}.no_decay[{i}]", p) for i, p in enumerate(cfg.no_decay)]
     for i, rule in enumerate(cfg.lr_rules):
         problems.append(_regex_problem(f"{prefix}.lr_rules[{i}].pattern", rule.pattern))
-        if not rule.lr_mult > 0:
+        if not math.isfinite(rule.lr_mult):
+            problems.append(f"{prefix}.lr_rules[{i}].lr_mult={rule.lr_mult}: must be a finite number > 0")
+        elif not rule.lr_mult > 0:
             problems.append(f"{prefix}.lr_rules[{i}].lr_mult={rule.lr_mult}: must be > 0")
     return [p for p in problems if p]
 
