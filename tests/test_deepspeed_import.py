@@ -12,6 +12,7 @@ import inspect
 import json
 import math
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from ds_hydra.engine.deepspeed_import import (
     import_deepspeed_config,
     read_deepspeed_json,
 )
-from ds_hydra.errors import ConfigError
+from ds_hydra.errors import ConfigError, UserError
 
 CONFIGS = REPO / "tests" / "deepspeed_configs"
 GOOD = sorted(CONFIGS.glob("*.json"))
@@ -520,12 +521,13 @@ def test_cli_trains_a_deepspeed_config_and_logs_what_it_did(tmp_path):
 
 
 @pytest.mark.parametrize("bad,message", [
-    ("not_json.json", "not valid JSON (line 3, column 57: Expecting property name enclosed in double quotes)"),
+    ("not_json.json", "not valid JSON"),  # "or hjson (line 4, column 1: ...)" where hjson is installed
     ("unknown_optimizer.json", "optimizer.type='Lamb': allowed types: Adam, AdamW, Adagrad"),
     ("inconsistent_batch.json", "train_batch_size=64 != train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps "
                                 "8 x world size 1 = 32"),
     ("negative_clipping.json", "gradient_clipping=-1.0: must be a number >= 0"),
     ("missing.json", "no such file"),
+    ("odd_key.json", "key 'zero_optimization.x,y:{a:1},z' cannot be passed on"),
 ])
 def test_bad_files_fail_in_one_line_with_exit_2(tmp_path, bad, message):
     proc = run_cli(["model=gpt_tiny", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}",
@@ -617,3 +619,52 @@ def test_export_then_import_gives_the_same_config(overrides, tmp_path):
         if key == "optimizer":  # what the optimizer class gets: keys left out take its defaults
             want, got = optimizer_arguments(want), optimizer_arguments(got)
         assert got == want, key
+
+
+COMMENTED = """{
+  // DeepSpeed reads its configs with hjson: comments and trailing commas are fine
+  "train_batch_size": 8, /* global */
+  "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1,},},
+}
+"""
+
+
+def test_a_config_with_comments_reads_as_deepspeed_reads_it(tmp_path):
+    hjson = pytest.importorskip("hjson", reason="DeepSpeed's own JSON reader (installed with DeepSpeed)")
+    path = tmp_path / "ds.json"
+    path.write_text(COMMENTED)
+    config = read_deepspeed_json(path)
+    assert config == json.loads(json.dumps(hjson.loads(COMMENTED)))  # what DeepSpeed's hjson.load gives
+    assert config == {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}}}
+    assert import_deepspeed_config(config).override_texts == import_deepspeed_config(
+        {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}}}).override_texts
+    path.write_text('{"train_batch_size": 8, // twice\n "train_batch_size": 4}')
+    with pytest.raises(UserError, match="key 'train_batch_size' appears twice"):
+        read_deepspeed_json(path)
+    path.write_text('{"train_batch_size": 8')
+    with pytest.raises(UserError, match=r"ds.json: not valid JSON or hjson \(line 1, "):
+        read_deepspeed_json(path)
+
+
+def test_without_hjson_a_commented_config_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "hjson", None)  # import hjson raises ImportError
+    path = tmp_path / "ds.json"
+    path.write_text(COMMENTED)
+    with pytest.raises(UserError) as err:
+        read_deepspeed_json(path)
+    assert str(err.value) == (f"deepspeed_config={path}: not valid JSON (line 2, column 3: Expecting property name "
+                              "enclosed in double quotes); DeepSpeed reads its configs with hjson, which allows "
+                              "comments: pip install hjson")
+
+
+def test_a_key_the_override_grammar_cannot_carry_is_named_with_its_file():
+    config = {"train_batch_size": 8, "x,y:{a:1},z": 3,
+              "zero_optimization": {"stage": 1, "x,y:{a:1},z": 2, "offload_optimizer": {"device": "none", "a b": 1}}}
+    with pytest.raises(ConfigError) as err:
+        import_deepspeed_config(config, "ds.json", deepspeed_available=True)
+    why = "cannot be passed on: DeepSpeed's keys are names (letters, digits, _ and -); rename or remove it"
+    assert err.value.problems == [f"deepspeed_config=ds.json: key 'zero_optimization.x,y:{{a:1}},z' {why}",
+                                  f"deepspeed_config=ds.json: key 'zero_optimization.offload_optimizer.a b' {why}"]
+    del config["zero_optimization"]["x,y:{a:1},z"], config["zero_optimization"]["offload_optimizer"]["a b"]
+    imported = import_deepspeed_config(config, "ds.json", deepspeed_available=True)  # the top-level key is ignored,
+    assert "x,y:{a:1},z" in imported.ignored  # as DeepSpeed ignores keys it does not know

@@ -175,14 +175,31 @@ def read_deepspeed_json(path, key: str = "deepspeed_config") -> Dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{key}={path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
     try:
-        config = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{key}={path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        try:
+            config = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+        except json.JSONDecodeError as exc:
+            config = _read_hjson(text, f"{key}={path}", exc)
     except _DuplicateKey as exc:
         raise UserError(f"{key}={path}: key {exc.args[0]!r} appears twice in one object (DeepSpeed refuses that too)") from None
     if not isinstance(config, dict):
         raise UserError(f"{key}={path}: must hold a JSON object ({{...}}), got a {type(config).__name__}")
     return config
+
+
+def _read_hjson(text: str, where: str, json_error: json.JSONDecodeError) -> Any:
+    """A file strict JSON refuses, read as DeepSpeed reads every config: with hjson (comments, trailing
+    commas and unquoted strings allowed). hjson comes with DeepSpeed; without it, one line says so."""
+    try:
+        import hjson
+    except ImportError:
+        raise UserError(
+            f"{where}: not valid JSON (line {json_error.lineno}, column {json_error.colno}: {json_error.msg}); "
+            f"DeepSpeed reads its configs with hjson, which allows comments: pip install hjson"
+        ) from None
+    try:
+        return hjson.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except hjson.HjsonDecodeError as exc:
+        raise UserError(f"{where}: not valid JSON or hjson (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
 
 
 class _DuplicateKey(ValueError):
@@ -255,6 +272,10 @@ def import_deepspeed_config(
     import). Raises ``ConfigError`` with every problem DeepSpeed would refuse, one line each."""
     mapper = _Mapper(config, world_size, deepspeed_available, _user_values(command_line))
     mapper.run()
+    for override in mapper.out:  # keys the override grammar cannot carry ("x,y:{...},z"): named here, not by Hydra
+        for where in _unsafe_keys(override.source, override.key, override.value):
+            mapper.problems.append(f"key {where!r} cannot be passed on: DeepSpeed's keys are names "
+                                   f"(letters, digits, _ and -); rename or remove it")
     if mapper.problems:
         raise ConfigError([f"deepspeed_config={path}: {p}" for p in mapper.problems])
     imported = Imported(path=str(path), world_size=world_size, notes=mapper.notes, auto=mapper.auto,
@@ -268,6 +289,26 @@ def import_deepspeed_config(
         else:
             imported.overrides.append(override)
     return imported
+
+
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+
+
+def _unsafe_keys(source: str, key: str, value: Any) -> List[str]:
+    """The DeepSpeed paths of keys in an override (its own key, and the keys of a dict value) that are
+    not plain names, which Hydra's override grammar would read as syntax."""
+    bad = [] if all(_SAFE_KEY.fullmatch(part) for part in key.split(".")) else [source]
+    return bad + _unsafe_dict_keys(source, value)
+
+
+def _unsafe_dict_keys(where: str, value: Any) -> List[str]:
+    if not isinstance(value, dict):
+        return []
+    bad = []
+    for name, sub in value.items():
+        path = f"{where}.{name}"
+        bad += _unsafe_dict_keys(path, sub) if _SAFE_KEY.fullmatch(str(name)) else [path]
+    return bad
 
 
 def _covered(key: str, user_keys) -> bool:
