@@ -21,6 +21,7 @@ end-of-text token; the last ``prepare.val_fraction`` of the token stream validat
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -94,6 +95,13 @@ def prepare_dataset(
 ) -> Dict[str, Any]:
     """Tokenize ``files`` into the prepared directory ``output``; returns what meta.json records
     (plus ``up_to_date: True`` when nothing had to be done)."""
+    with _sole_writer(output):
+        return _prepare_dataset(files, output, tokenizer_cfg, settings, train_fraction, num_proc, chunk_bytes, force,
+                                pretrained, progress)
+
+
+def _prepare_dataset(files, output, tokenizer_cfg, settings, train_fraction, num_proc, chunk_bytes, force, pretrained,
+                     progress) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
     previous = _existing_output(output)
@@ -116,7 +124,7 @@ def prepare_dataset(
         log.info("%s is up to date with its %d input file(s) and settings: nothing to do (prepare.force=true rebuilds)", output, len(files))
         return {**previous, "up_to_date": True}
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.prepare-", dir=_parent(output)))
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(output), dir=_parent(output)))
     try:
         chunks = sources.plan_chunks(files, chunk_bytes, settings.text_field)
         with Workers(num_proc, settings) as workers:
@@ -155,6 +163,37 @@ def prepare_dataset(
 
 
 # -- the output directory --------------------------------------------------------------------------
+
+
+def _staging_prefix(output: Path) -> str:
+    return f".{output.name}.prepare-"  # the hidden directory a prepare builds its output in
+
+
+def _replaced_prefix(output: Path) -> str:
+    return f".{output.name}.old-"  # where the output it replaces waits to be deleted
+
+
+@contextlib.contextmanager
+def _sole_writer(output: Path) -> Iterator[None]:
+    """One prepare per output at a time: a lock beside it (the output itself is replaced by a rename),
+    taken as a run dir's lock is (a live holder refuses a second prepare in one line; a dead one's lock
+    is taken over). The holder then owns the hidden directories interrupted prepares left beside the
+    output, and removes them."""
+    from ds_hydra.training.run_lock import acquire
+
+    parent = _parent(output)
+    lock = acquire(parent, what="prepare.output", lock_file=f".{output.name}.prepare.lock",
+                   subject=f"prepare.output={output}", announce=False)
+    try:
+        leftovers = [p for p in parent.iterdir() if p.is_dir() and p.name.startswith((_staging_prefix(output), _replaced_prefix(output)))]
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        if leftovers:
+            log.info("%s: removed %d hidden director%s left by interrupted prepares (%s)", parent, len(leftovers),
+                     "y" if len(leftovers) == 1 else "ies", ", ".join(sorted(p.name for p in leftovers)))
+        yield
+    finally:
+        lock.release()
 
 
 def _parent(output: Path) -> Path:
@@ -214,7 +253,7 @@ def _publish(staging: Path, output: Path) -> None:
     staging.chmod(0o777 & ~umask)
     old = None
     if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        old = Path(tempfile.mkdtemp(prefix=_replaced_prefix(output), dir=output.parent))
         os.replace(output, old / output.name)
     os.replace(staging, output)
     fsync_dir(output.parent)

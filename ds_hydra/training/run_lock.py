@@ -147,9 +147,9 @@ def describe_holder(holder: Dict[str, Any]) -> str:
 class RunLock:
     """A lock this process holds on one run directory; ``release`` (or process exit) removes it."""
 
-    def __init__(self, run_dir: Path, record: Dict[str, Any], heartbeat_s: float):
+    def __init__(self, run_dir: Path, record: Dict[str, Any], heartbeat_s: float, lock_file: str = LOCK_FILE):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
+        self.path = self.run_dir / lock_file
         self.record = record
         self.took_over: Optional[str] = None  # why a stale lock was replaced by this one
         self._stop = threading.Event()
@@ -172,18 +172,18 @@ class RunLock:
         held = read_holder(self.path)
         if held is not None and held.get("token") == self.record["token"]:
             self.path.unlink(missing_ok=True)
-        _HELD.pop(_key(self.run_dir), None)
+        _HELD.pop(_key(self.run_dir, self.path.name), None)
 
 
-_HELD: Dict[str, RunLock] = {}  # run dir -> the lock this process holds on it
+_HELD: Dict[str, RunLock] = {}  # lock file -> the lock this process holds through it
 
 
-def _key(run_dir: Path) -> str:
-    return os.path.realpath(run_dir)
+def _key(run_dir: Path, lock_file: str = LOCK_FILE) -> str:
+    return os.path.join(os.path.realpath(run_dir), lock_file)
 
 
-def held_lock(run_dir: Path) -> Optional[RunLock]:
-    lock = _HELD.get(_key(run_dir))
+def held_lock(run_dir: Path, lock_file: str = LOCK_FILE) -> Optional[RunLock]:
+    lock = _HELD.get(_key(run_dir, lock_file))
     return lock if lock is not None and lock.record["pid"] == os.getpid() else None
 
 
@@ -199,34 +199,38 @@ def release_all() -> None:
 atexit.register(release_all)
 
 
-def acquire(run_dir: Path, settings: Optional[LockSettings] = None, what: str = "run dir", announce: bool = True) -> RunLock:
+def acquire(run_dir: Path, settings: Optional[LockSettings] = None, what: str = "run dir", announce: bool = True,
+            lock_file: str = LOCK_FILE, subject: Optional[str] = None) -> RunLock:
     """Lock ``run_dir`` (which must exist) for this process; the lock this process already holds is
     returned as it is. Raises ``RunLocked`` naming the holder when a live process holds it.
+    ``lock_file``: the lock's name in ``run_dir`` (``run.lock``; others lock something beside it, such
+    as a prepared directory that is replaced by a rename); ``subject`` heads the refusal (default
+    "<what> <run_dir>").
 
     A stale lock taken over is logged (``announce``) and described in the lock's ``took_over``."""
     settings = settings or LockSettings()
-    existing = held_lock(run_dir)
+    existing = held_lock(run_dir, lock_file)
     if existing is not None:
         return existing
-    path = Path(run_dir) / LOCK_FILE
+    path = Path(run_dir) / lock_file
     record = holder_record()
     for _ in range(20):  # each round either takes the lock or sees a holder that changed meanwhile
         if _create_exclusive(path, record):
-            lock = RunLock(run_dir, record, settings.heartbeat_s)
-            _HELD[_key(run_dir)] = lock
+            lock = RunLock(run_dir, record, settings.heartbeat_s, lock_file)
+            _HELD[_key(run_dir, lock_file)] = lock
             return lock
         holder = read_holder(path, wait_s=1.0)
         if holder is None:
             continue  # released meanwhile: try again
         reason = stale_reason(holder, path, settings)
         if reason is None:
-            raise RunLocked(_refusal(run_dir, path, holder, settings, what))
+            raise RunLocked(_refusal(subject or f"{what} {run_dir}", path, holder, settings))
         if _take_over(path, holder, record):
-            lock = RunLock(run_dir, record, settings.heartbeat_s)
+            lock = RunLock(run_dir, record, settings.heartbeat_s, lock_file)
             lock.took_over = f"{run_dir}: took over the lock of {describe_holder(holder)}: {reason}"
             if announce:
                 log.warning(lock.took_over)
-            _HELD[_key(run_dir)] = lock
+            _HELD[_key(run_dir, lock_file)] = lock
             return lock
         time.sleep(0.05)
     raise RunLocked(f"{run_dir}: could not take its lock {path}: other processes keep changing it; try again")
@@ -250,8 +254,8 @@ def holding(run_dir: Path, cfg: Any = None) -> Iterator[Optional[RunLock]]:
             lock.release()
 
 
-def _refusal(run_dir: Path, path: Path, holder: Dict[str, Any], settings: LockSettings, what: str) -> str:
-    text = f"{what} {run_dir}: in use by another ds_hydra process ({describe_holder(holder)}; lock {path})"
+def _refusal(subject: str, path: Path, holder: Dict[str, Any], settings: LockSettings) -> str:
+    text = f"{subject}: in use by another ds_hydra process ({describe_holder(holder)}; lock {path})"
     if _same_machine(holder):
         return text + "; let it finish or stop it, then try again"
     silent = _silence_s(path)
