@@ -77,6 +77,7 @@ TASKS = {
     "export_hf": "ds_hydra.models.export_hf:export_hf",  # a trained run as a transformers model directory
     "prepare": "ds_hydra.data.prepare:prepare_task",  # token files from text, JSONL or Parquet
     "import_deepspeed": "ds_hydra.engine.deepspeed_import:import_task",  # deepspeed_config=<file> as a preset
+    "lm_eval": "ds_hydra.harness.run:lm_eval_task",  # lm-evaluation-harness tasks on a run or a transformers dir
 }
 
 

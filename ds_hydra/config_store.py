@@ -18,6 +18,7 @@ from ds_hydra.data.config import SFTConfig, SyntheticConfig, TextConfig, TokensC
 from ds_hydra.data.prepare_config import PrepareConfig
 from ds_hydra.data.tokenizer_config import BPETokenizerConfig, BytesTokenizerConfig, CharTokenizerConfig, HFTokenizerConfig
 from ds_hydra.engine.config import AutoEngineConfig, DDPEngineConfig, DeepSpeedEngineConfig, FSDPEngineConfig
+from ds_hydra.harness.config import LMEvalConfig
 from ds_hydra.inference.config import InferenceConfig
 from ds_hydra.models.config import GPTConfig, HFCausalLMConfig
 from ds_hydra.optim.config import (
@@ -46,6 +47,7 @@ class Task(Enum):
     prepare = "prepare"  # tokenize prepare.input into train.bin/val.bin in prepare.output (tokenizer group)
     import_deepspeed = "import_deepspeed"  # write deepspeed_config=<file> as an experiment preset; train nothing
     export_hf = "export_hf"  # a trained run (inference.checkpoint) as a transformers model directory
+    lm_eval = "lm_eval"  # lm-evaluation-harness tasks (lm_eval.tasks) on inference.checkpoint or model.pretrained
 
 
 @dataclass
@@ -78,6 +80,8 @@ class DSHydraConfig:
     """How a run owns its directory: the lock's staleness and take-over."""
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     """Generation and evaluation from a trained run (task=infer, task=eval)."""
+    lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+    """lm-evaluation-harness tasks: task=lm_eval runs them, lm_eval.after_training=true runs them when training ends."""
     engine: Any = MISSING
     """auto, ddp, fsdp or deepspeed (conf/engine)."""
     allowed_targets: List[str] = field(default_factory=list)

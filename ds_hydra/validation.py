@@ -16,6 +16,7 @@ from ds_hydra.data.prepare_config import validate_prepare
 from ds_hydra.data.tokenizer_config import validate_tokenizer
 from ds_hydra.engine.config import validate_engine
 from ds_hydra.errors import ConfigError
+from ds_hydra.harness.config import validate_lm_eval
 from ds_hydra.inference.config import validate_inference
 from ds_hydra.instantiate import signature_problems
 from ds_hydra.models.config import configured_blocks, validate_model
@@ -48,6 +49,7 @@ def config_problems(cfg) -> List[str]:
     n_blocks = configured_blocks(cfg.model)
     problems += validate_ckpt(cfg.ckpt, n_blocks=n_blocks)
     problems += validate_inference(cfg.inference, task=cfg.task.value)
+    problems += validate_lm_eval(cfg.lm_eval, task=cfg.task.value) if "lm_eval" in cfg else []
     problems += validate_engine(cfg.engine, cfg.trainer, task=cfg.task.value, ckpt=cfg.ckpt, n_blocks=n_blocks)
     problems += validate_logger(cfg.logger, task=cfg.task.value)
     return problems
