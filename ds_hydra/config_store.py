@@ -20,6 +20,7 @@ from ds_hydra.data.tokenizer_config import BPETokenizerConfig, BytesTokenizerCon
 from ds_hydra.engine.config import AutoEngineConfig, DDPEngineConfig, DeepSpeedEngineConfig, FSDPEngineConfig
 from ds_hydra.harness.config import LMEvalConfig
 from ds_hydra.inference.config import InferenceConfig
+from ds_hydra.loss.config import ChunkedCrossEntropyConfig, CrossEntropyConfig
 from ds_hydra.models.config import GPTConfig, HFCausalLMConfig
 from ds_hydra.optim.config import (
     ConstantSchedulerConfig,
@@ -70,6 +71,8 @@ class DSHydraConfig:
     """The lr schedule (conf/scheduler), a callable over the optimizer."""
     param_groups: ParamGroupsConfig = field(default_factory=ParamGroupsConfig)
     """How parameters are split into optimizer param groups (weight decay, lr multipliers)."""
+    loss: Any = MISSING
+    """The training loss (conf/loss): cross_entropy, or chunked_cross_entropy that never holds the whole logits."""
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     """Activation checkpointing: which blocks recompute in backward (conf/ckpt)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -120,6 +123,8 @@ SCHEMAS = [
     ("scheduler", "warmup_cosine_lr", WarmupCosineLRConfig),
     ("scheduler", "one_cycle", OneCycleConfig),
     ("scheduler", "lr_range_test", LRRangeTestConfig),
+    ("loss", "cross_entropy", CrossEntropyConfig),
+    ("loss", "chunked_cross_entropy", ChunkedCrossEntropyConfig),
     ("ckpt", "ckpt", CkptConfig),
     ("trainer", "trainer", TrainerConfig),
     ("logger", "logger", LoggerConfig),

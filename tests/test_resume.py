@@ -283,13 +283,13 @@ def poison_losses(monkeypatch, steps, accum):
     """Make the training loss NaN in the given optimizer steps (1-based), whatever the weights."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    from ds_hydra.models.contract import CausalLMLoss
+    from ds_hydra.loss.cross_entropy import CrossEntropyLoss
 
-    original = CausalLMLoss.forward
+    original = CrossEntropyLoss.forward
     calls = {"n": 0}
 
-    def forward(self, output, labels):
-        loss = original(self, output, labels)
+    def forward(self, model, batch):
+        loss = original(self, model, batch)
         # a training micro-batch: evaluation runs without gradients, the memory preflight on fake tensors
         if torch.is_grad_enabled() and not isinstance(loss, FakeTensor):
             calls["n"] += 1
@@ -297,7 +297,7 @@ def poison_losses(monkeypatch, steps, accum):
                 loss = loss * float("nan")
         return loss
 
-    monkeypatch.setattr(CausalLMLoss, "forward", forward)
+    monkeypatch.setattr(CrossEntropyLoss, "forward", forward)
 
 
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -28,7 +28,8 @@ def text_of(data, ids):
 def test_prompt_is_context_and_response_plus_eos_is_trained(tmp_path):
     path = write(tmp_path / "ex.jsonl", [{"prompt": "Q: 2+2?\nA: ", "response": "4"}, {"prompt": "Hi ", "response": "there"}])
     data = SFTData(path, val_path=path, tokenizer_cfg=CHAR)
-    inputs, labels = data.rows("train", 16)
+    inputs, labels, positions = data.rows("train", 16)
+    assert positions is None  # padded rows: one example each, positions from 0 as usual
     assert inputs.shape == labels.shape == (2, 16)
     eos = data.tokenizer.eos_id
     row = data.tokenizer.encode("Q: 2+2?\nA: 4") + [eos]
@@ -44,7 +45,7 @@ def test_chat_records_train_on_the_assistant_only(tmp_path):
                            {"role": "assistant", "content": "Ciao"}]}
     path = write(tmp_path / "chat.jsonl", [record])
     data = SFTData(path, val_path=path, tokenizer_cfg=CHAR)
-    inputs, labels = data.rows("train", 96)
+    inputs, labels, _ = data.rows("train", 96)
     shown = data.tokenizer.decode(inputs[0][inputs[0] != data.tokenizer.eos_id].tolist())
     assert shown.startswith("<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello")
     assert text_of(data, labels[0]) == "Hello<|endoftext|>Ciao<|endoftext|>"
@@ -55,15 +56,17 @@ def test_chat_records_train_on_the_assistant_only(tmp_path):
 def test_padding_packing_and_cutting():
     ex = lambda n, trained_from: (np.arange(n), np.arange(n) >= trained_from)  # noqa: E731
     examples = [ex(5, 2), ex(4, 1), ex(9, 3), ex(3, 2)]
-    inputs, labels = build_rows(examples, 8, pack=False, pad_id=99)
+    inputs, labels, _ = build_rows(examples, 8, pack=False, pad_id=99)
     assert inputs.shape == (4, 8) and inputs[0].tolist() == [0, 1, 2, 3, 99, 99, 99, 99]
     assert labels[0].tolist() == [IGNORE_INDEX, 2, 3, 4] + [IGNORE_INDEX] * 4
     assert inputs[2].tolist() == list(range(8)) and labels[2].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 3, 4, 5, 6, 7, 8]  # cut to 8
-    packed_inputs, packed_labels = build_rows(examples, 8, pack=True, pad_id=99)
+    packed_inputs, packed_labels, positions = build_rows(examples, 8, pack=True, pad_id=99)
     # 4 + 3 fit in one row; the 8 of the cut example need their own; 2 follow in the last row
     assert packed_inputs.tolist() == [[0, 1, 2, 3, 0, 1, 2, 99], list(range(8)), [0, 1, 99, 99, 99, 99, 99, 99]]
     assert packed_labels[0].tolist() == [IGNORE_INDEX, 2, 3, 4, 1, 2, 3, IGNORE_INDEX]  # no target crosses examples
-    with pytest.raises(UserError, match="data.seq_len=1: no train example has a response token within it"):
+    # positions restart at each example (and at the padding): what keeps packed examples apart
+    assert positions.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0], list(range(8)), [0, 1, 0, 1, 2, 3, 4, 5]]
+    with pytest.raises(UserError, match=r"data.seq_len=1: no train example has a trained \(response\) token within it"):
         build_rows([ex(5, 3)], 1, pack=False, pad_id=0)
 
 

@@ -37,6 +37,8 @@ class TokenData:
     train = None
     val = None
     tokenizer = None  # text data: what encodes and decodes (encode, decode, vocab_size, eos_id, save)
+    # In-run validation over every item of the val split (True), or over trainer.eval_batches random batches.
+    eval_whole_split = False
 
     def __init__(self, seq_len: Optional[int] = None):
         self.seq_len = seq_len
@@ -51,6 +53,21 @@ class TokenData:
                 world_size: int = 1) -> RandomBlocks:
         """Random windows of ``split`` (see ``RandomBlocks``), resumable through its ``state_dict``."""
         return RandomBlocks(self.tokens(split), seq_len, batch_size, seed, stream=stream, rank=rank, world_size=world_size)
+
+    def whole_split(self, split: str, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        """Every token of ``split`` once: consecutive non-overlapping windows of ``seq_len`` (each token
+        predicted from those before it in its window), in batches (see ``WholeSplit``)."""
+        from ds_hydra.data.samplers import WholeSplit
+
+        return WholeSplit.of_windows(self.tokens(split), seq_len, batch_size, rank, world_size)
+
+    def check(self, seq_len: int) -> None:
+        """Refuse, before step 1, a split too short for one sequence of ``seq_len`` (one line)."""
+        for split in SPLITS:
+            n = self.num_tokens(split)
+            if n <= seq_len:
+                name = "validation" if split == "val" else split
+                raise UserError(f"data.seq_len={seq_len}: the {name} split has only {n} tokens; use a shorter data.seq_len")
 
     def encode(self, text: str) -> List[int]:
         if self.tokenizer is None:

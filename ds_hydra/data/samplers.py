@@ -12,13 +12,14 @@ the same (a rank-0 checkpoint resumes all of them, at any world size).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import numpy as np
 import torch
 
 from ds_hydra.data.batches import Batch, check_rank, gather_windows, mix_seed, to_device
 from ds_hydra.data.token_source import TokenSource
+from ds_hydra.models.contract import IGNORE_INDEX
 
 
 class _Epochs:
@@ -77,19 +78,70 @@ class SequentialWindows(_Epochs):
 
 
 class RowSampler(_Epochs):
-    """Epochs over fixed rows (fine-tuning examples), each epoch in its own seeded order."""
+    """Epochs over fixed rows (fine-tuning examples), each epoch in its own seeded order. Packed rows also
+    carry ``position_ids`` (restarting at 0 at each example)."""
 
-    def __init__(self, inputs: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, stream: int = 0,
-                 rank: int = 0, world_size: Optional[int] = None):
+    def __init__(self, inputs: np.ndarray, labels: np.ndarray, positions: Optional[np.ndarray], batch_size: int, seed: int,
+                 stream: int = 0, rank: int = 0, world_size: Optional[int] = None):
         if not len(inputs):
             raise ValueError("no rows to sample")
         super().__init__(len(inputs), batch_size, seed, stream, rank, world_size, shuffle=True)
-        self.inputs, self.labels = inputs, labels
+        self.arrays = row_arrays(inputs, labels, positions)
 
     def next_batch(self, device: torch.device) -> Batch:
         rows = self._next_items()
-        batch = {"input_ids": torch.from_numpy(self.inputs[rows]), "labels": torch.from_numpy(self.labels[rows])}
-        return to_device(batch, device, self.pin)
+        return to_device({key: torch.from_numpy(array[rows]) for key, array in self.arrays.items()}, device, self.pin)
+
+
+def row_arrays(inputs: np.ndarray, labels: np.ndarray, positions: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
+    arrays = {"input_ids": inputs, "labels": labels}
+    if positions is not None:
+        arrays["position_ids"] = positions
+    return arrays
+
+
+class WholeSplit:
+    """Every item of a split once, in order, in batches of ``batch_size`` (the last one shorter): how a
+    split is evaluated exactly. Ranks split the batches (rank ``r`` takes batches ``r, r + world_size,
+    ...``) and all make the same number of them, as FSDP's gathers need: a rank past the end gets a
+    batch whose labels are all -100, which adds nothing to the token-weighted loss."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, take: Callable[[np.ndarray], Batch]):
+        check_rank(rank, world_size)
+        self.n, self.batch_size, self.rank, self.world_size, self.take = n, batch_size, rank, world_size, take
+        self.pin = torch.cuda.is_available()
+
+    @classmethod
+    def of_rows(cls, inputs: np.ndarray, labels: np.ndarray, positions: Optional[np.ndarray], batch_size: int,
+                rank: int = 0, world_size: int = 1) -> "WholeSplit":
+        arrays = row_arrays(inputs, labels, positions)
+        return cls(len(inputs), batch_size, rank, world_size, lambda rows: {k: torch.from_numpy(a[rows]) for k, a in arrays.items()})
+
+    @classmethod
+    def of_windows(cls, tokens, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1) -> "WholeSplit":
+        n_windows = (len(tokens) - 1) // seq_len
+        if n_windows < 1:
+            raise ValueError(f"{len(tokens)} tokens: fewer than seq_len + 1 = {seq_len + 1}")
+
+        def take(windows: np.ndarray) -> Batch:
+            rows = gather_windows(tokens, torch.from_numpy(windows * seq_len), seq_len + 1)  # (B, T + 1)
+            return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+
+        return cls(n_windows, batch_size, rank, world_size, take)
+
+    def __len__(self) -> int:
+        """Batches per rank."""
+        return -(-(-(-self.n // self.batch_size)) // self.world_size)
+
+    def batches(self, device: torch.device) -> Iterator[Batch]:
+        for i in range(len(self)):
+            start = (self.rank + self.world_size * i) * self.batch_size
+            if start < self.n:
+                batch = self.take(np.arange(start, min(start + self.batch_size, self.n), dtype=np.int64))
+            else:  # past the end: the first batch again, carrying no loss
+                batch = self.take(np.arange(min(self.batch_size, self.n), dtype=np.int64))
+                batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+            yield to_device(batch, device, self.pin)
 
 
 class EpochOrder:

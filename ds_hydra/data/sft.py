@@ -33,6 +33,8 @@ EOS = None  # a part standing for the end-of-text token
 class SFTData(TokenData):
     """Prompt/response or chat examples as rows of ``{"input_ids", "labels"}`` with the prompt masked."""
 
+    eval_whole_split = True  # in-run validation: every val example once (not eval_batches random rows)
+
     def __init__(self, path: Optional[str] = None, val_path: Optional[str] = None, train_fraction: float = 0.9, seq_len: Optional[int] = None,
                  pack: bool = False, train_roles: Sequence[str] = ("assistant",), role_template: str = "<|{role}|>\n",
                  message_end: str = "\n", tokenizer_cfg=None, model_pretrained: Optional[str] = None):
@@ -80,8 +82,9 @@ class SFTData(TokenData):
     def num_tokens(self, split: str) -> int:
         return sum(len(ids) for ids, _ in self.examples[check_split(split)])
 
-    def rows(self, split: str, seq_len: int) -> Tuple[np.ndarray, np.ndarray]:
-        """``(input_ids, labels)``, each ``(rows, seq_len)`` int64, of the split's examples."""
+    def rows(self, split: str, seq_len: int) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """``(input_ids, labels, position_ids)``, each ``(rows, seq_len)`` int64, of the split's examples
+        (``position_ids``: packed rows only, else None); see ``build_rows``."""
         key = (check_split(split), seq_len)
         if key not in self._rows:
             self._rows[key] = build_rows(self.examples[split], seq_len, self.pack, pad_id=self.tokenizer.eos_id or 0, split=split)
@@ -90,8 +93,19 @@ class SFTData(TokenData):
     def sampler(self, split: str, seq_len: int, batch_size: int, seed: int, stream: int = 0, rank: int = 0, world_size: Optional[int] = None):
         from ds_hydra.data.samplers import RowSampler
 
-        inputs, labels = self.rows(split, seq_len)
-        return RowSampler(inputs, labels, batch_size, seed, stream, rank, world_size)
+        return RowSampler(*self.rows(split, seq_len), batch_size, seed, stream, rank, world_size)
+
+    def whole_split(self, split: str, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        """Every example of ``split`` once, in order (see ``WholeSplit``): how SFT data are evaluated."""
+        from ds_hydra.data.samplers import WholeSplit
+
+        return WholeSplit.of_rows(*self.rows(split, seq_len), batch_size, rank, world_size)
+
+    def check(self, seq_len: int) -> None:
+        """Before step 1: both splits' rows at ``seq_len``, logging cut and dropped examples, refusing a split
+        left empty (one line each)."""
+        for split in ("train", "val"):
+            self.rows(split, seq_len)
 
 
 EXAMPLE_FILE = "sft_example.jsonl"
@@ -155,9 +169,14 @@ def _sft_tokenizer(cfg, examples: List[List[Part]], model_pretrained: Optional[s
     return build_tokenizer(cfg, texts, model_pretrained=model_pretrained)
 
 
-def build_rows(examples, seq_len: int, pack: bool, pad_id: int, split: str = "train") -> Tuple[np.ndarray, np.ndarray]:
+def build_rows(examples, seq_len: int, pack: bool, pad_id: int, split: str = "train") -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Each example as (inputs, labels) shifted by one, cut to ``seq_len``; then one per row (padded)
-    or packed greedily in order (an example that does not fit in the row's rest starts the next row)."""
+    or packed greedily in order (an example that does not fit in the row's rest starts the next row).
+
+    Returns ``(input_ids, labels, position_ids)``, each ``(rows, seq_len)`` int64; ``position_ids`` only
+    when packing (else None): positions restart at 0 at each example (and at the padding after the last
+    one), which is how the model keeps a row's examples apart (``ds_hydra.models.packing``).
+    """
     pairs, cut, empty = [], 0, 0
     for ids, trained in examples:
         inputs, labels = ids[:-1], np.where(trained[1:], ids[1:], IGNORE_INDEX)
@@ -167,10 +186,13 @@ def build_rows(examples, seq_len: int, pack: bool, pad_id: int, split: str = "tr
             empty += 1  # nothing to learn from within seq_len: a row of it would be all -100
             continue
         pairs.append((inputs, labels))
-    if cut or empty:
-        log.warning("%s: %d example(s) longer than seq_len=%d were cut; %d left with no response tokens were dropped", split, cut, seq_len, empty)
+    if cut:
+        log.warning("data.seq_len=%d: %d of %d %s examples are longer and were cut (their tail carries no loss)", seq_len, cut, len(examples), split)
+    if empty:
+        log.warning("data.seq_len=%d: %d of %d %s examples have no trained token within it and were dropped", seq_len, empty, len(examples), split)
     if not pairs:
-        raise UserError(f"data.seq_len={seq_len}: no {split} example has a response token within it; raise data.seq_len")
+        raise UserError(f"data.seq_len={seq_len}: no {split} example has a trained (response) token within it; raise data.seq_len "
+                        f"(or model.block_size when data.seq_len is null)")
     rows: List[List[Tuple[np.ndarray, np.ndarray]]] = []
     used = seq_len  # forces a first row
     for inputs, labels in pairs:
@@ -181,10 +203,16 @@ def build_rows(examples, seq_len: int, pack: bool, pad_id: int, split: str = "tr
         used += len(inputs)
     all_inputs = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
     all_labels = np.full((len(rows), seq_len), IGNORE_INDEX, dtype=np.int64)
+    positions = np.zeros((len(rows), seq_len), dtype=np.int64) if pack else None
     for r, row in enumerate(rows):
         at = 0
         for inputs, labels in row:
             all_inputs[r, at:at + len(inputs)] = inputs
             all_labels[r, at:at + len(labels)] = labels
+            if positions is not None:
+                positions[r, at:at + len(inputs)] = np.arange(len(inputs))
             at += len(inputs)
-    return all_inputs, all_labels
+        if positions is not None:
+            positions[r, at:] = np.arange(seq_len - at)  # the padding: a document of its own, with no loss
+    return all_inputs, all_labels, positions
+

@@ -8,7 +8,8 @@ never asks which engine it has:
 
 * ``setup(model, cfg, blocks, autocast_dtype)`` -> ``(wrapped, optimizer, scheduler)``;
 * ``micro_batch(last)``: a context around one micro-batch's forward and backward;
-* ``backward(loss, accum)`` and ``step(grad_clip)`` / ``skip_step()``;
+* ``backward(share, accum)`` (a micro-batch's summed loss over the step's label tokens, all ranks) and
+  ``step(grad_clip)`` / ``skip_step()``;
 * ``sum_``, ``mean``, ``barrier``;
 * ``model_state_dict``, ``optimizer_state_dict``, their loaders, ``save_engine_checkpoint``,
   ``prune_engine_checkpoints``; ``close``.
@@ -81,10 +82,12 @@ class Engine:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, accum: int) -> None:
-        """Backward of one micro-batch's mean loss; the gradients of ``accum`` of them add up to the
-        gradient of the whole batch's mean."""
-        if accum > 1:
-            loss = loss / accum
+        """Backward of one micro-batch's share of the step's loss: its summed token losses over the label
+        tokens of the whole step (every micro-batch of every rank). The gradients of the step's ``accum``
+        micro-batches on all ranks then add up to the gradient of the step's token mean; an engine that
+        averages gradients over its ranks (DDP, FSDP) has the share multiplied by the world size first."""
+        if self.world_size > 1:
+            loss = loss * self.world_size
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
         loss.backward()

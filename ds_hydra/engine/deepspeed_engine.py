@@ -7,7 +7,8 @@ DeepSpeed its param groups, optimizer and scheduler as callables::
                          optimizer=<optimizer callable>, lr_scheduler=<scheduler callable>, config=<dict>)
 
 DeepSpeed divides each micro-batch's loss by the accumulation steps, reduces, clips and steps the
-optimizer and the scheduler at the last micro-batch of a step, and scales fp16 losses itself.
+optimizer and the scheduler at the last micro-batch of a step, and scales fp16 losses itself; ``backward``
+undoes its averaging, so a step's gradient is that of the mean over the step's label tokens.
 
 Checkpoints: rank 0 writes ``checkpoints/step_N.pt`` whose ``model`` entry is the full model in fp32
 (loadable by one process, with no DeepSpeed), and every rank writes DeepSpeed's own checkpoint (ZeRO
@@ -71,9 +72,11 @@ class DeepSpeedEngine(ProcessGroupEngine):
         return self.ds, self.optimizer, self.scheduler
 
     def backward(self, loss: torch.Tensor, accum: int) -> None:
-        """DeepSpeed's backward (it divides by the accumulation steps itself) and its step, which at the
-        last micro-batch of a step clips, steps the optimizer and the scheduler."""
-        self.ds.backward(loss)
+        """DeepSpeed's backward and its step, which at the last micro-batch of a step clips, steps the
+        optimizer and the scheduler. ``loss`` is the micro-batch's share of the step's token mean (see
+        ``Engine.backward``); DeepSpeed divides each micro-batch's loss by the accumulation steps and
+        averages gradients over ranks, which the factor ``accum x world size`` undoes."""
+        self.ds.backward(loss * (accum * self.world_size))
         self.ds.step()
 
     def step(self, grad_clip: float) -> None:

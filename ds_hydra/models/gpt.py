@@ -96,13 +96,16 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[LayerKVCache] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``attn_mask``: (B, 1, T, T) booleans, True where a query may attend (packed rows: block-causal)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         dropout_p = self.dropout if self.training else 0.0
-        if cache is None:
+        if cache is None and attn_mask is not None:  # packed examples: each attends within itself only
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             past = cache.length
@@ -137,8 +140,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(n_embd, bias)
         self.mlp = MLP(n_embd, dropout, bias)
 
-    def forward(self, x: torch.Tensor, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: torch.Tensor, cache: Optional[LayerKVCache] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
     def decode_one(self, x: torch.Tensor, cache: LayerKVCache) -> torch.Tensor:
@@ -219,8 +222,17 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx: torch.Tensor, kv_cache: Optional[KVCache] = None, logits_to_keep: int = 0):
+    # Packed rows (several examples in one row, ``position_ids`` restarting at 0 at each) are kept apart:
+    # a block-causal mask, and positions counted from each example's start (ds_hydra.models.packing).
+    packs_documents = True
+
+    def forward(self, idx: torch.Tensor, kv_cache: Optional[KVCache] = None, logits_to_keep: int = 0,
+                position_ids: Optional[torch.Tensor] = None):
         """idx: (B, T) token ids -> logits (B, T, V), the model contract (``ds_hydra.models.contract``).
+
+        ``position_ids`` (B, T): each token's position in its own example, 0 where an example starts (packed
+        rows); tokens then attend within their example only, and the loss of a packed example equals the
+        loss of the example run on its own.
 
         ``logits_to_keep=n`` computes the logits of the last n positions only (generation needs one);
         0 keeps all. With ``head_chunk_tokens`` the output is a ``ChunkedHead`` instead, which the
@@ -231,7 +243,12 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.block_size}")
-        if kv_cache is None:
+        if kv_cache is None and position_ids is not None:
+            x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, T, C)
+            mask = block_causal_mask(position_ids)  # (B, 1, T, T)
+            for block in self.blocks:
+                x = block(x, attn_mask=mask)
+        elif kv_cache is None:
             pos = torch.arange(start, start + T, device=idx.device)
             x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
             for block in self.blocks:
@@ -256,3 +273,13 @@ class GPT(nn.Module):
         if self.head_chunk_tokens and not logits_to_keep:
             return ChunkedHead(x, self.lm_head, self.vocab_size, self.head_chunk_tokens)
         return self.lm_head(x)[..., : self.vocab_size]  # (B, T, V): the padding columns dropped
+
+
+def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions restarting at 0 at each example -> (B, 1, T, T) booleans: query t may attend key
+    u when u <= t and both lie in the same example (SDPA's boolean mask: True attends)."""
+    T = position_ids.size(1)
+    example = (position_ids == 0).cumsum(dim=1)  # (B, T): which example of the row each token is in
+    same = example[:, :, None] == example[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return (same & causal)[:, None]

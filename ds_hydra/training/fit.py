@@ -13,7 +13,8 @@ from ds_hydra.models.contract import max_positions, model_vocab_size
 
 
 def resolve_seq_len(data: TokenData, model: nn.Module) -> int:
-    """``data.seq_len``, or the model's maximum positions when it is null; checked against both."""
+    """``data.seq_len``, or the model's maximum positions when it is null; checked against both (the data's
+    own ``check``: every split yields something to train and evaluate on at that length)."""
     limit = max_positions(model)
     seq_len = data.seq_len or limit
     if seq_len is None:
@@ -23,9 +24,7 @@ def resolve_seq_len(data: TokenData, model: nn.Module) -> int:
         )
     if limit is not None and seq_len > limit:
         raise UserError(f"data.seq_len={seq_len}: {type(model).__name__} takes at most {limit} positions; set data.seq_len <= {limit}")
-    val_tokens = data.num_tokens("val")
-    if seq_len >= val_tokens:
-        raise UserError(f"data.seq_len={seq_len}: the validation split has only {val_tokens} tokens; use a shorter data.seq_len")
+    data.check(seq_len)  # before step 1: splits too short, SFT examples cut or with nothing to train on (one line each)
     return seq_len
 
 

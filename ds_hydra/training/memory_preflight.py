@@ -13,7 +13,7 @@ by the ranks of a launch on one host; GPU memory on CUDA):
 ``run.memory_check=warn`` only warns, ``off`` skips it. ``step_spec`` is the adapter from the config
 to the generic estimator: it builds the run's model (``cfg.model``, any model of the contract in
 ``ds_hydra.models.contract``) on a batch of ``(trainer.batch_size, seq_len)`` tokens whose loss is the
-trainer's ``CausalLMLoss``.
+trainer's loss (the ``loss`` group, through ``ds_hydra.loss.step.loss_sum``).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def step_spec(cfg):
     from ds_hydra.data.base import vocab_size_of
     from ds_hydra.devices import resolve_device, resolve_precision
     from ds_hydra.models.build import build_model
-    from ds_hydra.models.contract import CausalLMLoss
+    from ds_hydra.loss.step import build_loss, mean_loss
     from ds_hydra.optim.build import kernel_kwargs, optimizer_callable
     from ds_hydra.training.memory_estimate import Knobs, StepSpec
     from omegaconf import OmegaConf
@@ -61,11 +61,11 @@ def step_spec(cfg):
     make_optimizer = optimizer_callable(cfg.optimizer, torch.device("cpu"))  # probed on the CPU for its state's size
     kernels = {**make_optimizer.keywords, **kernel_kwargs(make_optimizer.func, make_optimizer.keywords, device)}
     shape = (int(cfg.trainer.batch_size), seq_len_of(cfg, vocab_size))
-    loss_fn = CausalLMLoss()
+    loss_fn = build_loss(cfg.get("loss"))
     return StepSpec(
         build_model=lambda: build_model(cfg.model, vocab_size),
         example_batch=lambda dev: (torch.zeros(shape, dtype=torch.long, device=dev),) * 2,  # (input_ids, labels)
-        loss=lambda model, batch: loss_fn(model(batch[0]), batch[1]),  # the trainer's loss step
+        loss=lambda model, batch: mean_loss(model, loss_fn, {"input_ids": batch[0], "labels": batch[1]}),  # the trainer's loss step
         device=device,
         ckpt=OmegaConf.to_container(cfg.ckpt, resolve=True),
         make_optimizer=make_optimizer,

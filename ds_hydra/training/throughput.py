@@ -148,13 +148,15 @@ def measured_flops_per_token(model: nn.Module, seq_len: int) -> Optional[int]:
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ds_hydra.models.contract import CausalLMLoss
+    from ds_hydra.loss.cross_entropy import CrossEntropyLoss
+    from ds_hydra.loss.step import mean_loss
 
     try:
         meta = copy.deepcopy(model).to_empty(device="meta")
         ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
         with FlopCounterMode(display=False) as counter:
-            CausalLMLoss()(meta(ids), ids).backward()
+            # the plain loss whatever loss= the run uses: a chunked loss's recomputed logits are not model FLOPs
+            mean_loss(meta, CrossEntropyLoss(), {"input_ids": ids, "labels": ids}).backward()
         return int(counter.get_total_flops()) // seq_len
     except Exception:  # noqa: BLE001  (a model the meta device cannot run: no MFU, training goes on)
         return None

@@ -29,7 +29,7 @@ from ds_hydra.engine import start_engine
 from ds_hydra.engine.base import Engine
 from ds_hydra.errors import UserError
 from ds_hydra.models.build import build_model, num_params
-from ds_hydra.models.contract import CausalLMLoss
+from ds_hydra.loss.step import build_loss, label_tokens, loss_sum, token_mean_loss
 from ds_hydra.training import resume as resume_io
 from ds_hydra.training import run_lock
 from ds_hydra.training import signals
@@ -74,14 +74,16 @@ def prepare_model(
     example = lambda: (torch.zeros(shape, dtype=torch.long, device=engine.device),) * 2  # noqa: E731  (built only if needed)
     ckpt = {**OmegaConf.to_container(cfg.ckpt, resolve=True), "blocks": path or None}
     with torch.autocast(engine.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
-        checkpoint_activations(model, example_input=example, forward=lambda ids, labels: loss_fn(model(ids), labels), **ckpt)
+        checkpoint_activations(
+            model, example_input=example, forward=lambda ids, labels: loss_sum(model, loss_fn, {"input_ids": ids, "labels": labels}), **ckpt
+        )
     deepspeed_checkpointing.configure_for_run(cfg.ckpt)  # models calling ds_hydra.checkpointing obey ckpt too
     if _compile_enabled(cfg.trainer.compile, engine.device):
         _refuse_compiled_segments_on_old_torch(model)
         _room_for_block_graphs(len(blocks))
         for block in blocks or [model]:  # no block list: the whole model is one graph
             block.compile()
-        loss_fn.compile()  # fuses the fp32 upcast and cross-entropy over the vocabulary
+        loss_fn.compile()  # the cross-entropy kernel only: fuses the fp32 upcast over the vocabulary
     return engine.setup(model, cfg, blocks, autocast_dtype)
 
 
@@ -133,11 +135,15 @@ class Trainer:
         model = build_model(cfg.model, self.data.vocab_size)
         check_vocab(self.data, model)
         self.seq_len = resolve_seq_len(self.data, model)
+        if getattr(self.data, "pack", False):
+            from ds_hydra.models.packing import check_packing
+
+            check_packing(model)  # a model that would let packed examples attend to each other is refused
         if tcfg.get("init_from"):
             from ds_hydra.training.init_from import load_initial_weights
 
             load_initial_weights(model, tcfg.init_from)
-        self.loss_fn = CausalLMLoss()
+        self.loss_fn = build_loss(cfg.get("loss"))
         # self.wrapped runs forward and backward (DDP, FSDP, DeepSpeed's engine, or the model itself);
         # self.model is the model underneath: its attributes, parameter names and state dict.
         self.model = model
@@ -172,32 +178,33 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """The batch's mean loss; the logits are gone when this returns (they would live through backward)."""
-        return self.loss_fn(self.wrapped(batch["input_ids"]), batch["labels"])
-
     def train_step(self) -> torch.Tensor:
-        """Accumulate gradients over the micro-batches, clip, step; returns the mean loss (on device).
+        """One optimizer step; returns its loss (on device): the mean over every label token of the step.
 
-        With several ranks the gradients are averaged over them (DDP, FSDP, DeepSpeed) and the returned
-        loss is the global batch's, the same on every rank.
+        The step's micro-batches are drawn first and their label tokens counted (one integer all-reduced
+        over ranks), so each micro-batch's backward takes its summed loss over that count: the gradients
+        add up to the gradient of the step's token mean, whatever ``batch_size x grad_accum_steps x
+        ranks`` divides the step (the engine undoes its own averaging over ranks and micro-batches).
+        Clipping then acts on those gradients. The returned loss is the same on every rank.
         """
         if not self.wrapped.training:  # train() walks every module: only when evaluation left eval mode
             self.wrapped.train()
         accum = self.cfg.trainer.grad_accum_steps
-        total = torch.zeros((), device=self.device)
-        for i in range(accum):
-            batch = self.train_batches.next_batch(self.device)
+        batches = [self.train_batches.next_batch(self.device) for _ in range(accum)]
+        tokens = self.engine.sum_(sum(label_tokens(batch["labels"]) for batch in batches))  # the step's label tokens
+        tokens = tokens.clamp(min=1).float()  # stays on the device: no host sync
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(batches):
             counting = self.activation_bytes is None and i == 0  # count once: hooks cost nothing, but once is enough
             with self.engine.micro_batch(last=i == accum - 1):
                 with self.autocast(), SavedActivationCounter(self.model) if counting else contextlib.nullcontext() as saved:
-                    loss = self.loss(batch)
+                    share = loss_sum(self.wrapped, self.loss_fn, batch) / tokens  # its part of the step's mean
                 if counting:
                     self.activation_bytes = saved.bytes
                     log.info("activation memory: %.1f MiB saved for backward per micro-batch", saved.bytes / 2**20)
-                self.engine.backward(loss, accum)
-            total += loss.detach().float() / accum  # the sum of micro-batch means / accum: the batch's mean
-        total = self.engine.mean(total)  # the global batch's loss (a one-number all-reduce)
+                self.engine.backward(share, accum)
+            total += share.detach().double()
+        total = self.engine.sum_(total).float()  # the step's token mean (a one-number all-reduce)
         if self.cfg.trainer.skip_nonfinite and not torch.isfinite(total).item():  # a host sync, only in this mode
             return self._skip_update(total)
         self.engine.step(self.cfg.trainer.grad_clip)
@@ -232,25 +239,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """Mean loss over ``eval_batches`` batches of each split.
+        """Token-weighted mean loss of each split: over every label token of the batches evaluated.
 
-        The batches are the same at every evaluation (a fresh sampler per call), so the curve shows
-        the model changing, not the sample; and evaluation never disturbs training's RNG.
+        ``train_loss`` (and ``val_loss`` of token streams) take ``eval_batches`` random batches, the same at
+        every evaluation (a fresh sampler per call), so the curve shows the model changing, not the sample;
+        data that evaluate their whole split (SFT) give ``val_loss`` over every validation example once.
+        Evaluation never disturbs training's RNG.
         """
         self.wrapped.eval()
         result = {}
-        # Ranks split the batches: each evaluates ceil(eval_batches / world) of them (all the same count,
-        # as FSDP's gathers need), and the mean is over all ranks' batches.
+        # Ranks split the batches and make the same number of forwards each (FSDP's gathers need that):
+        # ceil(eval_batches / world) random batches each, or their share of the whole split.
         world = self.engine.world_size
         per_rank = -(-self.cfg.trainer.eval_batches // world)
         for name, split, stream in (("train_loss", "train", TRAIN_EVAL_STREAM), ("val_loss", "val", VAL_STREAM)):
-            batches = self.sampler(split, stream)
-            losses = torch.zeros(per_rank, device=self.device)
-            for i in range(per_rank):
-                with self.autocast():
-                    losses[i] = self.loss(batches.next_batch(self.device))
-            total = self.engine.sum_(losses.sum())
-            result[name] = (total / (per_rank * world)).item()  # one host sync per split, not one per batch
+            if split == "val" and self.data.eval_whole_split:
+                whole = self.data.whole_split(split, self.seq_len, self.cfg.trainer.batch_size, self.engine.rank, world)
+                batches = whole.batches(self.device)
+            else:
+                sampler = self.sampler(split, stream)
+                batches = (sampler.next_batch(self.device) for _ in range(per_rank))
+            result[name] = token_mean_loss(self.wrapped, self.loss_fn, batches, self.device, self.autocast, self.engine.sum_)
         self.wrapped.train()
         return result
 
