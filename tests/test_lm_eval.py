@@ -253,3 +253,25 @@ def test_flatten_names():
                               "sample_len": 8}, "arc": {"acc,none": 0.5}})
     assert flat == {"gsm8k/exact_match,strict-match": 0.25, "arc/acc": 0.5}
     assert not math.isnan(flat["arc/acc"])
+
+
+@pytest.mark.slow
+def test_after_training_adds_task_metrics_to_the_final_metrics(tmp_path, tasks):
+    """lm_eval.after_training=true: the tasks run on the final checkpoint; their metrics join the final
+    metrics (so a sweep's objective can be one), metrics.jsonl and the run's lm_eval.json."""
+    from ds_hydra.sweeps import select_objective
+    from ds_hydra.training.trainer import train
+
+    overrides = [*TINY, "trainer.max_steps=2", "trainer.eval_interval=0", "lm_eval.after_training=true",
+                 f"lm_eval.tasks=[{MC}]", f"lm_eval.include_path={tasks}", "lm_eval.limit=8", "objective=ds_hydra_mc/acc_norm"]
+    cfg = compose(overrides)
+    final = train(cfg, run_dir=tmp_path / "run")
+    assert 0 <= final[f"{MC}/acc"] <= 1 and f"{MC}/acc_norm" in final and final["val_loss"] > 0
+    assert select_objective(cfg, final) == final[f"{MC}/acc_norm"]
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and last[f"{MC}/acc"] == final[f"{MC}/acc"]
+    report = json.loads((tmp_path / "run" / "lm_eval.json").read_text())
+    assert report["step"] == 2 and report["metrics"][f"{MC}/acc"] == final[f"{MC}/acc"]
+    # the same checkpoint through task=lm_eval gives the same numbers
+    again = ds_hydra_lm_eval(tmp_path / "again", [f"inference.checkpoint={tmp_path / 'run'}"], tasks, [MC], "lm_eval.limit=8")
+    assert again[f"{MC}/acc"] == final[f"{MC}/acc"] and again[f"{MC}/acc_norm"] == final[f"{MC}/acc_norm"]

@@ -1,7 +1,7 @@
 """Schemas of the ``trainer`` and ``run`` config groups (torch-free); ``logger`` is in ds_hydra.tracking.config."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import List, Optional
 
@@ -11,6 +11,31 @@ class Precision(Enum):
     fp32 = "fp32"
     bf16 = "bf16"  # autocast to bfloat16; parameters and optimizer state stay fp32
     fp16 = "fp16"  # autocast to float16 with a gradient scaler (CUDA only)
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler over a few training steps (README "Profiling"); outputs in <run dir>/profile/."""
+
+    enabled: bool = False
+    """Profile the steps the schedule below picks: a Chrome trace per rank, the top operators in the log,
+    a memory timeline."""
+    wait: int = 1
+    """Steps skipped before each profiling window (the first steps pay for warm-up and allocation)."""
+    warmup: int = 1
+    """Steps traced but discarded before each window (the profiler's own start-up cost)."""
+    active: int = 3
+    """Steps recorded in each window: one trace, one table and one memory timeline per window."""
+    repeat: int = 1
+    """Windows of wait + warmup + active steps (0: repeat until the run ends)."""
+    top_ops: int = 15
+    """Rows of the log's table of operators by self time (CUDA time on a GPU, CPU time elsewhere)."""
+    memory_timeline: bool = True
+    """Write memory_timeline_rank<r>_step<n>.html (memory by category over the window; records stacks, which
+    slows the profiled steps)."""
+    oom_snapshot: bool = False
+    """CUDA: record the allocator's history from the first step, and when a step runs out of memory write
+    oom_snapshot_rank<r>.pickle (https://pytorch.org/memory_viz) before the one-line error. Works without enabled."""
 
 
 @dataclass
@@ -52,6 +77,8 @@ class TrainerConfig:
     init_from: Optional[str] = None
     """A trained run's directory (its newest checkpoint) or one of its checkpoints/step_N.pt: start from its
     model weights only (fine-tuning): optimizer, schedule, data and step start afresh."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """torch.profiler traces, top operators and memory timelines of a few steps; a memory snapshot on CUDA OOM."""
 
 
 class MemoryCheck(Enum):
@@ -92,6 +119,14 @@ def validate_trainer(cfg, prefix: str = "trainer") -> List[str]:
     for key in ("eval_interval", "save_every", "skip_nonfinite"):
         if cfg[key] < 0:
             problems.append(f"{prefix}.{key}={cfg[key]}: must be >= 0 (0 disables it)")
+    profile = cfg.get("profile")
+    if profile is not None:
+        for key in ("wait", "warmup", "repeat"):
+            if profile[key] < 0:
+                problems.append(f"{prefix}.profile.{key}={profile[key]}: must be >= 0")
+        for key in ("active", "top_ops"):
+            if profile[key] < 1:
+                problems.append(f"{prefix}.profile.{key}={profile[key]}: must be >= 1")
     if cfg.grad_clip < 0:
         problems.append(f"{prefix}.grad_clip={cfg.grad_clip}: must be >= 0 (0 disables clipping)")
     if cfg.get("peak_tflops") is not None and not cfg.peak_tflops > 0:

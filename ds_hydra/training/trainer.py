@@ -38,6 +38,7 @@ from ds_hydra.training.fit import check_vocab, resolve_seq_len
 from ds_hydra.training.memory_preflight import check_step_memory
 from ds_hydra.training.metrics import MetricsLogger
 from ds_hydra.training.nonfinite import NonFiniteLoss, NonFiniteWatch
+from ds_hydra.training.profiling import StepProfiler
 from ds_hydra.training.run_dir import resolve_run_dir, write_resolved_config
 from ds_hydra.training.throughput import Throughput
 
@@ -387,8 +388,14 @@ def _train(cfg, run_dir: Path, started: float) -> Dict[str, Any]:
     # metrics.jsonl and the trackers chosen in `logger` (rank 0 only)
     metrics = MetricsLogger(run_dir, cfg, enabled=is_main, earlier_records=earlier_records, start_step=trainer.step)
     try:
-        with signals.stop_on_signals():  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, raise Stopped
-            final = _fit(trainer, metrics)
+        # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, raise Stopped; trainer.profile: traces of a few steps
+        profiler = StepProfiler(tcfg.get("profile"), run_dir, trainer.engine.rank, trainer.device, trainer.step)
+        with signals.stop_on_signals(), profiler:
+            final = _fit(trainer, metrics, profiler)
+        if is_main and cfg.get("lm_eval") is not None and cfg.lm_eval.after_training:  # harness tasks on the final checkpoint
+            from ds_hydra.harness.run import evaluate_after_training
+
+            final.update(evaluate_after_training(cfg, run_dir, final["step"], metrics.log))
     except BaseException as exc:
         metrics.close(error=exc)  # the trackers mark the run failed (or stopped)
         raise
@@ -407,7 +414,7 @@ def _train(cfg, run_dir: Path, started: float) -> Dict[str, Any]:
     return final
 
 
-def _fit(trainer: Trainer, metrics: MetricsLogger) -> Dict[str, Any]:
+def _fit(trainer: Trainer, metrics: MetricsLogger, profiler: StepProfiler) -> Dict[str, Any]:
     tcfg = trainer.cfg.trainer
     progress = _progress_bar(tcfg, start=trainer.step)
     window_start, window_steps = time.perf_counter(), 0
@@ -417,6 +424,7 @@ def _fit(trainer: Trainer, metrics: MetricsLogger) -> Dict[str, Any]:
     while trainer.step < tcfg.max_steps:
         lr = trainer.optimizer.param_groups[0]["lr"]
         trainer.train_step()
+        profiler.step()
         window_steps += 1
         step = trainer.step
         if step % tcfg.log_interval == 0 or step == tcfg.max_steps:
