@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "cli_main": "ds_hydra.cli",
-    "train": "ds_hydra.training.trainer",
+    "train": "ds_hydra.train_task",
     "checkpoint_activations": "ds_hydra.activation_checkpointing.apply",
     "remove_activation_checkpointing": "ds_hydra.activation_checkpointing.apply",
     "SavedActivationCounter": "ds_hydra.activation_checkpointing.counter",

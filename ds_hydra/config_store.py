@@ -96,7 +96,7 @@ class DSHydraConfig:
     re-runs that run's saved overrides in its own directory from its newest checkpoint."""
     deepspeed_config: Optional[str] = None
     """A DeepSpeed JSON config (ds_config.json) whose settings apply as overrides, before the command line's own:
-    ``python -m ds_hydra deepspeed_config=ds_config.json`` (ds_hydra.engine.deepspeed_import says what maps)."""
+    ``python -m ds_hydra deepspeed_config=ds_config.json`` (ds_hydra.deepspeed.json_import says what maps)."""
     objective: Optional[str] = None
     """A metric name (e.g. val_loss): the task then returns that number alone, as optimizing sweepers need."""
 

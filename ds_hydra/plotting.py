@@ -16,7 +16,7 @@ def new_figure(width: float, height: float, **subplots):
 
 
 def save_figure(figure, path: Path) -> None:
-    from ds_hydra.training.checkpoint_files import atomic_write
+    from ds_hydra.common.files import atomic_write
 
     figure.tight_layout()
     atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100), binary=True)

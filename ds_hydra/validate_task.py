@@ -179,7 +179,7 @@ def _plot_lr(curve, names, title: str):
     from pathlib import Path
 
     from ds_hydra.plotting import new_figure, save_figure
-    from ds_hydra.training.run_dir import resolve_run_dir
+    from ds_hydra.common.run_dir import resolve_run_dir
 
     try:
         path = Path(resolve_run_dir()) / LR_CURVE_FILE

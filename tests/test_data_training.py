@@ -47,7 +47,7 @@ def train_in_process(overrides, run_dir=None):
 def test_sequential_epochs_resume_bit_for_bit(tmp_path, monkeypatch, char_dir):
     from test_resume import assert_same_state, final_state, interrupt, loss_records
 
-    from ds_hydra.training.signals import Stopped
+    from ds_hydra.common.signals import Stopped
 
     run = [*TINY, "data=tokens", f"data.dir={char_dir}", "data.sampling=sequential", "model.dropout=0.1",
            "trainer.grad_accum_steps=2", "trainer.save_every=2"]

@@ -71,7 +71,7 @@ def test_exported_json_is_what_deepspeed_accepts(tmp_path, monkeypatch, override
     assert parsed.steps_per_print == cfg.trainer.log_interval  # the file prints as the run logs
     assert parsed.optimizer_name == "adamw" and parsed.optimizer_params["lr"] == cfg.optimizer.lr
     assert parsed.scheduler_name is None  # ds_hydra's cosine schedule has no DeepSpeed type
-    from ds_hydra.engine.deepspeed_config import deepspeed_config
+    from ds_hydra.deepspeed.json_export import deepspeed_config
 
     assert deepspeed_config(cfg, world, "fp32")["steps_per_print"] > 10**9  # training: DeepSpeed's prints off
     if "offload" in expect:
@@ -95,7 +95,7 @@ def test_activation_checkpointing_section_and_extra_keys(tmp_path):
 
 
 def test_export_writes_into_the_run_dir_by_default(tmp_path):
-    from ds_hydra.engine.deepspeed_config import DEEPSPEED_CONFIG_FILE, export_deepspeed
+    from ds_hydra.deepspeed.json_export import DEEPSPEED_CONFIG_FILE, export_deepspeed
 
     metrics = export_deepspeed(compose(["engine=deepspeed", *RUN]), run_dir=tmp_path)
     assert metrics == {"deepspeed_config": str(tmp_path / DEEPSPEED_CONFIG_FILE), "train_batch_size": 8, "world_size": 1}

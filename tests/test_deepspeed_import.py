@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, compose, run_cli
-from ds_hydra.engine.deepspeed_import import (
+from ds_hydra.deepspeed.json_import import (
     OPTIMIZER_DEFAULTS,
     SCHEDULER_DEFAULTS,
     Imported,
@@ -161,7 +161,7 @@ def normalized_optimizer(section):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_import_then_export_gives_back_every_shared_key(name, tmp_path):
-    from ds_hydra.engine.deepspeed_config import deepspeed_config
+    from ds_hydra.deepspeed.json_export import deepspeed_config
 
     original = load(name)
     cfg = compose_imported(imported(original), "engine=deepspeed", "model=gpt_tiny")
@@ -446,7 +446,7 @@ def test_zero_stage_without_deepspeed_takes_the_nearest_native_engine(stage, nat
 
 
 def test_zero_settings_deepspeed_reads_pass_through_and_reach_its_config():
-    from ds_hydra.engine.deepspeed_config import deepspeed_config
+    from ds_hydra.deepspeed.json_export import deepspeed_config
 
     config = load("zero3_bf16_warmup_cosine")
     cfg = compose_imported(imported(config), "model=gpt_tiny")
@@ -601,7 +601,7 @@ def optimizer_arguments(node: dict) -> dict:
 def test_export_then_import_gives_the_same_config(overrides, tmp_path):
     from omegaconf import OmegaConf
 
-    from ds_hydra.engine.deepspeed_config import deepspeed_config
+    from ds_hydra.deepspeed.json_export import deepspeed_config
 
     base = ["model=gpt_tiny", "engine=deepspeed", "trainer.max_steps=40", *overrides]
     cfg = compose(base)

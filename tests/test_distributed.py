@@ -241,7 +241,7 @@ def test_ranks_split_one_global_stream():
 
 
 def test_local_rank_arguments_are_stripped(monkeypatch):
-    from ds_hydra.engine.launch import strip_local_rank
+    from ds_hydra.cli.launch import strip_local_rank
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert strip_local_rank(["--local-rank=3", "model=gpt_tiny"]) == ["model=gpt_tiny"]

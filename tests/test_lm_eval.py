@@ -135,7 +135,7 @@ BYO = Path(__file__).resolve().parent / "byo"  # tests/byo/my_models.py: README'
 
 
 def trained_run(tmp_path: Path, *overrides) -> Path:
-    from ds_hydra.training.trainer import train
+    from ds_hydra.train_task import train
 
     run = tmp_path / "run"
     train(compose([*TINY, "trainer.max_steps=2", "trainer.eval_interval=0", *overrides]), run_dir=run)
@@ -260,7 +260,7 @@ def test_after_training_adds_task_metrics_to_the_final_metrics(tmp_path, tasks):
     """lm_eval.after_training=true: the tasks run on the final checkpoint; their metrics join the final
     metrics (so a sweep's objective can be one), metrics.jsonl and the run's lm_eval.json."""
     from ds_hydra.sweeps import select_objective
-    from ds_hydra.training.trainer import train
+    from ds_hydra.train_task import train
 
     overrides = [*TINY, "trainer.max_steps=2", "trainer.eval_interval=0", "lm_eval.after_training=true",
                  f"lm_eval.tasks=[{MC}]", f"lm_eval.include_path={tasks}", "lm_eval.limit=8", "objective=ds_hydra_mc/acc_norm"]

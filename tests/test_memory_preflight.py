@@ -87,6 +87,7 @@ def test_sharded_engines_divide_the_state_over_the_ranks(monkeypatch):
 
     single = judge_step_memory(compose([*TINY])).estimate
     monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")  # a launcher sets both
     fsdp = judge_step_memory(compose([*TINY, "engine=fsdp"])).estimate
     assert (fsdp.parameters, fsdp.gradients, fsdp.optimizer_state) == (single.parameters // 4, single.gradients // 4, single.optimizer_state // 4)
     zero1 = judge_step_memory(compose([*TINY, "engine=deepspeed", "engine.zero_stage=1"])).estimate

@@ -218,7 +218,7 @@ def gpt_run(tmp_path_factory):
 def test_export_hf_gpt_is_a_gpt2_with_our_logits_and_trains_again(gpt_run, tmp_path):
     transformers = transformers_or_skip()
     import ds_hydra
-    from ds_hydra.models.export_hf import export_hf
+    from ds_hydra.inference.export_hf import export_hf
     from ds_hydra.training.trainer import train
 
     metrics = export_hf(compose(["task=export_hf", f"inference.checkpoint={gpt_run}"]), run_dir=tmp_path / "export")
@@ -238,7 +238,7 @@ def test_export_hf_gpt_is_a_gpt2_with_our_logits_and_trains_again(gpt_run, tmp_p
 def test_export_hf_of_an_hf_run_round_trips(tmp_path):
     transformers = transformers_or_skip()
     import ds_hydra
-    from ds_hydra.models.export_hf import export_hf
+    from ds_hydra.inference.export_hf import export_hf
     from ds_hydra.training.trainer import train
 
     train(compose(HF_TINY), run_dir=tmp_path / "run")
@@ -252,7 +252,7 @@ def test_export_hf_of_an_hf_run_round_trips(tmp_path):
 
 def test_export_hf_of_a_model_without_an_equivalent_is_one_line(tmp_path):
     transformers_or_skip()
-    from ds_hydra.models.export_hf import export_hf
+    from ds_hydra.inference.export_hf import export_hf
     from ds_hydra.training.trainer import train
 
     train(compose([*SHORT, "model=custom", "model._target_=my_models.build_model", "allowed_targets=[my_models]",

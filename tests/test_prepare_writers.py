@@ -14,7 +14,7 @@ import pytest
 
 from ds_hydra.data import prepare as prep
 from ds_hydra.data.sources import resolve_inputs
-from ds_hydra.training import run_lock
+from ds_hydra.common import run_lock
 
 CHAR = {"kind": "char", "eos_token": None}
 CHAR_EOS = {"kind": "char", "eos_token": "<|endoftext|>"}

@@ -117,7 +117,7 @@ def reference(tmp_path_factory):
     ],
 )
 def test_interrupted_run_resumes_to_identical_losses_and_weights(tmp_path, monkeypatch, reference, how, step):
-    from ds_hydra.training.signals import Stopped
+    from ds_hydra.common.signals import Stopped
     from ds_hydra.training.state import checkpoint_path, list_checkpoints
 
     ref_dir, ref_final = reference

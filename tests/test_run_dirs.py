@@ -47,7 +47,7 @@ def sleeper():
 
 def write_lock(run_dir: Path, **fields) -> Path:
     """A lock record as another process would have written it (fields override a live-looking one)."""
-    from ds_hydra.training.run_lock import LOCK_FILE, holder_record
+    from ds_hydra.common.run_lock import LOCK_FILE, holder_record
 
     record = {**holder_record(), **fields}
     path = Path(run_dir) / LOCK_FILE
@@ -56,14 +56,14 @@ def write_lock(run_dir: Path, **fields) -> Path:
 
 
 def record_of(pid: int, **fields):
-    from ds_hydra.training.run_lock import process_start_time
+    from ds_hydra.common.run_lock import process_start_time
 
     return {"pid": pid, "process_start": process_start_time(pid), "token": f"token-{pid}", **fields}
 
 
 # -- names from the clock ----------------------------------------------------------------------------
 def test_concurrent_claims_of_one_name_get_distinct_directories(tmp_path):
-    from ds_hydra.training.run_dir import claim_new_dir
+    from ds_hydra.common.run_dir import claim_new_dir
 
     wanted = tmp_path / "outputs" / "2024-05-01" / "12-00-00"
     got, start = [], threading.Barrier(8)
@@ -82,7 +82,7 @@ def test_concurrent_claims_of_one_name_get_distinct_directories(tmp_path):
 
 
 def test_only_clock_names_are_claimed():
-    from ds_hydra.training.run_dir import names_the_clock
+    from ds_hydra.common.run_dir import names_the_clock
 
     assert names_the_clock("outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}")
     assert names_the_clock("runs/${now:%s}_${hydra.job.name}")
@@ -92,7 +92,7 @@ def test_only_clock_names_are_claimed():
 
 # -- the lock ----------------------------------------------------------------------------------------
 def test_a_live_holder_is_named_and_the_directory_is_left_alone(tmp_path, sleeper):
-    from ds_hydra.training.run_lock import RunLocked, acquire
+    from ds_hydra.common.run_lock import RunLocked, acquire
 
     path = write_lock(tmp_path, **record_of(sleeper.pid, since_text="2024-05-01 12:00:03"))
     before = path.read_bytes()
@@ -105,7 +105,7 @@ def test_a_live_holder_is_named_and_the_directory_is_left_alone(tmp_path, sleepe
 
 
 def test_a_dead_holder_on_this_host_is_taken_over(tmp_path):
-    from ds_hydra.training.run_lock import acquire, read_holder
+    from ds_hydra.common.run_lock import acquire, read_holder
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     record = record_of(gone.pid)
@@ -120,7 +120,7 @@ def test_a_dead_holder_on_this_host_is_taken_over(tmp_path):
 
 def test_a_reused_pid_is_not_mistaken_for_the_holder(tmp_path, sleeper):
     """The PID runs, but it is another process than the one that took the lock (its start time differs)."""
-    from ds_hydra.training.run_lock import acquire
+    from ds_hydra.common.run_lock import acquire
 
     record = record_of(sleeper.pid)
     write_lock(tmp_path, **{**record, "process_start": record["process_start"] - 1000})
@@ -130,7 +130,7 @@ def test_a_reused_pid_is_not_mistaken_for_the_holder(tmp_path, sleeper):
 
 
 def test_a_holder_from_before_a_reboot_is_taken_over(tmp_path, sleeper):
-    from ds_hydra.training.run_lock import _boot_id, acquire
+    from ds_hydra.common.run_lock import _boot_id, acquire
 
     if _boot_id() is None:
         pytest.skip("no boot id on this system")
@@ -141,7 +141,7 @@ def test_a_holder_from_before_a_reboot_is_taken_over(tmp_path, sleeper):
 
 
 def test_another_hosts_lock_goes_stale_by_age_or_by_request(tmp_path):
-    from ds_hydra.training.run_lock import LockSettings, RunLocked, acquire
+    from ds_hydra.common.run_lock import LockSettings, RunLocked, acquire
 
     path = write_lock(tmp_path, host="node-elsewhere", pid=4242, token="t1", since_text="2024-05-01 12:00:03")
     with pytest.raises(RunLocked) as refused:
@@ -163,7 +163,7 @@ def test_another_hosts_lock_goes_stale_by_age_or_by_request(tmp_path):
 
 
 def test_an_earlier_torchrun_attempt_of_the_same_job_is_taken_over(tmp_path, monkeypatch):
-    from ds_hydra.training.run_lock import RunLocked, acquire
+    from ds_hydra.common.run_lock import RunLocked, acquire
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
@@ -178,7 +178,7 @@ def test_an_earlier_torchrun_attempt_of_the_same_job_is_taken_over(tmp_path, mon
 
 
 def _race_for(run_dir: str, results) -> None:
-    from ds_hydra.training.run_lock import RunLocked, acquire
+    from ds_hydra.common.run_lock import RunLocked, acquire
 
     try:
         lock = acquire(Path(run_dir))
@@ -209,7 +209,7 @@ def test_racing_take_overs_of_one_stale_lock_leave_one_holder(tmp_path):
 
 
 def test_the_holder_refreshes_its_lock_and_removes_only_its_own(tmp_path):
-    from ds_hydra.training.run_lock import LockSettings, acquire, held_lock, holding
+    from ds_hydra.common.run_lock import LockSettings, acquire, held_lock, holding
 
     lock = acquire(tmp_path, LockSettings(stale_after_s=0.4))  # refreshed every 0.1 s
     first = lock.path.stat().st_mtime_ns

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ENGINE_RUN, REPO
-from ds_hydra.engine import torchrun_job
-from ds_hydra.engine.torchrun_config import TorchrunSettings
-from ds_hydra.engine.torchrun_job import job_arguments, read_outcome
+from ds_hydra.cli import torchrun_job
+from ds_hydra.cli.torchrun_config import TorchrunSettings
+from ds_hydra.cli.torchrun_job import job_arguments, read_outcome
 from ds_hydra.errors import ConfigError, UserError
 
 RUN = [*ENGINE_RUN, "trainer.log_interval=2"]
@@ -110,6 +110,7 @@ def test_a_rank_reports_the_user_error_behind_its_exit(tmp_path, monkeypatch):
     """cli_main prints a UserError and exits 2: the report carries that error, not the SystemExit."""
     monkeypatch.setenv(torchrun_job.RANK_REPORTS_ENV, str(tmp_path))
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit):
         with torchrun_job.reporting_to_launcher():
             try:
@@ -124,7 +125,7 @@ def test_a_rank_reports_the_user_error_behind_its_exit(tmp_path, monkeypatch):
 def test_a_failure_is_timed_when_its_rank_tears_the_group_down(tmp_path, monkeypatch):
     """The failing rank's teardown is what makes its peers fail, and its own report can come later (the
     error still travels up through Hydra): the report carries the teardown's time, not the report's."""
-    from ds_hydra.engine import launch
+    from ds_hydra.engine import process_group
 
     class Group:  # stands in for torch.distributed
         destroyed = 0
@@ -132,19 +133,20 @@ def test_a_failure_is_timed_when_its_rank_tears_the_group_down(tmp_path, monkeyp
         def destroy_process_group(self):
             self.destroyed += 1
 
-    monkeypatch.setattr(launch, "_failed_at", None)
+    monkeypatch.setattr(process_group, "_failed_at", None)
     monkeypatch.setenv(torchrun_job.RANK_REPORTS_ENV, str(tmp_path))
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     group = Group()
-    launch.leave_process_group(group)  # a clean exit notes nothing
-    assert (group.destroyed, launch.failed_at()) == (1, None)
+    process_group.leave_process_group(group)  # a clean exit notes nothing
+    assert (group.destroyed, process_group.failed_at()) == (1, None)
     with pytest.raises(RuntimeError):
         with torchrun_job.reporting_to_launcher():
             try:
                 raise RuntimeError("planted")
             finally:
-                launch.leave_process_group(group)  # (the engine's close, or cli_main's after_hydra)
-                torn_down = launch.failed_at()
+                process_group.leave_process_group(group)  # (the engine's close, or cli_main's after_hydra)
+                torn_down = process_group.failed_at()
                 time.sleep(0.05)  # the error's way up to the report
     saved = json.loads((tmp_path / "rank1.json").read_text())
     assert group.destroyed == 2 and torn_down is not None and saved["time"] == torn_down
@@ -161,7 +163,7 @@ def test_a_stop_signal_starts_no_further_job(tmp_path, monkeypatch):
         torchrun={"nproc_per_node": "2"},
         config=OmegaConf.create({"hydra": {"hydra_logging": None, "verbose": False, "sweep": {"dir": str(tmp_path)}}}),
     )
-    monkeypatch.setattr("ds_hydra.training.signals.stop_requested", lambda: signal.SIGTERM)
+    monkeypatch.setattr("ds_hydra.common.signals.stop_requested", lambda: signal.SIGTERM)
     with pytest.raises(torchrun_job.SweepStopped) as stopped:
         _core.launch(launcher, [["optimizer.lr=1e-3"], ["optimizer.lr=2e-3"]], initial_job_idx=0)
     assert stopped.value.exit_code == 75

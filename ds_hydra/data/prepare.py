@@ -149,7 +149,7 @@ def _prepare_dataset(files, output, tokenizer_cfg, settings, train_fraction, num
             "settings": {k: v for k, v in recipe.items() if k not in ("inputs", "version")},
             "recipe": recipe_hash,
         }
-        from ds_hydra.training.checkpoint_files import atomic_write_text
+        from ds_hydra.common.files import atomic_write_text
 
         atomic_write_text(staging / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         _publish(staging, output)
@@ -179,7 +179,7 @@ def _sole_writer(output: Path) -> Iterator[None]:
     taken as a run dir's lock is (a live holder refuses a second prepare in one line; a dead one's lock
     is taken over). The holder then owns the hidden directories interrupted prepares left beside the
     output, and removes them."""
-    from ds_hydra.training.run_lock import acquire
+    from ds_hydra.common.run_lock import acquire
 
     parent = _parent(output)
     lock = acquire(parent, what="prepare.output", lock_file=f".{output.name}.prepare.lock",
@@ -242,7 +242,7 @@ def _complete(output: Path, meta: dict) -> bool:
 
 def _publish(staging: Path, output: Path) -> None:
     """Rename ``staging`` to ``output``; an earlier output (checked to be prepare's) is replaced."""
-    from ds_hydra.training.checkpoint_files import fsync_dir
+    from ds_hydra.common.files import fsync_dir
 
     umask = os.umask(0)
     os.umask(umask)
@@ -428,7 +428,7 @@ class Workers:
 
 def _check_stop() -> None:
     """Ctrl-C or SIGTERM under the CLI only sets a flag: stop between chunks (the caller cleans up)."""
-    from ds_hydra.training import signals
+    from ds_hydra.common import signals
 
     if signals.stop_requested():
         raise KeyboardInterrupt

@@ -127,7 +127,7 @@ def _cached_tokens(data: bytes, name: str, path: Optional[str], tokenizer: dict,
 
 def _embedded_file(root: Path, data: bytes) -> Path:
     """The embedded corpus as a file in the cache (prepare reads files)."""
-    from ds_hydra.training.checkpoint_files import atomic_write
+    from ds_hydra.common.files import atomic_write
 
     file = root / "text" / EMBEDDED_NAME
     if not file.is_file() or file.stat().st_size != len(data):
@@ -144,7 +144,9 @@ def _one_process_first(build) -> None:
     if dist is None or not dist.is_available() or not dist.is_initialized():
         build()
         return
-    first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+    from ds_hydra.common import launch_env
+
+    first = (launch_env.local_rank() if launch_env.launched() else dist.get_rank()) == 0
     if first:
         build()
     dist.barrier()

@@ -69,7 +69,7 @@ class Tokenizer:
 
     def save(self, directory) -> None:
         """Write ``tokenizer.json`` and ``tokenizer_meta.json`` into ``directory`` (each atomically)."""
-        from ds_hydra.training.checkpoint_files import atomic_write_text
+        from ds_hydra.common.files import atomic_write_text
 
         directory = Path(directory)
         atomic_write_text(directory / TOKENIZER_FILE, self._file_text())

@@ -1,8 +1,9 @@
 """Engines: how many processes train and what syncs them (single process, DDP, FSDP2, DeepSpeed).
 
 ``start_engine(cfg.engine, device)`` picks the engine once and returns it, its process group up;
-everything else asks the engine (``ds_hydra.engine.base.Engine``). The schemas (``config``) and the
-launcher glue (``launch``) import no torch; the engines themselves are imported when started.
+everything else asks the engine (``ds_hydra.engine.base.Engine``). The schemas (``config``) import no
+torch; the engines themselves are imported when started. Launching processes is the CLI's
+(``ds_hydra.cli.launch``); DeepSpeed's JSON config is ``ds_hydra.deepspeed``.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ ENGINES = {
 
 def resolve_engine(name: str) -> str:
     """``auto`` -> ``ddp`` when a launcher started several processes, else ``single``."""
-    from ds_hydra.engine.launch import multi_process
+    from ds_hydra.common.launch_env import multi_process
 
     if name == "auto":
         return "ddp" if multi_process() else "single"

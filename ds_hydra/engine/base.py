@@ -159,7 +159,7 @@ class Engine:
     def close(self) -> None:
         """Destroy the process group if this engine created it (a launcher's stays up)."""
         if self.owns_group and dist.is_available() and dist.is_initialized():
-            from ds_hydra.engine.launch import leave_process_group
+            from ds_hydra.engine.process_group import leave_process_group
 
             leave_process_group(dist)
         self.owns_group = False

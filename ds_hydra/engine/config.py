@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
-from ds_hydra.engine.launch import multi_process  # reads the environment only: no torch import
+from ds_hydra.common.launch_env import multi_process  # reads the environment only: no torch import
 
 
 class EngineName(Enum):

@@ -1,6 +1,6 @@
 """``engine=deepspeed``: DeepSpeed's engine (ZeRO stages, offload) driven by the Hydra config.
 
-ds_hydra derives DeepSpeed's JSON config from its own (``ds_hydra.engine.deepspeed_config``) and hands
+ds_hydra derives DeepSpeed's JSON config from its own (``ds_hydra.deepspeed.json_export``) and hands
 DeepSpeed its param groups, optimizer and scheduler as callables::
 
     deepspeed.initialize(model=model, model_parameters=<ds_hydra's param groups>,
@@ -29,7 +29,7 @@ import torch.nn as nn
 from ds_hydra.devices import precision_name
 from ds_hydra.engine.base import ProcessGroupEngine
 from ds_hydra.errors import UserError
-from ds_hydra.training.checkpoint_files import CHECKPOINT_DIR, list_checkpoints
+from ds_hydra.common.checkpoint_files import CHECKPOINT_DIR, list_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class DeepSpeedEngine(ProcessGroupEngine):
 
     def setup(self, model: nn.Module, cfg, blocks: Sequence[nn.Module], autocast_dtype: Optional[torch.dtype]) -> Tuple[nn.Module, Any, Any]:
         """``deepspeed.initialize`` around the model, with ds_hydra's param groups, optimizer and scheduler."""
-        from ds_hydra.engine.deepspeed_config import deepspeed_config
+        from ds_hydra.deepspeed.json_export import deepspeed_config
         from ds_hydra.optim.build import log_param_groups, optimizer_callable, param_groups_for, scheduler_callable
 
         deepspeed = import_deepspeed(self.device)

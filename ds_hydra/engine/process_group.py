@@ -2,56 +2,41 @@
 
 A launcher (torchrun, the deepspeed launcher, a cluster script) sets RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT. The process group is created here unless a launcher-aware caller
-(``ds_hydra.engine.launch``, before Hydra runs) already did; started without a launcher, an engine
+(``ds_hydra.cli.launch``, before Hydra runs) already did; started without a launcher, an engine
 that needs a group runs as a one-process group on an in-memory store.
 """
 from __future__ import annotations
 
-import os
 from datetime import timedelta
+
+import sys
+import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from ds_hydra.common import launch_env
 from ds_hydra.errors import UserError
 
 __all__ = [
     "PROCESS_GROUP_TIMEOUT",
-    "launched",
-    "env_world_size",
-    "env_rank",
-    "env_local_rank",
     "is_main_process",
     "init_process_group",
     "rank_device",
+    "leave_process_group",
+    "failed_at",
 ]
 
 # Collectives wait this long before failing (a rank saving a large checkpoint keeps the others waiting).
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 
 
-def launched() -> bool:
-    """Whether a launcher started this process."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
-
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0")) if launched() else 0
-
-
-def env_local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
-
-
 def is_main_process() -> bool:
     """Rank 0 (the only writer of run files); true in a single process."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
-    return env_rank() == 0
+    return launch_env.rank() == 0
 
 
 def init_process_group(device: torch.device) -> bool:
@@ -63,7 +48,7 @@ def init_process_group(device: torch.device) -> bool:
     if dist.is_initialized():
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if launched():
+    if launch_env.launched():
         dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=PROCESS_GROUP_TIMEOUT)
@@ -74,8 +59,8 @@ def rank_device(device: torch.device) -> torch.device:
     """Under a launcher every rank takes ``cuda:LOCAL_RANK``; other devices are shared as they are."""
     if device.type != "cuda":
         return device
-    local = env_local_rank()
-    if env_world_size() > 1 and device.index is not None and device.index != local:
+    local = launch_env.local_rank()
+    if launch_env.world_size() > 1 and device.index is not None and device.index != local:
         raise UserError(
             f"trainer.device={device}: with several processes each rank uses cuda:LOCAL_RANK; set trainer.device=cuda or auto"
         )
@@ -86,3 +71,22 @@ def rank_device(device: torch.device) -> torch.device:
         )
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
+
+
+# When this rank failed, noted as it tears its process group down with an exception in flight: the other
+# ranks fail only after that (their collectives lose this peer), so the launcher can tell which rank
+# failed first even when a later failure is reported sooner.
+_failed_at: Optional[float] = None
+
+
+def leave_process_group(dist) -> None:
+    """Destroy the default process group; with an exception in flight, note when this rank failed."""
+    global _failed_at
+    if sys.exc_info()[1] is not None and _failed_at is None:
+        _failed_at = time.time()
+    dist.destroy_process_group()
+
+
+def failed_at() -> Optional[float]:
+    """When this rank failed with its process group up (``time.time()``), or None."""
+    return _failed_at

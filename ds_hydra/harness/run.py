@@ -306,7 +306,7 @@ def write_report(results: Dict[str, Any], loaded: HarnessModel, lcfg, out_dir: P
     """``<out_dir>/lm_eval.json``: what was evaluated, with what settings, and the harness's results."""
     from omegaconf import OmegaConf
 
-    from ds_hydra.training.checkpoint_files import atomic_write_text
+    from ds_hydra.common.files import atomic_write_text
 
     report = {
         "model": loaded.source,
@@ -335,7 +335,7 @@ def log_table(results: Dict[str, Any]) -> None:
 def lm_eval_task(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     """``task=lm_eval``: harness tasks on ``inference.checkpoint`` or ``model.pretrained``; returns the metrics."""
     from ds_hydra.training.metrics import MetricsLogger
-    from ds_hydra.training.run_dir import resolve_run_dir
+    from ds_hydra.common.run_dir import resolve_run_dir
 
     import_harness()  # one line naming the extra, before anything is loaded
     loaded = load_for_harness(cfg)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from ds_hydra.devices import resolve_device
 from ds_hydra.errors import UserError
 from ds_hydra.training import state as state_io
-from ds_hydra.training.run_dir import RESOLVED_CONFIG_FILE
+from ds_hydra.common.run_dir import RESOLVED_CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def load_weights(model: nn.Module, saved: Dict[str, Any], weights: Path, run_dir
 
 def output_dir(run_dir: Optional[Path], trained_run: Path) -> Path:
     """The inference invocation's own run dir; never the trained run's (its files are read-only to us)."""
-    from ds_hydra.training.run_dir import resolve_run_dir
+    from ds_hydra.common.run_dir import resolve_run_dir
 
     out_dir = resolve_run_dir(run_dir)
     if out_dir.resolve() == Path(trained_run).resolve():

@@ -54,7 +54,7 @@ class CsvTracker(Tracker):
         return bool(new)
 
     def _rewrite(self) -> None:
-        from ds_hydra.training.checkpoint_files import atomic_write_text
+        from ds_hydra.common.files import atomic_write_text
 
         if self._file is not None:
             self._file.close()

@@ -83,7 +83,7 @@ class Trackers:
     def _save_ids(self) -> None:
         if self.run_dir is None or not self.ids:
             return
-        from ds_hydra.training.checkpoint_files import atomic_write_text
+        from ds_hydra.common.files import atomic_write_text
 
         steps = [s for s in (self.last_step, self.skip_through) if s is not None]
         state = {**self.ids, LAST_STEP_KEY: max(steps) if steps else None}

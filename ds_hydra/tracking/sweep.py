@@ -63,7 +63,7 @@ def _read(sweep_dir: Path) -> Dict[str, Any]:
 
 
 def _write(sweep_dir: Path, update: Dict[str, Any]) -> None:
-    from ds_hydra.training.checkpoint_files import atomic_write_text
+    from ds_hydra.common.files import atomic_write_text
 
     atomic_write_text(sweep_dir / SWEEP_TRACKERS_FILE, json.dumps({**_read(sweep_dir), **update}, indent=1) + "\n")
 

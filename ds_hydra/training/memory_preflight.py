@@ -18,10 +18,10 @@ trainer's loss (the ``loss`` group, through ``ds_hydra.loss.step.loss_sum``).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import List, Optional, Set
 
+from ds_hydra.common import launch_env
 from ds_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def sharding_of(engine):
     """How ``engine`` splits state over the launch's processes (``WORLD_SIZE``)."""
     from ds_hydra.training.memory_estimate import Sharding
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch_env.world_size()
     name = getattr(engine.name, "value", engine.name)
     if name == "fsdp":
         return Sharding(world, parameters=True, gradients=True, optimizer_state=True, optimizer_on_host=bool(engine.cpu_offload))
@@ -129,7 +129,7 @@ def judge_step_memory(cfg) -> MemoryVerdict:
     spec = step_spec(cfg)
     estimate = estimate_step_memory(spec)
     on_host = spec.device.type == "cpu"
-    free, source = free_memory(spec.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if on_host else 1)
+    free, source = free_memory(spec.device, launch_env.local_world_size() if on_host else 1)
     device = str(spec.device)
     needs = f"memory: one training step needs about {estimate.describe()} on {device}"
     if free is None:
@@ -185,7 +185,7 @@ def check_step_memory(cfg, say=None) -> Optional[MemoryVerdict]:
     """Refuse (``UserError``) a step far over the free memory; ``say(level, line)`` the verdict otherwise
     (default: log it). Once per config and process; ranks other than 0 leave it to rank 0."""
     mode = getattr(cfg.run.memory_check, "value", cfg.run.memory_check) if "run" in cfg else "refuse"
-    if mode == "off" or (os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    if mode == "off" or launch_env.other_rank():
         return None
     key = _config_key(cfg)
     if key in _checked:

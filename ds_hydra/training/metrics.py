@@ -52,8 +52,8 @@ class MetricsLogger:
     def close(self, error: Optional[BaseException] = None, final: Optional[Dict[str, Any]] = None) -> None:
         """Close metrics.jsonl and the trackers (after ``error``: the trackers mark the run failed or stopped)."""
         from ds_hydra.tracking.base import FAILED, FINISHED, STOPPED
-        from ds_hydra.training.run_dir import RESOLVED_CONFIG_FILE
-        from ds_hydra.training.signals import Stopped
+        from ds_hydra.common.run_dir import RESOLVED_CONFIG_FILE
+        from ds_hydra.common.signals import Stopped
 
         if self._file is not None:
             self._file.close()

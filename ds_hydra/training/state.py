@@ -22,10 +22,10 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from ds_hydra.common.files import atomic_write
 from ds_hydra.errors import UserError
-from ds_hydra.training.checkpoint_files import (  # noqa: F401  (re-exported: the run's file layout)
+from ds_hydra.common.checkpoint_files import (  # noqa: F401  (re-exported: the run's file layout)
     CHECKPOINT_DIR,
-    atomic_write,
     checkpoint_path,
     checkpoint_step,
     latest_checkpoint,

@@ -13,13 +13,13 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from ds_hydra import checkpointing as deepspeed_checkpointing
+from ds_hydra.deepspeed import checkpointing as deepspeed_checkpointing
 from ds_hydra.activation_checkpointing import SavedActivationCounter, checkpoint_activations, checkpointing_state
 from ds_hydra.activation_checkpointing.blocks import model_blocks
 from ds_hydra.data.base import TRAIN_EVAL_STREAM, TRAIN_STREAM, VAL_STREAM, build_data
@@ -31,15 +31,15 @@ from ds_hydra.errors import UserError
 from ds_hydra.models.build import build_model, num_params
 from ds_hydra.loss.step import build_loss, label_tokens, loss_sum, token_mean_loss
 from ds_hydra.training import resume as resume_io
-from ds_hydra.training import run_lock
-from ds_hydra.training import signals
+from ds_hydra.common import run_lock
+from ds_hydra.common import signals
 from ds_hydra.training import state as state_io
 from ds_hydra.training.fit import check_vocab, resolve_seq_len
 from ds_hydra.training.memory_preflight import check_step_memory
 from ds_hydra.training.metrics import MetricsLogger
 from ds_hydra.training.nonfinite import NonFiniteLoss, NonFiniteWatch
 from ds_hydra.training.profiling import StepProfiler
-from ds_hydra.training.run_dir import resolve_run_dir, write_resolved_config
+from ds_hydra.common.run_dir import resolve_run_dir, write_resolved_config
 from ds_hydra.training.throughput import Throughput
 
 log = logging.getLogger(__name__)
@@ -335,15 +335,20 @@ class Trainer:
         return path
 
 
-def train(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
-    """Train from a composed config; returns the final metrics dict."""
+# After training, on rank 0: ``hook(cfg, run_dir, final step, log_metrics)`` returns metrics to add to the final ones.
+AfterTraining = Callable[[Any, Path, int, Callable[..., None]], Dict[str, Any]]
+
+
+def train(cfg, run_dir: Optional[Path] = None, after_training: Sequence[AfterTraining] = ()) -> Dict[str, Any]:
+    """Train from a composed config; returns the final metrics dict. ``ds_hydra.train`` (the task) adds
+    what the config asks to run after training (``lm_eval.after_training``) as ``after_training``."""
     started = time.perf_counter()
     run_dir = resolve_run_dir(run_dir if run_dir is not None else resume_io.resume_target(cfg)[0])
     with run_lock.holding(run_dir, cfg):  # one writer per run dir (the CLI took the lock already)
-        return _train(cfg, run_dir, started)
+        return _train(cfg, run_dir, started, after_training)
 
 
-def _train(cfg, run_dir: Path, started: float) -> Dict[str, Any]:
+def _train(cfg, run_dir: Path, started: float, after_training: Sequence[AfterTraining] = ()) -> Dict[str, Any]:
     check_step_memory(cfg)  # refuses a step far over the free memory (once per config: the CLI checked already)
     plan = resume_io.plan_start(cfg, run_dir)  # refuses to start a new run over an old one
     if plan.completed is not None:
@@ -392,10 +397,8 @@ def _train(cfg, run_dir: Path, started: float) -> Dict[str, Any]:
         profiler = StepProfiler(tcfg.get("profile"), run_dir, trainer.engine.rank, trainer.device, trainer.step)
         with signals.stop_on_signals(), profiler:
             final = _fit(trainer, metrics, profiler)
-        if is_main and cfg.get("lm_eval") is not None and cfg.lm_eval.after_training:  # harness tasks on the final checkpoint
-            from ds_hydra.harness.run import evaluate_after_training
-
-            final.update(evaluate_after_training(cfg, run_dir, final["step"], metrics.log))
+        for hook in after_training if is_main else ():  # e.g. harness tasks on the final checkpoint
+            final.update(hook(cfg, run_dir, final["step"], metrics.log))
     except BaseException as exc:
         metrics.close(error=exc)  # the trackers mark the run failed (or stopped)
         raise

@@ -9,16 +9,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from omegaconf import open_dict, read_write
 
-from .torchrun_launcher import TorchrunLauncher
+from hydra.plugins.launcher import Launcher  # the TorchrunLauncher that calls in here (its module imports this one)
 
 log = logging.getLogger(__name__)
 
 
-def launch(launcher: TorchrunLauncher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-    from ds_hydra.engine.torchrun_config import TorchrunSettings
-    from ds_hydra.engine.torchrun_job import SweepStopped
+def launch(launcher: Launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+    from ds_hydra.cli.torchrun_config import TorchrunSettings
+    from ds_hydra.cli.torchrun_job import SweepStopped
     from ds_hydra.errors import ConfigError
-    from ds_hydra.training.signals import stop_requested
+    from ds_hydra.common.signals import stop_requested
 
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
@@ -38,9 +38,9 @@ def launch(launcher: TorchrunLauncher, job_overrides: Sequence[Sequence[str]], i
     return returns
 
 
-def run_one(launcher: TorchrunLauncher, num: int, overrides: List[str], settings, sweep_dir: Path) -> JobReturn:
+def run_one(launcher: Launcher, num: int, overrides: List[str], settings, sweep_dir: Path) -> JobReturn:
     """One job: its config and ``on_job_start`` here, its ranks under torchrun, ``on_job_end`` with the outcome."""
-    from ds_hydra.engine.torchrun_job import JobFailed, job_arguments, run_job
+    from ds_hydra.cli.torchrun_job import JobFailed, job_arguments, run_job
     from ds_hydra.sweeps.callback import note_job_metrics, select_objective
     from ds_hydra.tracking.naming import JOB_NUM_ENV, SWEEP_DIR_ENV
 

@@ -2,14 +2,14 @@
 
     python -m ds_hydra -m hydra/launcher=torchrun hydra.launcher.nproc_per_node=2 optimizer.lr=1e-3,2e-3
 
-The settings and their docs are ds_hydra's (``ds_hydra.engine.torchrun_config``, torch-free); this
+The settings and their docs are ds_hydra's (``ds_hydra.cli.torchrun_config``, torch-free); this
 adds the launcher class Hydra instantiates.
 """
 from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
 
-from ds_hydra.engine.torchrun_config import TorchrunSettings
+from ds_hydra.cli.torchrun_config import TorchrunSettings
 
 
 @dataclass

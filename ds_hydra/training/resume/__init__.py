@@ -31,7 +31,6 @@ from ds_hydra.training.resume.command_line import (
     OVERRIDES_FILE,
     expand_resume_args,
     locate_run,
-    quote,
     read_saved_overrides,
 )
 from ds_hydra.training.resume.completion import (
@@ -71,7 +70,6 @@ __all__ = [
     "in_multirun",
     "locate_run",
     "plan_start",
-    "quote",
     "read_completion_marker",
     "read_saved_overrides",
     "record_continuation",

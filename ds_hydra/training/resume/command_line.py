@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
+from ds_hydra.common.overrides import MULTIRUN_OPTIONS, has_option, override_key, quote, unquote
 from ds_hydra.errors import UserError
-from ds_hydra.training.checkpoint_files import CHECKPOINT_DIR, STEP_FILE
+from ds_hydra.common.checkpoint_files import CHECKPOINT_DIR, STEP_FILE
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def expand_resume_args(argv: Sequence[str]) -> List[str]:
     value = unquote(value)
     if value in ("", "null"):
         return argv
-    if "-m" in argv or "--multirun" in argv:
+    if has_option(argv, MULTIRUN_OPTIONS):
         raise UserError(
             f"resume={value}: continues a single run; to continue a sweep, re-run the same multirun command "
             f"with hydra.sweep.dir=<its sweep dir> (finished jobs are skipped)"
@@ -114,26 +115,9 @@ def read_saved_overrides(run_dir: Path) -> List[str]:
     return saved
 
 
-def quote(value: Any) -> str:
-    """``value`` as a quoted Hydra override value (safe for spaces, commas, ``=`` and quotes)."""
-    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{text}'"
-
-
-def unquote(value: str) -> str:
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1].replace("\\'", "'").replace('\\"', '"').replace("\\\\", "\\")
-    return value
-
-
-def override_key(override: str) -> str:
-    key = override.lstrip("+~").split("=", 1)[0]
-    return key.split("@", 1)[0].strip()
-
-
 def _config_name_args(run_dir: Path, args: Sequence[str]) -> List[str]:
     """``--config-name=<name>`` when the run used another primary config and the command names none."""
-    if any(a in ("-cn", "--config-name") or a.startswith("--config-name=") for a in args):
+    if has_option(args, ("-cn", "--config-name")):
         return []
     import yaml
 

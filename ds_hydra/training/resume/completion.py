@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ds_hydra.errors import UserError
-from ds_hydra.training.checkpoint_files import atomic_write_text
+from ds_hydra.common.files import atomic_write_text
 from ds_hydra.training.resume.config_diff import flat_config
 
 COMPLETED_FILE = "completed.json"

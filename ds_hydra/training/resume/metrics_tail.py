@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ds_hydra.errors import UserError
-from ds_hydra.training.checkpoint_files import CHECKPOINT_DIR, atomic_write_text, checkpoint_step, latest_checkpoint, list_checkpoints
+from ds_hydra.common.checkpoint_files import CHECKPOINT_DIR, checkpoint_step, latest_checkpoint, list_checkpoints
+from ds_hydra.common.files import atomic_write_text
 from ds_hydra.training.resume.completion import clear_completion_marker
 
 log = logging.getLogger(__name__)

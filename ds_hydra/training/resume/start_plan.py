@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ds_hydra.errors import UserError
-from ds_hydra.training.checkpoint_files import atomic_write_text, latest_checkpoint
+from ds_hydra.common.files import atomic_write_text
+from ds_hydra.common.checkpoint_files import latest_checkpoint
 from ds_hydra.training.resume.command_line import locate_run
 from ds_hydra.training.resume.completion import COMPLETED_FILE, read_completion_marker
 from ds_hydra.training.resume.config_diff import Difference, config_differences, describe_differences

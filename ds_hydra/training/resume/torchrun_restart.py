@@ -15,7 +15,7 @@ step 0 in a new ``${now:...}`` directory. Instead rank 0 of a restarted attempt
 
 It then continues that run from its newest checkpoint, as ``resume=<run dir>`` would (torchtitan's
 ``step=-1``): same directory, same overrides, the interrupted tail of its metrics recomputed. The
-other ranks learn the directory, and that it is continued, from rank 0 (``ds_hydra.engine.launch``).
+other ranks learn the directory, and that it is continued, from rank 0 (``ds_hydra.cli.launch``).
 The run's lock names the torchrun job too, so a restarted rank 0 takes over the lock of the attempt
 torchrun stopped, also from another host. ``torchrun_job.json`` lives in the run dir, written by
 rank 0 whenever the job allows restarts: nothing outside the outputs tree is needed. Torch-free.
@@ -32,7 +32,7 @@ from typing import Any, Dict, Optional
 
 from omegaconf import read_write
 
-from ds_hydra.training.checkpoint_files import atomic_write_text
+from ds_hydra.common.files import atomic_write_text
 from ds_hydra.training.resume.command_line import OVERRIDES_FILE
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def restarts_allowed() -> bool:
 
 def this_job() -> Dict[str, Any]:
     """What identifies this torchrun job: its rendezvous id, and the agent (our parent) on this host."""
-    from ds_hydra.training.run_lock import process_start_time
+    from ds_hydra.common.run_lock import process_start_time
 
     agent = os.getppid()
     return {
@@ -84,7 +84,7 @@ def is_this_job(record: Dict[str, Any]) -> bool:
 
 def run_to_continue(config) -> Optional[Path]:
     """The run dir a restarted attempt continues, or None (first attempt, resume= given, not found)."""
-    from ds_hydra.training.run_dir import names_the_clock
+    from ds_hydra.common.run_dir import names_the_clock
 
     if restart_attempt() < 1 or config.get("resume", None):
         return None

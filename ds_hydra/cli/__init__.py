@@ -23,7 +23,7 @@ def config_dir() -> str:
     """The installed ``pkg://ds_hydra.conf``, else the checkout's top-level ``conf/``."""
     if find_spec("ds_hydra.conf") is not None:
         return "pkg://ds_hydra.conf"
-    return str(Path(__file__).resolve().parent.parent / "conf")
+    return str(Path(__file__).resolve().parents[2] / "conf")
 
 
 # A user error (or a stop on request) of a single (non-sweep) run, handed from the task function to
@@ -34,11 +34,11 @@ _run_error: Optional[BaseException] = None
 def run_task(cfg) -> Optional[Dict[str, Any]]:
     """Hydra's task function: in a sweep, errors propagate so the sweep records the job as failed."""
     global _run_error
-    from ds_hydra.engine.launch import on_task_start
-    from ds_hydra.engine.torchrun_job import launcher_runs_this, run_under_torchrun
+    from ds_hydra.cli.launch import on_task_start
+    from ds_hydra.cli.torchrun_job import launcher_runs_this, run_under_torchrun
     from ds_hydra.sweeps import note_job_metrics, select_objective
-    from ds_hydra.training.preflight import say_deferred
-    from ds_hydra.training.signals import Stopped
+    from ds_hydra.cli.preflight import say_deferred
+    from ds_hydra.common.signals import Stopped
 
     on_task_start()  # several processes: rank 0 shares its run dir; the others log quietly
     say_deferred()  # e.g. the run dir's name was taken: into the run's log, now that it has one
@@ -68,15 +68,15 @@ def _in_multirun() -> bool:
 
 # task -> "module:function"; each function takes the composed config and returns a metrics dict.
 TASKS = {
-    "train": "ds_hydra.training.trainer:train",
+    "train": "ds_hydra.train_task:train",
     "infer": "ds_hydra.inference:run_inference",
     "eval": "ds_hydra.inference.evaluate:evaluate",
     "validate": "ds_hydra.validate_task:validate_task",
-    "resume": "ds_hydra.training.trainer:train",  # with resume=<run>: continue that run
-    "export_deepspeed": "ds_hydra.engine.deepspeed_config:export_deepspeed",  # the DeepSpeed JSON, no training
-    "export_hf": "ds_hydra.models.export_hf:export_hf",  # a trained run as a transformers model directory
+    "resume": "ds_hydra.train_task:train",  # with resume=<run>: continue that run
+    "export_deepspeed": "ds_hydra.deepspeed.json_export:export_deepspeed",  # the DeepSpeed JSON, no training
+    "export_hf": "ds_hydra.inference.export_hf:export_hf",  # a trained run as a transformers model directory
     "prepare": "ds_hydra.data.prepare:prepare_task",  # token files from text, JSONL or Parquet
-    "import_deepspeed": "ds_hydra.engine.deepspeed_import:import_task",  # deepspeed_config=<file> as a preset
+    "import_deepspeed": "ds_hydra.deepspeed.json_import:import_task",  # deepspeed_config=<file> as a preset
     "lm_eval": "ds_hydra.harness.run:lm_eval_task",  # lm-evaluation-harness tasks on a run or a transformers dir
 }
 
@@ -90,7 +90,7 @@ def dispatch(cfg) -> Dict[str, Any]:
     from ds_hydra.validation import validate_config
 
     task = cfg.task.value
-    from ds_hydra.engine.deepspeed_import import log_import
+    from ds_hydra.deepspeed.json_import import log_import
 
     log_import(cfg)  # what deepspeed_config=<file> mapped to, what it left to ds_hydra, what it ignored
     if task != "validate":  # task=validate collects these problems together with its own
@@ -122,7 +122,7 @@ def _exit_without_collecting() -> None:
 
 
 def cli_main() -> None:
-    from ds_hydra.engine.torchrun_job import reporting_to_launcher
+    from ds_hydra.cli.torchrun_job import reporting_to_launcher
 
     with reporting_to_launcher():  # a rank of a job the torchrun launcher started: its outcome for the launcher
         _cli_main()
@@ -138,12 +138,12 @@ def _cli_main() -> None:
     # Let composition errors reach us as exceptions so each is reported as one clear line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     main = hydra.main(version_base=None, config_path=config_dir(), config_name="config")(run_task)
-    from ds_hydra.training.preflight import RunRefused
-    from ds_hydra.engine.deepspeed_import import expand_deepspeed_config_args
+    from ds_hydra.cli.preflight import RunRefused
+    from ds_hydra.deepspeed.json_import import expand_deepspeed_config_args
     from ds_hydra.training.resume import expand_resume_args
-    from ds_hydra.training.run_lock import release_all
-    from ds_hydra.training.signals import Stopped, stop_on_signals
-    from ds_hydra.engine.launch import after_hydra, before_hydra, strip_local_rank, wait_for_all_ranks
+    from ds_hydra.common.run_lock import release_all
+    from ds_hydra.common.signals import Stopped, stop_on_signals
+    from ds_hydra.cli.launch import after_hydra, before_hydra, strip_local_rank, wait_for_all_ranks
 
     try:
         # resume=<run>: the run's saved overrides, in its own directory (before Hydra parses argv)

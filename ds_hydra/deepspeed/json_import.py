@@ -40,8 +40,10 @@ import shlex
 from dataclasses import dataclass, field, fields
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
+from ds_hydra.common import launch_env
+from ds_hydra.common.overrides import MULTIRUN_OPTIONS, has_option, quote, split_options, unquote
 from ds_hydra.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -898,13 +900,6 @@ _ARG = re.compile(r"^(\+\+|\+)?deepspeed_config=(.*)$")
 _IMPORTS: Dict[str, Imported] = {}  # deepspeed_config value -> what it mapped to, for the run's log
 
 
-def world_size_from_env() -> int:
-    """WORLD_SIZE under a launcher (torchrun sets RANK and WORLD_SIZE), else 1."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    return 1
-
-
 def deepspeed_installed() -> bool:
     return find_spec("deepspeed") is not None
 
@@ -917,49 +912,19 @@ def expand_deepspeed_config_args(argv: Sequence[str]) -> List[str]:
     found = [m for a in argv if (m := _ARG.match(a))]
     if not found:
         return argv
-    from ds_hydra.training.resume.command_line import unquote
-
     value = unquote(found[-1].group(2))
     if value in ("", "null"):
         return argv
-    if ("-m" in argv or "--multirun" in argv) and "," in value:
+    if has_option(argv, MULTIRUN_OPTIONS) and "," in value:
         raise UserError(f"deepspeed_config={value}: takes one file; sweep over the settings it maps to instead "
                         f"(task=import_deepspeed prints them)")
-    flags, overrides = _split_flags([a for a in argv if not _ARG.match(a)])
+    flags, overrides = split_options([a for a in argv if not _ARG.match(a)])
     imported = import_deepspeed_config(
-        read_deepspeed_json(value), value, world_size=world_size_from_env(),
+        read_deepspeed_json(value), value, world_size=launch_env.world_size(),
         deepspeed_available=deepspeed_installed(), command_line=overrides,
     )
     _IMPORTS[value] = imported
-    from ds_hydra.training.resume import quote
-
     return [*flags, *imported.override_texts, f"deepspeed_config={quote(value)}", *overrides]
-
-
-# Hydra's command-line options that take a value (as the next argument unless written --option=value).
-_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
-                "-cd", "--experimental-rerun"}
-_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
-
-
-def _split_flags(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
-    """(Hydra's options with their values, the overrides): the options go first, since argparse takes the
-    overrides as one run of positional arguments."""
-    flags, overrides = [], []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("-"):
-            flags.append(arg)
-            takes = arg in _VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in _INFO_CHOICES)
-            if takes and i + 1 < len(args):
-                flags.append(args[i + 1])
-                i += 1
-        else:
-            overrides.append(arg)
-        i += 1
-    return flags, overrides
 
 
 def log_import(cfg) -> None:
@@ -981,13 +946,13 @@ def import_task(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     print them; train nothing."""
     from hydra.core.hydra_config import HydraConfig
 
-    from ds_hydra.training.run_dir import resolve_run_dir
+    from ds_hydra.common.run_dir import resolve_run_dir
 
     value = cfg.get("deepspeed_config")
     if not value:
         raise UserError("task=import_deepspeed: name the DeepSpeed config to import, deepspeed_config=<ds_config.json>")
     imported = _IMPORTS.get(value) or import_deepspeed_config(
-        read_deepspeed_json(value), value, world_size=world_size_from_env(), deepspeed_available=deepspeed_installed())
+        read_deepspeed_json(value), value, world_size=launch_env.world_size(), deepspeed_available=deepspeed_installed())
     run_dir = resolve_run_dir(run_dir)
     others = []
     if HydraConfig.initialized():
@@ -1015,7 +980,7 @@ def run_command(experiment: Path, others: Sequence[str] = ()) -> str:
 def write_experiment(imported: Imported, run_dir: Path, others: Sequence[str] = ()) -> Path:
     """``<run dir>/experiment/<name>.yaml``: the imported overrides as a ``# @package _global_`` preset,
     headed by the command that runs it; each key's comment names the DeepSpeed key it comes from."""
-    from ds_hydra.training.checkpoint_files import atomic_write_text
+    from ds_hydra.common.files import atomic_write_text
 
     path = Path(run_dir) / EXPERIMENT_DIR / f"{experiment_name(imported.path)}.yaml"
     groups = [o for o in imported.overrides if "." not in o.key]

@@ -15,7 +15,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from ds_hydra.errors import UserError
-from ds_hydra.training.checkpoint_files import atomic_write_text
+from ds_hydra.common.files import atomic_write_text
 
 RESOLVED_CONFIG_FILE = "config_resolved.yaml"
 

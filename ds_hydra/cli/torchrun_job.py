@@ -2,7 +2,7 @@
 
 The launching process starts ``python -m torch.distributed.run <settings> -m ds_hydra <the job's
 overrides> hydra.run.dir=<job dir>``: the job's ranks then run as any torchrun'd ds_hydra run does
-(rank 0 makes the run dir, every rank logs to ``rank{N}.log`` in it; ``ds_hydra.engine.launch``).
+(rank 0 makes the run dir, every rank logs to ``rank{N}.log`` in it; ``ds_hydra.cli.launch``).
 Each rank leaves its outcome in ``<job dir>/.ranks/rank{N}.json`` (``reporting_to_launcher``, around
 ``cli_main``): completed with rank 0's metrics, or failed with its one-line error, exit code and
 time. The launcher reads them back: a failed job is reported with the error of the rank that failed
@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-from ds_hydra.engine.torchrun_config import TorchrunSettings
+from ds_hydra.common import launch_env
+from ds_hydra.common.overrides import CONFIG_OPTIONS, option_args
+from ds_hydra.common.signals import EXIT_INTERRUPTED, EXIT_REQUEUE, Stopped, signal_name
+from ds_hydra.cli.torchrun_config import TorchrunSettings
 from ds_hydra.errors import ConfigError, UserError
-from ds_hydra.training.signals import EXIT_INTERRUPTED, EXIT_REQUEUE, Stopped, signal_name
 
 log = logging.getLogger(__name__)
 
@@ -80,27 +82,12 @@ def program_args() -> List[str]:
     return [os.path.abspath(sys.argv[0])]
 
 
-def config_flags(argv: Sequence[str]) -> List[str]:
-    """The launching command's ``--config-name/--config-path/--config-dir`` flags (the job needs the same config)."""
-    flags, args, i = [], list(argv), 0
-    names = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
-    while i < len(args):
-        arg = args[i]
-        if arg in names and i + 1 < len(args):
-            flags += [arg, args[i + 1]]
-            i += 2
-            continue
-        if arg.split("=", 1)[0] in names and "=" in arg:
-            flags.append(arg)
-        i += 1
-    return flags
-
-
 def job_arguments(task_overrides: Sequence[str], hydra_overrides: Sequence[str], job_dir: Path, continue_existing: bool = False) -> List[str]:
     """The job's command line after the program: its overrides, where it runs, the launching command's
     other Hydra settings. ``continue_existing`` (sweep jobs): a job dir that holds a run already is
     continued (``resume=``), so a re-run sweep skips finished jobs and continues interrupted ones."""
-    from ds_hydra.training.resume import OVERRIDES_FILE, quote
+    from ds_hydra.common.overrides import quote
+    from ds_hydra.training.resume import OVERRIDES_FILE
 
     task = [o for o in task_overrides if not o.startswith("resume=")]
     forwarded = [o for o in hydra_overrides if not o.lstrip("+~").startswith(_NOT_FORWARDED)]
@@ -108,7 +95,7 @@ def job_arguments(task_overrides: Sequence[str], hydra_overrides: Sequence[str],
     if not resume and continue_existing and (job_dir / OVERRIDES_FILE).is_file():
         resume = [f"resume={quote(job_dir)}"]
     where = resume or [f"hydra.run.dir={quote(job_dir)}"]
-    return [*config_flags(sys.argv[1:]), *task, *forwarded, *where]
+    return [*option_args(sys.argv[1:], CONFIG_OPTIONS), *task, *forwarded, *where]
 
 
 def run_job(settings: TorchrunSettings, job_dir: Path, args: Sequence[str], job_key: str, env: Optional[Dict[str, str]] = None) -> JobOutcome:
@@ -155,7 +142,7 @@ def launcher_runs_this() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or RANK_REPORTS_ENV in os.environ or "RANK" in os.environ:
+    if not HydraConfig.initialized() or RANK_REPORTS_ENV in os.environ or launch_env.launched():
         return False
     hydra_cfg = HydraConfig.get()
     return hydra_cfg.mode == RunMode.RUN and str(hydra_cfg.launcher.get("_target_", "")) == LAUNCHER_TARGET
@@ -165,7 +152,7 @@ def run_under_torchrun() -> Dict[str, Any]:
     """This run's ranks under torchrun, in the run dir Hydra made here; returns rank 0's final metrics."""
     from hydra.core.hydra_config import HydraConfig
 
-    from ds_hydra.training.run_lock import held_lock
+    from ds_hydra.common.run_lock import held_lock
 
     hydra_cfg = HydraConfig.get()
     settings = TorchrunSettings.from_config(hydra_cfg.launcher)
@@ -223,9 +210,9 @@ def _failure(exc: BaseException) -> Dict[str, Any]:
 
 
 def _report(folder: Path, outcome: Dict[str, Any]) -> None:
-    from ds_hydra.engine.launch import failed_at
+    from ds_hydra.engine.process_group import failed_at
 
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launch_env.rank()
     # a failure's time is when it happened (before this rank's teardown made its peers fail), not now
     when = failed_at() if outcome.get("status") == "failed" else None
     outcome = {"rank": rank, "time": when or time.time(), **outcome}

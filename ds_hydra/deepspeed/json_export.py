@@ -178,12 +178,12 @@ def export_precision(cfg) -> str:
 
 def export_deepspeed(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     """``task=export_deepspeed``: write DeepSpeed's JSON config for this config; train nothing."""
-    from ds_hydra.engine.process_group import env_world_size, is_main_process
+    from ds_hydra.common import launch_env
     from ds_hydra.models.config import configured_blocks
-    from ds_hydra.training.run_dir import resolve_run_dir
+    from ds_hydra.common.run_dir import resolve_run_dir
 
     ecfg = cfg.engine
-    world = int(ecfg.export_world_size or env_world_size())
+    world = int(ecfg.export_world_size or launch_env.world_size())
     precision = export_precision(cfg)
     config = deepspeed_config(cfg, world, precision, n_blocks=configured_blocks(cfg.model), for_file=True)
     if ecfg.config_file:
@@ -191,7 +191,7 @@ def export_deepspeed(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     else:
         path = resolve_run_dir(run_dir) / DEEPSPEED_CONFIG_FILE
     try:
-        if is_main_process():  # under a launcher: one writer
+        if launch_env.rank() == 0:  # under a launcher: one writer
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     except OSError as exc:

@@ -25,13 +25,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from typing import List, Optional, Sequence
 
+from ds_hydra.common.launch_env import multi_process
+from ds_hydra.common.overrides import MULTIRUN_OPTIONS, has_option, quote, take_option
 from ds_hydra.errors import EXIT_USAGE, UserError
 
 _LOCAL_RANK_FLAGS = ("--local-rank", "--local_rank")
-_MULTIRUN_FLAGS = ("-m", "--multirun")
 
 # Rank 0 owes the other ranks one broadcast (the run dir, or why there is none).
 _owed = False
@@ -39,30 +39,13 @@ _owed = False
 
 def strip_local_rank(argv: Sequence[str]) -> List[str]:
     """``argv`` without ``--local-rank=N``/``--local_rank N``; N goes to ``LOCAL_RANK`` if unset."""
-    out: List[str] = []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        flag, eq, value = arg.partition("=")
-        if flag in _LOCAL_RANK_FLAGS:
-            if not eq:
-                if i + 1 >= len(args):
-                    raise UserError(f"{flag}: needs a value (the process's rank on its node)")
-                value = args[i + 1]
-                i += 1
-            os.environ.setdefault("LOCAL_RANK", value)
-            i += 1
-            continue
-        out.append(arg)
-        i += 1
-    return out
-
-
-def multi_process() -> bool:
-    """Whether a launcher started several processes (read from the environment: no torch import)."""
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    return launched and int(os.environ["WORLD_SIZE"]) > 1
+    try:
+        value, rest = take_option(argv, _LOCAL_RANK_FLAGS)
+    except ValueError as exc:
+        raise UserError(f"{exc}: needs a value (the process's rank on its node)") from None
+    if value is not None:
+        os.environ.setdefault("LOCAL_RANK", value)
+    return rest
 
 
 def before_hydra(args: Sequence[str]) -> List[str]:
@@ -71,15 +54,16 @@ def before_hydra(args: Sequence[str]) -> List[str]:
     global _owed
     if not multi_process():
         return list(args)
-    if any(arg in _MULTIRUN_FLAGS for arg in args):
+    if has_option(args, MULTIRUN_OPTIONS):
         raise UserError("--multirun: not with several processes; start one torchrun per run (or sweep with a launcher plugin)")
     import torch
     import torch.distributed as dist
 
-    from ds_hydra.engine.process_group import PROCESS_GROUP_TIMEOUT, env_local_rank
+    from ds_hydra.common.launch_env import local_rank
+    from ds_hydra.engine.process_group import PROCESS_GROUP_TIMEOUT
 
-    if torch.cuda.is_available() and env_local_rank() < torch.cuda.device_count():
-        torch.cuda.set_device(env_local_rank())
+    if torch.cuda.is_available() and local_rank() < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank())
     if not dist.is_initialized():
         _init_launched_process_group(dist, PROCESS_GROUP_TIMEOUT)
     rank = dist.get_rank()
@@ -91,8 +75,8 @@ def before_hydra(args: Sequence[str]) -> List[str]:
         if run_dir is None:
             _finish_process_group()
             sys.exit(status)
-        extra += [f"hydra.run.dir={_quote(run_dir)}", "hydra.output_subdir=null"]
-        extra += [f"resume={_quote(continued)}"] if continued else []
+        extra += [f"hydra.run.dir={quote(run_dir)}", "hydra.output_subdir=null"]
+        extra += [f"resume={quote(continued)}"] if continued else []
     return [*args, *extra]
 
 
@@ -191,32 +175,9 @@ def _process_group_module():
 def _finish_process_group() -> None:
     dist = _process_group_module()
     if dist is not None:
+        from ds_hydra.engine.process_group import leave_process_group
+
         leave_process_group(dist)
-
-
-# When this rank failed, noted as it tears its process group down with an exception in flight: the other
-# ranks fail only after that (their collectives lose this peer), so the launcher can tell which rank
-# failed first even when a later failure is reported sooner.
-_failed_at: Optional[float] = None
-
-
-def leave_process_group(dist) -> None:
-    """Destroy the default process group; with an exception in flight, note when this rank failed."""
-    global _failed_at
-    if sys.exc_info()[1] is not None and _failed_at is None:
-        _failed_at = time.time()
-    dist.destroy_process_group()
-
-
-def failed_at() -> Optional[float]:
-    """When this rank failed with its process group up (``time.time()``), or None."""
-    return _failed_at
-
-
-def _quote(value: str) -> str:
-    """A Hydra override value for a path: single-quoted, quotes and backslashes escaped."""
-    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{escaped}'"
 
 
 def exit_status_for(exc: BaseException) -> int:

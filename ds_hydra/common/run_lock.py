@@ -39,6 +39,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
+from ds_hydra.common import launch_env
 from ds_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ def holding(run_dir: Path, cfg: Any = None) -> Iterator[Optional[RunLock]]:
 
     A lock this process holds already (the CLI's) is kept past the block. Under a multi-process
     launch only rank 0 locks: it holds the lock for every rank."""
-    if os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launch_env.other_rank():
         yield None
         return
     held = held_lock(run_dir)

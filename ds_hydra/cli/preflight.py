@@ -13,7 +13,7 @@ an earlier run (``resume=<run>``, or ``hydra.run.dir=<run>``) it would overwrite
    continues the run the first attempt wrote, ``resume.torchrun_restart``), then takes it: a directory named
    from the clock (``${now:...}``) is claimed exclusively, under the next free name if another launch
    took it (``hydra.run.dir`` is set to the name claimed); any other is created if missing; either
-   way it is locked for this process (``ds_hydra.training.run_lock``; under torchrun rank 0 holds
+   way it is locked for this process (``ds_hydra.common.run_lock``; under torchrun rank 0 holds
    the lock for every rank);
 4. the directory does not already hold a run, unless ``resume=`` continues it;
 5. when resuming, the checkpoint loads safely and was saved by the same model.
@@ -83,7 +83,7 @@ class Preflight(Callback):
 
 
 def _release(folder) -> None:
-    from ds_hydra.training.run_lock import held_lock
+    from ds_hydra.common.run_lock import held_lock
 
     lock = held_lock(Path(str(folder)))
     if lock is not None:
@@ -146,11 +146,9 @@ class TakenDir:
 
 def _other_rank() -> bool:
     """A rank other than 0 of a multi-process launch: rank 0 took the run dir for it."""
-    import os
+    from ds_hydra.common import launch_env
 
-    from ds_hydra.engine.launch import multi_process
-
-    return multi_process() and os.environ.get("RANK", "0") != "0"
+    return launch_env.other_rank()
 
 
 def continue_after_torchrun_restart(config) -> None:
@@ -181,7 +179,7 @@ def take_sweep_dir(config) -> TakenDir:
     taken = _take(config, "sweep")
     wanted = Path(str(config.hydra.sweep.dir))
     if taken.path != wanted:
-        from ds_hydra.training.resume import quote
+        from ds_hydra.common.overrides import quote
 
         _set_hydra_dir(config, "sweep", taken.path)
         with read_write(config.hydra.overrides):  # each job's config is composed again from these overrides
@@ -193,8 +191,8 @@ def take_sweep_dir(config) -> TakenDir:
 def _take(config, kind: str) -> TakenDir:
     from omegaconf import OmegaConf
 
-    from ds_hydra.training.run_dir import claim_new_dir, names_the_clock
-    from ds_hydra.training.run_lock import LockSettings, acquire
+    from ds_hydra.common.run_dir import claim_new_dir, names_the_clock
+    from ds_hydra.common.run_lock import LockSettings, acquire
 
     key = f"hydra.{kind}.dir"
     node = OmegaConf.select(config, f"hydra.{kind}")
