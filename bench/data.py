@@ -42,7 +42,7 @@ MiB = 1 << 20
 def make_token_dir(folder: Path, n_tokens: int) -> Path:
     """A prepared directory of ``n_tokens`` char ids (Tiny Shakespeare repeated) plus a 100k-token val split."""
     from ds_hydra.data.corpus import embedded_corpus_text
-    from ds_hydra.data.token_files import DATA_FORMAT
+    from ds_hydra.data.tokens import DATA_FORMAT
     from ds_hydra.data.tokenizer import CharTokenizer
 
     text = embedded_corpus_text()
@@ -164,7 +164,7 @@ def probe(how: str, path: str, draws: int) -> None:
     import torch
 
     from ds_hydra.data.batches import RandomBlocks
-    from ds_hydra.data.token_source import FileTokens
+    from ds_hydra.data.token_stream import FileTokens
 
     n = os.path.getsize(path) // 2
     if how == "fromfile":

@@ -84,7 +84,7 @@ def plain_script(files, tokenizer_file: Path, out: Path) -> int:
 
 def run_prepare(folder: Path, tokenizer_file: Path, out: Path, num_proc: int) -> int:
     from ds_hydra.data.prepare import prepare_dataset
-    from ds_hydra.data.sources import resolve_inputs
+    from ds_hydra.data.prepare_inputs import resolve_inputs
 
     meta = prepare_dataset(
         resolve_inputs([str(folder)]), out, {"kind": "hf", "path": str(tokenizer_file), "eos_token": EOS},

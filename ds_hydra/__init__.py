@@ -21,11 +21,11 @@ _EXPORTS = {
     "DeepSpeedOptimizerCallable": "ds_hydra.optim.types",
     "DeepSpeedSchedulerCallable": "ds_hydra.optim.types",
     "_LRScheduler": "ds_hydra.optim.types",
-    "WarmupLR": "ds_hydra.optim.lr_schedules",
-    "WarmupDecayLR": "ds_hydra.optim.lr_schedules",
-    "WarmupCosineLR": "ds_hydra.optim.lr_schedules",
-    "OneCycle": "ds_hydra.optim.lr_schedules",
-    "LRRangeTest": "ds_hydra.optim.lr_schedules",
+    "WarmupLR": "ds_hydra.deepspeed.lr_schedules",
+    "WarmupDecayLR": "ds_hydra.deepspeed.lr_schedules",
+    "WarmupCosineLR": "ds_hydra.deepspeed.lr_schedules",
+    "OneCycle": "ds_hydra.deepspeed.lr_schedules",
+    "LRRangeTest": "ds_hydra.deepspeed.lr_schedules",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

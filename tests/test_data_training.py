@@ -19,7 +19,7 @@ EOS = "<|endoftext|>"
 def prepared_dir(folder: Path, tokenizer: dict, chars: int = 120_000) -> Path:
     """A directory written by task=prepare from four text files of Tiny Shakespeare."""
     from ds_hydra.data.prepare import prepare_dataset
-    from ds_hydra.data.sources import resolve_inputs
+    from ds_hydra.data.prepare_inputs import resolve_inputs
 
     text = embedded_corpus_text()[:chars]
     corpus = folder.parent / f"{folder.name}_text"

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
 ds_schedules = pytest.importorskip("deepspeed.runtime.lr_schedules", reason="deepspeed is not installed")
 
-from ds_hydra.optim import lr_schedules as ours  # noqa: E402
+from ds_hydra.deepspeed import lr_schedules as ours  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of")
 

@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from ds_hydra.optim.lr_schedules import LRRangeTest, OneCycle, WarmupCosineLR, WarmupDecayLR, WarmupLR
+from ds_hydra.deepspeed.lr_schedules import LRRangeTest, OneCycle, WarmupCosineLR, WarmupDecayLR, WarmupLR
 
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of")  # schedules stepped without an optimizer step
 

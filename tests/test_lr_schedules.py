@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 import ds_hydra
 from conftest import compose
-from ds_hydra.optim.lr_schedules import LRRangeTest, OneCycle, WarmupCosineLR, WarmupDecayLR, WarmupLR
+from ds_hydra.deepspeed.lr_schedules import LRRangeTest, OneCycle, WarmupCosineLR, WarmupDecayLR, WarmupLR
 from ds_hydra.optim.schedules import WarmupStableDecay
 from ds_hydra.validation import config_problems
 

@@ -10,7 +10,7 @@ import pytest
 
 from ds_hydra.data import prepare as prep
 from ds_hydra.data.corpus import embedded_corpus_text
-from ds_hydra.data.sources import ReadSettings, resolve_inputs
+from ds_hydra.data.prepare_inputs import ReadSettings, resolve_inputs
 from ds_hydra.data.tokenizer import load_tokenizer
 from ds_hydra.errors import UserError
 from tests.conftest import run_cli

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ds_hydra.data import prepare as prep
-from ds_hydra.data.sources import resolve_inputs
+from ds_hydra.data.prepare_inputs import resolve_inputs
 from ds_hydra.common import run_lock
 
 CHAR = {"kind": "char", "eos_token": None}
@@ -99,7 +99,7 @@ def test_two_prepares_at_once_one_writes_the_other_is_refused(tmp_path, corpus):
     it did not write (without the lock both said "wrote" and one silently replaced the other)."""
     (corpus / "big.txt").write_text("abcdefghij " * 400_000, encoding="utf-8")  # a few seconds of work
     script = ("import sys; from pathlib import Path; from ds_hydra.data import prepare as p; "
-              "from ds_hydra.data.sources import resolve_inputs; from ds_hydra.errors import UserError\n"
+              "from ds_hydra.data.prepare_inputs import resolve_inputs; from ds_hydra.errors import UserError\n"
               "try:\n"
               f"    p.prepare_dataset(resolve_inputs([{str(corpus)!r}]), Path({str(tmp_path / 'out')!r}), "
               "{'kind': 'char', 'eos_token': sys.argv[1] or None}, progress=False); print('wrote')\n"

@@ -12,8 +12,8 @@ from ds_hydra.data.corpus import CharCorpus, embedded_corpus_text
 from ds_hydra.data.batches import RandomBlocks
 from ds_hydra.data.samplers import EpochOrder, Permutation, SequentialWindows
 from ds_hydra.data.text import TextData
-from ds_hydra.data.token_files import TokenFiles
-from ds_hydra.data.token_source import ArrayTokens, FileTokens
+from ds_hydra.data.tokens import TokenFiles
+from ds_hydra.data.token_stream import ArrayTokens, FileTokens
 from ds_hydra.errors import UserError
 
 CPU = torch.device("cpu")
@@ -90,7 +90,7 @@ def test_broken_directories_are_refused_in_one_line(tmp_path):
 def test_prepared_directory_checks_its_files_against_meta(tmp_path):
     pytest.importorskip("tokenizers")
     from ds_hydra.data.prepare import prepare_dataset
-    from ds_hydra.data.sources import resolve_inputs
+    from ds_hydra.data.prepare_inputs import resolve_inputs
 
     (tmp_path / "a.txt").write_text(embedded_corpus_text()[:20_000])
     prepare_dataset(resolve_inputs([str(tmp_path / "a.txt")]), tmp_path / "out", {"kind": "bytes", "eos_token": "<|endoftext|>"}, progress=False)

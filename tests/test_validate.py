@@ -33,7 +33,7 @@ def test_planted_errors_are_all_reported_in_one_message():
         "ckpt.segments=9",                                   # more segments than the 4 blocks
         "optimizer.lr=-1",                                   # a group range check
         "data._target_=ds_hydra.data.corpus.SyntheticTokens",  # CharCorpus keys for another callable
-        "scheduler._target_=ds_hydra.optim.lr_schedules.WarmupDecayLR",  # cosine keys, DeepSpeed names
+        "scheduler._target_=ds_hydra.deepspeed.lr_schedules.WarmupDecayLR",  # cosine keys, DeepSpeed names
         "trainer.device=cuda",                               # no CUDA here
         "engine=deepspeed", "engine.offload_optimizer=cpu",  # offload needs CUDA
         "allowed_targets=[]",
@@ -46,8 +46,8 @@ def test_planted_errors_are_all_reported_in_one_message():
         "optimizer.lr=-1.0: must be > 0",
         "ckpt.segments=9: must be 0..4",
         "data.path: ds_hydra.data.corpus.SyntheticTokens has no argument 'path'",
-        "scheduler.warmup_steps: ds_hydra.optim.lr_schedules.WarmupDecayLR has no argument 'warmup_steps' (did you mean 'warmup_num_steps'?)",
-        "scheduler.total_steps: ds_hydra.optim.lr_schedules.WarmupDecayLR has no argument 'total_steps' (did you mean 'total_num_steps'?)",
+        "scheduler.warmup_steps: ds_hydra.deepspeed.lr_schedules.WarmupDecayLR has no argument 'warmup_steps' (did you mean 'warmup_num_steps'?)",
+        "scheduler.total_steps: ds_hydra.deepspeed.lr_schedules.WarmupDecayLR has no argument 'total_steps' (did you mean 'total_num_steps'?)",
         "trainer.device=cuda: CUDA is not available",
         "engine.offload_optimizer=cpu: offloading moves state off a GPU, so it needs CUDA",
     ]

@@ -76,7 +76,7 @@ TASKS = {
     "export_deepspeed": "ds_hydra.deepspeed.json_export:export_deepspeed",  # the DeepSpeed JSON, no training
     "export_hf": "ds_hydra.inference.export_hf:export_hf",  # a trained run as a transformers model directory
     "prepare": "ds_hydra.data.prepare:prepare_task",  # token files from text, JSONL or Parquet
-    "import_deepspeed": "ds_hydra.deepspeed.json_import:import_task",  # deepspeed_config=<file> as a preset
+    "import_deepspeed": "ds_hydra.deepspeed.import_task:import_task",  # deepspeed_config=<file> as a preset
     "lm_eval": "ds_hydra.harness.run:lm_eval_task",  # lm-evaluation-harness tasks on a run or a transformers dir
 }
 
@@ -90,7 +90,7 @@ def dispatch(cfg) -> Dict[str, Any]:
     from ds_hydra.validation import validate_config
 
     task = cfg.task.value
-    from ds_hydra.deepspeed.json_import import log_import
+    from ds_hydra.deepspeed.command_line import log_import
 
     log_import(cfg)  # what deepspeed_config=<file> mapped to, what it left to ds_hydra, what it ignored
     if task != "validate":  # task=validate collects these problems together with its own
@@ -139,7 +139,7 @@ def _cli_main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     main = hydra.main(version_base=None, config_path=config_dir(), config_name="config")(run_task)
     from ds_hydra.cli.preflight import RunRefused
-    from ds_hydra.deepspeed.json_import import expand_deepspeed_config_args
+    from ds_hydra.deepspeed.command_line import expand_deepspeed_config_args
     from ds_hydra.training.resume import expand_resume_args
     from ds_hydra.common.run_lock import release_all
     from ds_hydra.common.signals import Stopped, stop_on_signals

@@ -14,7 +14,7 @@ class RandomBlocks:
     ``next_batch`` gives ``{"input_ids": window[:-1], "labels": window[1:]}``, each (B, T): the label
     of a position is the token that follows it (nanoGPT's ``get_batch``). ``tokens`` is a 1-D torch
     tensor, a NumPy array, or a ``TokenSource`` (a token file mapped afresh for each batch: see
-    ``ds_hydra.data.token_source``). The generator is
+    ``ds_hydra.data.token_stream``). The generator is
     seeded from (seed, stream), so each split has its own reproducible sequence; ``state_dict``
     captures the position.
 

@@ -57,7 +57,7 @@ class Sampling(Enum):
 class TokensConfig:
     """Token files on disk (``task=prepare``'s output or nanoGPT's ``data/<name>/``), memory-mapped."""
 
-    _target_: str = "ds_hydra.data.token_files.TokenFiles"
+    _target_: str = "ds_hydra.data.tokens.TokenFiles"
     dir: str = MISSING
     """The directory holding train.bin and val.bin (and meta.json or nanoGPT's meta.pkl)."""
     sampling: Sampling = Sampling.random

@@ -37,9 +37,9 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 
-from ds_hydra.data import sources
-from ds_hydra.data.sources import Chunk, InputFile, ReadSettings
-from ds_hydra.data.token_files import (
+from ds_hydra.data import prepare_inputs
+from ds_hydra.data.prepare_inputs import Chunk, InputFile, ReadSettings
+from ds_hydra.data.tokens import (
     DATA_FORMAT,
     META_FILE,
     TRAIN_FILE,
@@ -66,7 +66,7 @@ def prepare_task(cfg) -> Dict[str, Any]:
     from ds_hydra.data.prepare_config import input_patterns
 
     pcfg = cfg.prepare  # validated with the rest of the config (ds_hydra.validation)
-    files = sources.resolve_inputs(input_patterns(pcfg.input), pcfg.format.value)
+    files = prepare_inputs.resolve_inputs(input_patterns(pcfg.input), pcfg.format.value)
     model = cfg.get("model") or {}
     return prepare_dataset(
         files,
@@ -126,7 +126,7 @@ def _prepare_dataset(files, output, tokenizer_cfg, settings, train_fraction, num
 
     staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(output), dir=_parent(output)))
     try:
-        chunks = sources.plan_chunks(files, chunk_bytes, settings.text_field)
+        chunks = prepare_inputs.plan_chunks(files, chunk_bytes, settings.text_field)
         with Workers(num_proc, settings) as workers:
             tokenizer = given or _learn_tokenizer(cfg, chunks, settings, workers)
             _check_tokenizer_fits(tokenizer, pretrained)
@@ -273,7 +273,7 @@ def _input_records(files: Sequence[InputFile], previous: Optional[dict]) -> List
     if to_hash > 256 << 20:
         log.info("hashing %.1f GB of input", to_hash / 1e9)
     for f in files:
-        sha = known.get((f.path, f.size, f.mtime_ns)) or sources.file_sha256(f.path)
+        sha = known.get((f.path, f.size, f.mtime_ns)) or prepare_inputs.file_sha256(f.path)
         records.append({"path": f.path, "format": f.format, "size": f.size, "mtime_ns": f.mtime_ns, "sha256": sha})
     return records
 
@@ -296,7 +296,7 @@ def _documents_upto(chunks: Sequence[Chunk], settings: ReadSettings, limit: Opti
     seen = 0
     for chunk in chunks:
         for segment in chunk:
-            for text in sources.read_documents(segment, settings):
+            for text in prepare_inputs.read_documents(segment, settings):
                 if limit is not None and seen + len(text) > limit:
                     yield text[: max(limit - seen, 0)]
                     return
@@ -328,7 +328,7 @@ def _setup_worker(settings: ReadSettings, tokenizer_dir: Optional[str], dtype: O
 def _chars_of_chunk(chunk: Chunk) -> str:
     chars = set()
     for segment in chunk:
-        for text in sources.read_documents(segment, _worker["settings"]):
+        for text in prepare_inputs.read_documents(segment, _worker["settings"]):
             chars.update(text)
     return "".join(sorted(chars))
 
@@ -341,7 +341,7 @@ def _encode_chunk(chunk: Chunk):
     tokenizer: Tokenizer = _worker["tokenizer"]
     texts, ends = [], []
     for segment in chunk:
-        documents = sources.read_documents(segment, _worker["settings"])
+        documents = prepare_inputs.read_documents(segment, _worker["settings"])
         texts += documents
         ends += [segment.ends_document] * len(documents)  # False only for a text file's leading pieces
     encoded = tokenizer.encode_arrays(texts) if hasattr(tokenizer, "encode_arrays") else [tokenizer.encode_array(t) for t in texts]

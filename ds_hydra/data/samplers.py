@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ds_hydra.data.batches import Batch, check_rank, gather_windows, mix_seed, to_device
-from ds_hydra.data.token_source import TokenSource
+from ds_hydra.data.token_stream import TokenSource
 from ds_hydra.models.contract import IGNORE_INDEX
 
 

@@ -123,7 +123,7 @@ def read_jsonl(path: Optional[str], key: str):
         if not file.is_file():
             raise UserError(f"{key}={path}: no such file (give a JSONL file of prompt/response or messages records)")
         data = file.read_bytes()
-    from ds_hydra.data.sources import jsonl_records
+    from ds_hydra.data.prepare_inputs import jsonl_records
 
     records = [(record, f"{file}: byte {offset}") for record, offset in jsonl_records(data, str(file), fix="fix the file")]
     if not records:

@@ -18,8 +18,8 @@ from typing import Optional
 
 import numpy as np
 
-from ds_hydra.data.streams import TokenStreams
-from ds_hydra.data.token_source import ArrayTokens
+from ds_hydra.data.train_val import TokenStreams
+from ds_hydra.data.token_stream import ArrayTokens
 from ds_hydra.data.tokenizer import BytesTokenizer, CharTokenizer
 from ds_hydra.errors import UserError
 
@@ -84,7 +84,7 @@ class TextData(TokenStreams):
             train, val = ArrayTokens(ids[:cut]), ArrayTokens(ids[cut:])
             source = f"{name} ({len(text):,} characters)"
         else:
-            from ds_hydra.data.token_files import TokenFiles
+            from ds_hydra.data.tokens import TokenFiles
 
             prepared = _cached_tokens(data, name, path, tokenizer, train_fraction, cache_dir, model_pretrained)
             files = TokenFiles(str(prepared), sampling=sampling, shuffle=shuffle)
@@ -106,7 +106,7 @@ def _cached_tokens(data: bytes, name: str, path: Optional[str], tokenizer: dict,
                    cache_dir: Optional[str], model_pretrained: Optional[str]) -> Path:
     """The prepared directory of this text, tokenizer and split in the cache (prepared now if absent)."""
     from ds_hydra.data.prepare import prepare_dataset
-    from ds_hydra.data.sources import InputFile, ReadSettings
+    from ds_hydra.data.prepare_inputs import InputFile, ReadSettings
 
     key = hashlib.sha256(data).hexdigest()
     settings = json.dumps({"tokenizer": tokenizer, "train_fraction": train_fraction}, sort_keys=True)

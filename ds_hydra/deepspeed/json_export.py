@@ -23,7 +23,7 @@ How the config maps (DeepSpeed key <- ds_hydra key):
 ``task=export_deepspeed`` writes that JSON without training (``export_deepspeed``), adding the
 ``optimizer`` and ``scheduler`` sections DeepSpeed would build the same optimizer and schedule from, and
 ``steps_per_print`` = ``trainer.log_interval``; ``deepspeed_config=<file>`` reads such a file back
-(``deepspeed_import``). The engine itself is ``ds_hydra.engine.deepspeed_engine``.
+(``json_import``). The engine itself is ``ds_hydra.engine.deepspeed_engine``.
 """
 from __future__ import annotations
 
@@ -112,9 +112,9 @@ DEEPSPEED_OPTIMIZER_NAMES = {
 }
 FUSED_ADAM_PARAMS = ("lr", "betas", "eps", "weight_decay")
 DEEPSPEED_SCHEDULER_NAMES = {
-    "ds_hydra.optim.lr_schedules.WarmupLR": "WarmupLR", "ds_hydra.optim.lr_schedules.WarmupDecayLR": "WarmupDecayLR",
-    "ds_hydra.optim.lr_schedules.WarmupCosineLR": "WarmupCosineLR", "ds_hydra.optim.lr_schedules.OneCycle": "OneCycle",
-    "ds_hydra.optim.lr_schedules.LRRangeTest": "LRRangeTest",
+    "ds_hydra.deepspeed.lr_schedules.WarmupLR": "WarmupLR", "ds_hydra.deepspeed.lr_schedules.WarmupDecayLR": "WarmupDecayLR",
+    "ds_hydra.deepspeed.lr_schedules.WarmupCosineLR": "WarmupCosineLR", "ds_hydra.deepspeed.lr_schedules.OneCycle": "OneCycle",
+    "ds_hydra.deepspeed.lr_schedules.LRRangeTest": "LRRangeTest",
 }
 
 

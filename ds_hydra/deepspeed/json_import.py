@@ -1,10 +1,11 @@
 """``deepspeed_config=<ds_config.json>``: a DeepSpeed JSON config as ds_hydra overrides (torch-free).
 
 ``python -m ds_hydra deepspeed_config=ds_config.json model=...`` reads the file before Hydra composes
-(``expand_deepspeed_config_args``, called by the CLI like ``resume=``) and puts the overrides it maps to
+(``ds_hydra.deepspeed.command_line``, called by the CLI like ``resume=``) and puts the overrides it maps to
 first, the command line's own after them, so the command line wins: an override of a key, or of a
 group (``optimizer=sgd``), drops what the file set there. ``task=import_deepspeed`` writes the same
-overrides as an ``experiment`` preset into the run dir (``write_experiment``) and prints them.
+overrides as an ``experiment`` preset into the run dir (``ds_hydra.deepspeed.import_task``) and prints
+them. This module reads the file and maps it; the tables it maps with are ``ds_hydra.deepspeed.keys``.
 
 What maps (DeepSpeed 0.19.8's keys; a key the file leaves out takes DeepSpeed's default, as DeepSpeed
 would; a value ``"auto"`` is left to ds_hydra's defaults and derivations):
@@ -29,6 +30,7 @@ Every other key is listed once in one log line with why it has no meaning here; 
 refuse (an unknown optimizer, ``max_grad_norm``, fp16 and bf16 both on, a bad batch triple, negative
 clipping, a warmup of 0 steps) are refused with one line each, exit code 2.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -36,131 +38,34 @@ import json
 import logging
 import os
 import re
-import shlex
 from dataclasses import dataclass, field, fields
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ds_hydra.common import launch_env
-from ds_hydra.common.overrides import MULTIRUN_OPTIONS, has_option, quote, split_options, unquote
+from ds_hydra.deepspeed.keys import (  # the tables the mapper reads
+    ACTIVATION_CHECKPOINTING_KEYS,
+    ADAM_ONLY_PARAMS,
+    AUTO,
+    BATCH_KEYS,
+    ENGINE_ONLY_KEYS,
+    FP16_LOSS_SCALE_KEYS,
+    IGNORED_KEYS,
+    KNOWN_KEYS,
+    MAPPED_KEYS,
+    NATIVE_ENGINE,
+    NO_TORCH_EQUIVALENT,
+    OPTIMIZER_DEFAULTS,
+    OPTIMIZER_SPELLING,
+    OPTIMIZER_TYPES,
+    REMOVED_KEYS,
+    SCHEDULER_DEFAULTS,
+    SCHEDULER_REQUIRED,
+    SCHEDULER_TYPES,
+    ZERO_ENGINE_KEYS,
+)
 from ds_hydra.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
-
-AUTO = "auto"
-EXPERIMENT_DIR = "experiment"  # under the run dir: <run dir>/experiment/<name>.yaml
-
-# -- DeepSpeed's names ----------------------------------------------------------------------------
-# optimizer.type (lower-cased) -> ds_hydra optimizer option. DeepSpeed's own names are
-# case-insensitive; other names are torch.optim classes, which DeepSpeed looks up as written.
-OPTIMIZER_TYPES = {
-    "adam": "adam",  # AdamW unless params.adam_w_mode is false (DeepSpeed's default is true)
-    "adamw": "adamw",
-    "adagrad": "adagrad",
-    "sgd": "sgd",
-    "rmsprop": "rmsprop",
-    "adamax": "adamax",
-    "nadam": "nadam",
-    "radam": "radam",
-}
-OPTIMIZER_SPELLING = {"adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad", "sgd": "SGD", "rmsprop": "RMSprop",
-                      "adamax": "Adamax", "nadam": "NAdam", "radam": "RAdam"}
-NO_TORCH_EQUIVALENT = ("Lamb", "OneBitAdam", "ZeroOneAdam", "OneBitLamb", "Lion", "Muon", "MuAdam", "MuAdamW", "MuSGD")
-
-# What DeepSpeed builds when optimizer.params leaves a key out: FusedAdam's (and CPU Adam's) defaults
-# for Adam/AdamW, torch's for the torch.optim types.
-_ADAM_BETAS = [0.9, 0.999]
-OPTIMIZER_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "adam": {"lr": 1e-3, "betas": _ADAM_BETAS, "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False},
-    "adamw": {"lr": 1e-3, "betas": _ADAM_BETAS, "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False},
-    "adagrad": {"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0, "eps": 1e-10},
-    "sgd": {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False},
-    "rmsprop": {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0, "centered": False},
-    "adamax": {"lr": 2e-3, "betas": _ADAM_BETAS, "eps": 1e-8, "weight_decay": 0.0},
-    "nadam": {"lr": 2e-3, "betas": _ADAM_BETAS, "eps": 1e-8, "weight_decay": 0.0, "momentum_decay": 4e-3,
-              "decoupled_weight_decay": False},
-    "radam": {"lr": 1e-3, "betas": _ADAM_BETAS, "eps": 1e-8, "weight_decay": 0.0, "decoupled_weight_decay": False},
-}
-# Adam/AdamW params of DeepSpeed that are not torch arguments.
-ADAM_ONLY_PARAMS = ("adam_w_mode", "torch_adam", "bias_correction", "set_grad_none", "fp32_optimizer_states")
-
-# scheduler.type -> ds_hydra scheduler option, and DeepSpeed's defaults for the params left out
-# (required arguments have none: ds_hydra's option fills them, from the run, and says so).
-SCHEDULER_TYPES = {
-    "WarmupLR": "warmup_lr",
-    "WarmupDecayLR": "warmup_decay_lr",
-    "WarmupCosineLR": "warmup_cosine_lr",
-    "OneCycle": "one_cycle",
-    "LRRangeTest": "lr_range_test",
-}
-SCHEDULER_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "WarmupLR": {"warmup_min_lr": 0.0, "warmup_max_lr": None, "warmup_num_steps": 1000, "warmup_type": "log"},
-    "WarmupDecayLR": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.001, "warmup_num_steps": 1000, "warmup_type": "log"},
-    "WarmupCosineLR": {"warmup_min_ratio": 0.0, "warmup_num_steps": 1000, "cos_min_ratio": 0.0001, "warmup_type": "log"},
-    "OneCycle": {"decay_lr_rate": 0.0, "cycle_first_step_size": 2000, "cycle_second_step_size": None,
-                 "cycle_first_stair_count": 0, "cycle_second_stair_count": None, "decay_step_size": 0,
-                 "cycle_momentum": True, "cycle_min_mom": 0.8, "cycle_max_mom": 0.9, "decay_mom_rate": 0.0},
-    "LRRangeTest": {"lr_range_test_min_lr": 1e-3, "lr_range_test_step_size": 2000, "lr_range_test_step_rate": 1.0,
-                    "lr_range_test_staircase": False},
-}
-SCHEDULER_REQUIRED = {
-    "WarmupDecayLR": {"total_num_steps": "trainer.max_steps"},
-    "WarmupCosineLR": {"total_num_steps": "trainer.max_steps"},
-    "OneCycle": {"cycle_min_lr": "1e-4", "cycle_max_lr": "optimizer.lr"},
-}
-
-ACTIVATION_CHECKPOINTING_KEYS = ("partition_activations", "contiguous_memory_optimization", "cpu_checkpointing",
-                                 "number_checkpoints", "synchronize_checkpoint_boundary", "profile")
-FP16_LOSS_SCALE_KEYS = ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
-                        "consecutive_hysteresis", "min_loss_scale")
-ZERO_ENGINE_KEYS = ("overlap_comm", "contiguous_gradients", "reduce_bucket_size")
-NATIVE_ENGINE = {0: "auto", 1: "ddp", 2: "ddp", 3: "fsdp"}
-
-# Top-level keys only DeepSpeed's engine reads: passed to it in engine.extra when it runs.
-ENGINE_ONLY_KEYS = (
-    "communication_data_type", "seq_parallel_communication_data_type", "prescale_gradients",
-    "gradient_predivide_factor", "gradient_allreduce_op", "wall_clock_breakdown", "memory_breakdown",
-    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "flops_profiler", "comms_logger", "checkpoint",
-    "aio", "data_types", "dump_state", "timers", "disable_allgather", "disable_python_gc", "log_level",
-    "managed_gradient_accumulation", "use_data_before_expert_parallelism", "gradient_accumulation_dtype",
-)
-# Top-level DeepSpeed keys with no meaning in ds_hydra, and why.
-IGNORED_KEYS = {
-    "tensorboard": "DeepSpeed's metric writer; ds_hydra writes metrics.jsonl itself, and TensorBoard events with logger=tensorboard",
-    "wandb": "DeepSpeed's metric writer; ds_hydra writes metrics.jsonl itself",
-    "csv_monitor": "DeepSpeed's metric writer; ds_hydra writes metrics.jsonl itself",
-    "comet": "DeepSpeed's metric writer; ds_hydra writes metrics.jsonl itself",
-    "pipeline": "pipeline parallelism; ds_hydra trains data-parallel (DDP, FSDP, ZeRO)",
-    "tensor_parallel": "tensor parallelism; ds_hydra has none",
-    "expert_parallel": "expert parallelism; ds_hydra has none",
-    "hybrid_engine": "DeepSpeed-Chat's RLHF engine",
-    "weight_quantization": "DeepSpeed's quantized training/inference of weights",
-    "autotuning": "for DeepSpeed's launcher's autotuner, not for a run",
-    "data_efficiency": "DeepSpeed's data sampling/routing; needs DeepSpeed's data loader in the training code",
-    "dataloader_drop_last": "ds_hydra samples windows of its corpus: there is no last partial batch",
-    "compile": "DeepSpeed's engine.compile(); set trainer.compile instead",
-    "vocabulary_size": "the model's vocabulary comes from model.vocab_size (or the data)",
-}
-# Top-level keys DeepSpeed 0.19.8 removed (it refuses them); ignored here, with DeepSpeed's advice.
-REMOVED_KEYS = {
-    "amp": "Apex AMP, removed from DeepSpeed; set trainer.precision",
-    "elasticity": "elastic batch sizes, removed from DeepSpeed; the batch triple fixes the batch",
-    "curriculum_learning": "removed from DeepSpeed (now data_efficiency's)",
-    "sparse_attention": "removed from DeepSpeed",
-    "sparse_gradients": "removed from DeepSpeed",
-    "compression_training": "removed from DeepSpeed",
-    "quantize_training": "removed from DeepSpeed",
-    "nebula": "removed from DeepSpeed",
-    "eigenvalue": "removed from DeepSpeed",
-    "graph_harvesting": "removed from DeepSpeed",
-    "progressive_layer_drop": "removed from DeepSpeed",
-}
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-PRECISION_KEYS = ("fp16", "bf16", "bfloat16", "torch_autocast")
-MAPPED_KEYS = BATCH_KEYS + PRECISION_KEYS + ("optimizer", "scheduler", "gradient_clipping", "zero_optimization",
-                                             "activation_checkpointing", "steps_per_print")
-KNOWN_KEYS = MAPPED_KEYS + ENGINE_ONLY_KEYS + tuple(IGNORED_KEYS) + tuple(REMOVED_KEYS)
 
 
 # -- reading the file -----------------------------------------------------------------------------
@@ -893,130 +798,3 @@ def _schema_fields(group: str, option: str) -> List[str]:
         if g == group and name == option:
             return [f.name for f in fields(schema) if not f.name.startswith("_")]
     raise KeyError(f"{group}/{option}")  # pragma: no cover - the tables above name existing options
-
-
-# -- the command line -------------------------------------------------------------------------------
-_ARG = re.compile(r"^(\+\+|\+)?deepspeed_config=(.*)$")
-_IMPORTS: Dict[str, Imported] = {}  # deepspeed_config value -> what it mapped to, for the run's log
-
-
-def deepspeed_installed() -> bool:
-    return find_spec("deepspeed") is not None
-
-
-def expand_deepspeed_config_args(argv: Sequence[str]) -> List[str]:
-    """``argv`` with the overrides ``deepspeed_config=<file>`` maps to in front (unchanged if there is
-    none); the command's own overrides follow and win, and ``deepspeed_config`` itself is kept (the run
-    records it)."""
-    argv = list(argv)
-    found = [m for a in argv if (m := _ARG.match(a))]
-    if not found:
-        return argv
-    value = unquote(found[-1].group(2))
-    if value in ("", "null"):
-        return argv
-    if has_option(argv, MULTIRUN_OPTIONS) and "," in value:
-        raise UserError(f"deepspeed_config={value}: takes one file; sweep over the settings it maps to instead "
-                        f"(task=import_deepspeed prints them)")
-    flags, overrides = split_options([a for a in argv if not _ARG.match(a)])
-    imported = import_deepspeed_config(
-        read_deepspeed_json(value), value, world_size=launch_env.world_size(),
-        deepspeed_available=deepspeed_installed(), command_line=overrides,
-    )
-    _IMPORTS[value] = imported
-    return [*flags, *imported.override_texts, f"deepspeed_config={quote(value)}", *overrides]
-
-
-def log_import(cfg) -> None:
-    """Log what the run's ``deepspeed_config`` mapped to (the CLI computed it before Hydra set up logging)."""
-    value = cfg.get("deepspeed_config")
-    if not value:
-        return
-    imported = _IMPORTS.get(value)
-    if imported is None:  # a resumed run: its saved overrides hold what the file mapped to at its start
-        log.info("deepspeed_config=%s: the settings imported when this run started (in its saved overrides)", value)
-        return
-    for line in imported.log_lines():
-        log.info("%s", line)
-
-
-# -- task=import_deepspeed --------------------------------------------------------------------------
-def import_task(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
-    """``task=import_deepspeed``: write the file's overrides as an experiment preset into the run dir and
-    print them; train nothing."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from ds_hydra.common.run_dir import resolve_run_dir
-
-    value = cfg.get("deepspeed_config")
-    if not value:
-        raise UserError("task=import_deepspeed: name the DeepSpeed config to import, deepspeed_config=<ds_config.json>")
-    imported = _IMPORTS.get(value) or import_deepspeed_config(
-        read_deepspeed_json(value), value, world_size=launch_env.world_size(), deepspeed_available=deepspeed_installed())
-    run_dir = resolve_run_dir(run_dir)
-    others = []
-    if HydraConfig.initialized():
-        own = set(imported.override_texts)
-        others = [o for o in HydraConfig.get().overrides.task
-                  if o not in own and not o.lstrip("+").startswith(("task=", "deepspeed_config=", "hydra."))]
-    path = write_experiment(imported, run_dir, others)
-    command = " ".join(["python -m ds_hydra", *(shlex.quote(o) for o in [*imported.override_texts, *others])])
-    print(f"# {path}: run it with\n#   {run_command(path, others)}\n# or pass the overrides directly:\n{command}")
-    return {"experiment": str(path), "overrides": imported.override_texts}
-
-
-def experiment_name(path: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_]", "_", Path(path).stem) or "deepspeed"
-    return stem if stem[0].isalpha() else f"ds_{stem}"
-
-
-def run_command(experiment: Path, others: Sequence[str] = ()) -> str:
-    """The shell command that runs the preset (with the import command's other overrides)."""
-    config_dir = experiment.parent.parent
-    return " ".join(["python -m ds_hydra", f"--config-dir {shlex.quote(str(config_dir))}",
-                     f"experiment={experiment.stem}", *(shlex.quote(o) for o in others)])
-
-
-def write_experiment(imported: Imported, run_dir: Path, others: Sequence[str] = ()) -> Path:
-    """``<run dir>/experiment/<name>.yaml``: the imported overrides as a ``# @package _global_`` preset,
-    headed by the command that runs it; each key's comment names the DeepSpeed key it comes from."""
-    from ds_hydra.common.files import atomic_write_text
-
-    path = Path(run_dir) / EXPERIMENT_DIR / f"{experiment_name(imported.path)}.yaml"
-    groups = [o for o in imported.overrides if "." not in o.key]
-    tree: Dict[str, Any] = {}
-    for o in imported.overrides:
-        if "." in o.key:
-            node = tree
-            *parents, leaf = o.key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = o
-    lines = [
-        "# @package _global_",
-        f"# DeepSpeed config {imported.path} (world size {imported.world_size}), imported by ds_hydra task=import_deepspeed.",
-        f"# {run_command(path, others)}",
-        "# (or copy this file into conf/experiment/ and run: python -m ds_hydra experiment=" + path.stem + ")",
-        "defaults:",
-        *[f"  - override /{o.key}: {o.value}  # {o.source}" for o in groups],
-        "  - _self_",
-    ]
-    lines += _yaml_lines(tree, 0)
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
-
-
-def _yaml_lines(node: Dict[str, Any], depth: int) -> List[str]:
-    lines = []
-    pad = "  " * depth
-    for key, value in node.items():
-        if isinstance(value, Override):
-            lines.append(f"{pad}{key}: {json.dumps(value.value)}  # {value.source}")
-        else:
-            lines.append(f"{pad}{key}:")
-            lines += _yaml_lines(value, depth + 1)
-    return lines
-
-
-__all__ = ["Imported", "import_deepspeed_config", "expand_deepspeed_config_args", "read_deepspeed_json",
-           "import_task", "log_import", "write_experiment", "hydra_value"]

@@ -110,7 +110,7 @@ def load_run(
     from ds_hydra.data.base import build_data
     from ds_hydra.data.tokenizer import adopt_run_tokenizer
     from ds_hydra.models.build import build_model
-    from ds_hydra.training.fit import resolve_seq_len
+    from ds_hydra.training.seq_vocab import resolve_seq_len
 
     run_dir, weights = find_run(checkpoint)
     saved = load_run_config(run_dir)

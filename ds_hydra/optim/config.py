@@ -130,7 +130,7 @@ class WSDSchedulerConfig(SchedulerConfig):
 class WarmupLRConfig(SchedulerConfig):
     """DeepSpeed's WarmupLR: warm up from warmup_min_lr to warmup_max_lr, then hold."""
 
-    _target_: str = "ds_hydra.optim.lr_schedules.WarmupLR"
+    _target_: str = "ds_hydra.deepspeed.lr_schedules.WarmupLR"
     warmup_min_lr: Any = 0.0
     """Starting lr: a number, or a list with one per param group."""
     warmup_max_lr: Any = None
@@ -145,7 +145,7 @@ class WarmupLRConfig(SchedulerConfig):
 class WarmupDecayLRConfig(WarmupLRConfig):
     """DeepSpeed's WarmupDecayLR: WarmupLR, then linear decay to warmup_min_lr at total_num_steps."""
 
-    _target_: str = "ds_hydra.optim.lr_schedules.WarmupDecayLR"
+    _target_: str = "ds_hydra.deepspeed.lr_schedules.WarmupDecayLR"
     total_num_steps: int = II("trainer.max_steps")
     """Step at which the lr is back to warmup_min_lr (and stays)."""
     warmup_max_lr: Any = 0.001
@@ -156,7 +156,7 @@ class WarmupDecayLRConfig(WarmupLRConfig):
 class WarmupCosineLRConfig(SchedulerConfig):
     """DeepSpeed's WarmupCosineLR: each group's own lr times a warmup-then-cosine ratio."""
 
-    _target_: str = "ds_hydra.optim.lr_schedules.WarmupCosineLR"
+    _target_: str = "ds_hydra.deepspeed.lr_schedules.WarmupCosineLR"
     total_num_steps: int = II("trainer.max_steps")
     """Step at which the ratio reaches cos_min_ratio (and stays)."""
     warmup_min_ratio: float = 0.0
@@ -173,7 +173,7 @@ class WarmupCosineLRConfig(SchedulerConfig):
 class OneCycleConfig(SchedulerConfig):
     """DeepSpeed's OneCycle: one triangular lr cycle (beta1 cycled inversely), then optional decay."""
 
-    _target_: str = "ds_hydra.optim.lr_schedules.OneCycle"
+    _target_: str = "ds_hydra.deepspeed.lr_schedules.OneCycle"
     cycle_min_lr: Any = MISSING
     """lr at both ends of the cycle: a number or a list per param group."""
     cycle_max_lr: Any = MISSING
@@ -204,7 +204,7 @@ class OneCycleConfig(SchedulerConfig):
 class LRRangeTestConfig(SchedulerConfig):
     """DeepSpeed's LRRangeTest: grow the lr linearly (or in stairs) to find the largest that trains."""
 
-    _target_: str = "ds_hydra.optim.lr_schedules.LRRangeTest"
+    _target_: str = "ds_hydra.deepspeed.lr_schedules.LRRangeTest"
     lr_range_test_min_lr: Any = 1e-3
     """Starting lr: a number or a list per param group."""
     lr_range_test_step_size: int = 2000

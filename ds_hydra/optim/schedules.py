@@ -1,7 +1,8 @@
 """Closed-form learning-rate schedules as ``LRScheduler`` subclasses.
 
 Each ``lr_factor(step)`` is the multiplier of every group's base lr for the optimizer step with
-index ``step`` (0-based): the scheduler is stepped once after each optimizer step.
+index ``step`` (0-based): the scheduler is stepped once after each optimizer step. DeepSpeed's five
+schedules, with DeepSpeed's own object API, are ``ds_hydra.deepspeed.lr_schedules``.
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ from ds_hydra.training import resume as resume_io
 from ds_hydra.common import run_lock
 from ds_hydra.common import signals
 from ds_hydra.training import state as state_io
-from ds_hydra.training.fit import check_vocab, resolve_seq_len
+from ds_hydra.training.seq_vocab import check_vocab, resolve_seq_len
 from ds_hydra.training.memory_preflight import check_step_memory
 from ds_hydra.training.metrics import MetricsLogger
 from ds_hydra.training.nonfinite import NonFiniteLoss, NonFiniteWatch

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 from ds_hydra.data.base import TokenData, check_split
-from ds_hydra.data.token_source import TokenSource
+from ds_hydra.data.token_stream import TokenSource
 
 
 class TokenStreams(TokenData):

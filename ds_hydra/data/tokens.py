@@ -21,8 +21,8 @@ from typing import Optional
 
 import numpy as np
 
-from ds_hydra.data.streams import TokenStreams
-from ds_hydra.data.token_source import FileTokens
+from ds_hydra.data.train_val import TokenStreams
+from ds_hydra.data.token_stream import FileTokens
 from ds_hydra.data.tokenizer import CharTokenizer, has_saved_tokenizer, load_hf_tokenizer, load_tokenizer, read_json
 from ds_hydra.errors import UserError
 
