@@ -1,11 +1,12 @@
 """lm-evaluation-harness throughput: ds_hydra's harness model vs the harness's own ``hf`` model, same directory.
 
-    python bench/harness.py                      # Llama d=256, L=4 on the CPU, batch 8 (~3 min)
+    python bench/harness.py                      # Llama d=256, L=4 on the CPU, batch 8, one thread (~6 min)
     python bench/harness.py --device cuda --hidden 1024 --layers 12 --docs 2000
     python bench/harness.py --rounds 1 --docs 100   # a quicker look
 
 Both run the harness's ``simple_evaluate`` over the same local tasks (tests/lm_eval_tasks/: a
-multiple-choice task repeated to ``--docs`` documents, the perplexity task and the generation task)
+multiple-choice task repeated to ``--docs`` documents, the perplexity task to a fifth of that and the
+generation task to a quarter)
 on the same model directory (a tiny Llama saved with ``save_pretrained`` beside a tokenizer trained
 here), with the same batch size and seed. ds_hydra loads the directory as ``task=lm_eval
 model=hf_causal_lm model.pretrained=<dir>`` does. Printed per task: items (documents) per second
@@ -45,12 +46,13 @@ def build(folder: Path, hidden: int, layers: int, docs: int) -> tuple:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(str(model_dir), safe_serialization=True)
     tasks = task_dir(folder)
-    mc = (REPO / "tests" / "lm_eval_tasks" / "ds_hydra_mc.jsonl").read_text().splitlines()
-    big = folder / "mc_big.jsonl"
-    big.write_text("\n".join((mc * (docs // len(mc) + 1))[:docs]) + "\n")
-    yaml = tasks / "ds_hydra_mc.yaml"
-    yaml.write_text("\n".join(
-        f"    test: {big}" if line.strip().startswith("test:") else line for line in yaml.read_text().splitlines()) + "\n")
+    for task, count in (("ds_hydra_mc", docs), ("ds_hydra_ppl", max(1, docs // 5)), ("ds_hydra_gen", max(1, docs // 4))):
+        lines = (REPO / "tests" / "lm_eval_tasks" / f"{task}.jsonl").read_text().splitlines()
+        big = folder / f"{task}.jsonl"
+        big.write_text("\n".join((lines * (count // len(lines) + 1))[:count]) + "\n")
+        yaml = tasks / f"{task}.yaml"
+        yaml.write_text("\n".join(f"    test: {big}" if line.strip().startswith("test:") else line
+                                  for line in yaml.read_text().splitlines()) + "\n")
     return model_dir, tasks
 
 
@@ -73,10 +75,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--docs", type=int, default=400, help="multiple-choice documents (4 requests each)")
+    parser.add_argument("--docs", type=int, default=120, help="multiple-choice documents (4 requests each)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
     args = parser.parse_args()
 
     import logging

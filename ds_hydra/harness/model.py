@@ -186,8 +186,12 @@ class DSHydraLM(TemplateLM):
             eos = self.tok_decode([self.eot_token_id]) if self.eot_token_id is not None else None
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-            sampling = bool(kwargs.pop("do_sample", False)) and float(kwargs.get("temperature", 0.0) or 0.0) > 0
-            temperature = float(kwargs.pop("temperature", 0.0) or 0.0) if sampling else 0.0
+            # as the harness's hf model reads them: do_sample when given, else sampling iff temperature > 0;
+            # sampling without a temperature samples at 1.0 (transformers' default)
+            temperature = kwargs.pop("temperature", None)
+            do_sample = kwargs.pop("do_sample", None)
+            sampling = bool(do_sample) if do_sample is not None else float(temperature or 0.0) > 0
+            temperature = (1.0 if temperature is None else float(temperature)) if sampling else 0.0
             top_k = kwargs.pop("top_k", None)
             top_p = float(kwargs.pop("top_p", 1.0) or 1.0)
             keep = max(1, self.max_length - max_new)  # the prompt leaves room for the new tokens
@@ -262,16 +266,23 @@ class DSHydraLM(TemplateLM):
 
         lm = self
 
-        class StopStrings(StoppingCriteria):
-            """Per row: done once the new tokens decode to one of the stop strings."""
+        # a stop string shows in the last few new tokens: decode only those (as the harness's hf model does)
+        lookback = max(len(self.tok_encode(stop)) for stop in until) + 2 if until else 0
 
-            def __init__(self, prompt_len: int):
+        class StopStrings(StoppingCriteria):
+            """Per row: done once the new tokens decode to one of the stop strings (and done stays done)."""
+
+            def __init__(self, prompt_len: int, rows: int):
                 self.prompt_len = prompt_len
+                self.done = torch.zeros(rows, dtype=torch.bool)
 
             def __call__(self, input_ids, scores, **kwargs):
-                texts = [lm.tok_decode(row[self.prompt_len :].tolist()) for row in input_ids]
-                flags = [any(stop and stop in text for stop in until) for text in texts]
-                return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+                start = max(self.prompt_len, input_ids.size(1) - lookback)
+                for b, row in enumerate(input_ids[:, start:].tolist()):
+                    if not self.done[b]:
+                        text = lm.tok_decode(row)
+                        self.done[b] = any(stop and stop in text for stop in until)
+                return self.done.to(input_ids.device)
 
         pad = self.eot_token_id if self.eot_token_id is not None else 0
         width = max(len(p) for p in prompts)
@@ -284,7 +295,7 @@ class DSHydraLM(TemplateLM):
             ids, attention_mask=mask, max_new_tokens=max_new, do_sample=sampling,
             temperature=temperature if sampling else None, top_k=(top_k or 0) if sampling else None,
             top_p=top_p if sampling else None, use_cache=True, eos_token_id=self.eot_token_id, pad_token_id=pad,
-            stopping_criteria=StoppingCriteriaList([StopStrings(width)]) if until else None,
+            stopping_criteria=StoppingCriteriaList([StopStrings(width, len(prompts))]) if until else None,
         )
         rows = []
         for row in out[:, width:].tolist():

@@ -174,12 +174,13 @@ def _unknown(manager, names: Sequence[str]) -> List[str]:
 
 @contextlib.contextmanager
 def offline(enabled: bool) -> Iterator[None]:
-    """The Hugging Face Hub and datasets offline (their variables, and their flags if already imported)."""
+    """The Hugging Face Hub and datasets offline (their variables and their modules' flags), then as before."""
     if not enabled:
         yield
         return
     saved_env = {name: os.environ.get(name) for name in OFFLINE_VARIABLES}
     flags = []
+    # imported now, before the variables change: they read them once, at import
     for module, attribute in (("datasets.config", "HF_DATASETS_OFFLINE"), ("huggingface_hub.constants", "HF_HUB_OFFLINE")):
         try:
             owner = __import__(module, fromlist=[attribute])
