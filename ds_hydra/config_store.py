@@ -21,6 +21,7 @@ from ds_hydra.engine.config import AutoEngineConfig, DDPEngineConfig, DeepSpeedE
 from ds_hydra.harness.config import LMEvalConfig
 from ds_hydra.inference.config import InferenceConfig
 from ds_hydra.loss.config import ChunkedCrossEntropyConfig, CrossEntropyConfig
+from ds_hydra.models.adapter_config import AdapterConfig
 from ds_hydra.models.config import GPTConfig, HFCausalLMConfig
 from ds_hydra.optim.config import (
     ConstantSchedulerConfig,
@@ -73,6 +74,8 @@ class DSHydraConfig:
     """How parameters are split into optimizer param groups (weight decay, lr multipliers)."""
     loss: Any = MISSING
     """The training loss (conf/loss): cross_entropy, or chunked_cross_entropy that never holds the whole logits."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """Parameter-efficient fine-tuning (conf/adapter: none, lora, dora): only the adapters train."""
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     """Activation checkpointing: which blocks recompute in backward (conf/ckpt)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -125,6 +128,7 @@ SCHEMAS = [
     ("scheduler", "lr_range_test", LRRangeTestConfig),
     ("loss", "cross_entropy", CrossEntropyConfig),
     ("loss", "chunked_cross_entropy", ChunkedCrossEntropyConfig),
+    ("adapter", "adapter", AdapterConfig),
     ("ckpt", "ckpt", CkptConfig),
     ("trainer", "trainer", TrainerConfig),
     ("logger", "logger", LoggerConfig),

@@ -74,6 +74,9 @@ def signature_problems(node: Any, path: str = "") -> List[str]:
 
 # Arguments ds_hydra passes itself when it instantiates the node at this key.
 RUNTIME_ARGUMENTS = {"model": ("vocab_size",)}
+# Keys of the node at this key that ds_hydra reads itself and never passes to the callable
+# (model.quantize: how the built model's frozen weights are stored, ds_hydra.models.adapters).
+OWN_KEYS = {"model": ("quantize",)}
 _HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 
 
@@ -86,7 +89,7 @@ def _binding_problems(node: Any, path: str) -> List[str]:
     except (TypeError, ValueError):  # some builtins have no signature to check against
         return []
     where = f"{path}." if path else ""
-    keys = [str(k) for k in node.keys() if k not in _HYDRA_KEYS]
+    keys = [str(k) for k in node.keys() if k not in _HYDRA_KEYS and k not in OWN_KEYS.get(path, ())]
     named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     problems = []
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):

@@ -63,7 +63,7 @@ def _dry_build(cfg, report: ValidationReport) -> None:
     try:
         vocab_size, vocab_source = vocab_size_of(cfg)  # a character corpus is built (once per process) to learn it
         with torch.device("meta"):
-            model = build_model(cfg.model, vocab_size)
+            model = build_model(cfg.model, vocab_size, cfg.get("adapter"))
     except Exception as exc:
         report.problems.append(f"model: building {cfg.model._target_} failed: {_one_line(exc)}")
         return

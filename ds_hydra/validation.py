@@ -19,6 +19,7 @@ from ds_hydra.errors import ConfigError
 from ds_hydra.harness.config import validate_lm_eval
 from ds_hydra.inference.config import validate_inference
 from ds_hydra.instantiate import signature_problems
+from ds_hydra.models.adapter_config import validate_adapter
 from ds_hydra.models.config import configured_blocks, validate_model
 from ds_hydra.optim.config import validate_optimizer, validate_param_groups, validate_scheduler
 from ds_hydra.tracking.config import validate_logger
@@ -33,6 +34,7 @@ def config_problems(cfg) -> List[str]:
     """Every range and cross-field problem of ``cfg``, one message each, naming the key."""
     problems: List[str] = []
     problems += validate_model(cfg.model)
+    problems += validate_adapter(cfg.get("adapter"), cfg.model, cfg.get("engine", None))
     problems += validate_data(cfg.data)
     if "tokenizer" in cfg:
         problems += validate_tokenizer(cfg.tokenizer)

@@ -141,9 +141,10 @@ class Engine:
         """``optimizer.state_dict()``'s format: parameters numbered in param-group order."""
         return self.optimizer.state_dict()
 
-    def load_model_state_dict(self, state: Dict[str, Any]) -> None:
-        """Load a full state dict (every rank passes the whole of it)."""
-        self.model.load_state_dict(state)
+    def load_model_state_dict(self, state: Dict[str, Any], strict: bool = True) -> None:
+        """Load a full state dict (every rank passes the whole of it); ``strict=False``: only the entries
+        it has (an adapter run's trainable parameters)."""
+        self.model.load_state_dict(state, strict=strict)
 
     def load_optimizer_state_dict(self, state: Dict[str, Any], run_dir: Path) -> None:
         if "deepspeed_checkpoint" in state:

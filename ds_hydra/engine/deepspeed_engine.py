@@ -103,7 +103,7 @@ class DeepSpeedEngine(ProcessGroupEngine):
         """The tag of DeepSpeed's own checkpoint of this step, which holds the sharded state."""
         return {"deepspeed_checkpoint": checkpoint_tag(step)}
 
-    def load_model_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_model_state_dict(self, state: Dict[str, Any], strict: bool = True) -> None:
         """Nothing here: DeepSpeed's checkpoint (``load_optimizer_state_dict``) restores the weights with
         their fp32 master copy."""
 

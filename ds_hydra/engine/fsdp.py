@@ -43,10 +43,10 @@ class FSDPEngine(ProcessGroupEngine):
         state = get_optimizer_state_dict(self.model, self.optimizer, options=_full_options(cpu_offload=True))
         return indexed_optimizer_state(state) if state else {}
 
-    def load_model_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_model_state_dict(self, state: Dict[str, Any], strict: bool = True) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(self.model, state, options=_full_options())
+        set_model_state_dict(self.model, state, options=_full_options(strict=strict))
 
     def load_optimizer_state_dict(self, state: Dict[str, Any], run_dir: Path) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -57,10 +57,10 @@ class FSDPEngine(ProcessGroupEngine):
         set_optimizer_state_dict(self.model, self.optimizer, named, options=_full_options())
 
 
-def _full_options(cpu_offload: bool = False):
+def _full_options(cpu_offload: bool = False, strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, strict=strict)
 
 
 def fsdp_unsupported(device: torch.device) -> Optional[str]:

@@ -53,7 +53,7 @@ def export_hf(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
 
     import_transformers()  # one line naming the extra, before anything is loaded
     icfg = cfg.inference
-    run = load_run(icfg.checkpoint, "cpu", "fp32", list(cfg.get("allowed_targets") or []))
+    run = load_run(icfg.checkpoint, "cpu", "fp32", list(cfg.get("allowed_targets") or []), merge_adapter=True)
     target = output_dir(run_dir, run.run_dir) / EXPORT_DIR
     hf = hf_model_of(run.model)
     staging = Path(tempfile.mkdtemp(prefix=f".{EXPORT_DIR}.", dir=target.parent))

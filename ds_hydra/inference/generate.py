@@ -236,7 +236,7 @@ def infer(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     from ds_hydra.inference.loading import load_run, output_dir
 
     icfg = cfg.inference
-    run = load_run(icfg.checkpoint, icfg.device, icfg.dtype.value, list(cfg.get("allowed_targets") or []))
+    run = load_run(icfg.checkpoint, icfg.device, icfg.dtype.value, list(cfg.get("allowed_targets") or []), merge_adapter=True)
     out_dir = output_dir(run_dir, run.run_dir)
     if icfg.replace_with_kernel_inject:
         log.info("replace_with_kernel_inject: nothing to inject; attention already runs through fused SDPA kernels")

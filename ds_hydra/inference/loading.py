@@ -101,11 +101,17 @@ def load_run(
     device: str = "auto",
     dtype: str = "auto",
     allowed_targets: Optional[List[str]] = None,
+    merge_adapter: bool = False,
 ) -> LoadedRun:
     """Rebuild the trained model of a run directory and load its latest (or the named) weights.
 
     ``allowed_targets`` are the *current* invocation's extra ``_target_`` prefixes: a run directory's
     own ``allowed_targets`` are not trusted, so a copied-in run cannot make us import other code.
+
+    A run that trained an adapter comes back as it trained: its base (``model.pretrained``, or the run's
+    ``base_model.pt``), quantized as ``model.quantize`` says, with the adapter's trained weights in place.
+    ``merge_adapter``: instead, the adapter folded into the full-precision base weights (no quantization),
+    the plain architecture again (what ``task=export_hf`` writes and generation runs).
     """
     from ds_hydra.data.base import build_data
     from ds_hydra.data.tokenizer import adopt_run_tokenizer
@@ -117,10 +123,17 @@ def load_run(
     torch_device = resolve_device(device, key="inference.device")
     torch_dtype = resolve_dtype(dtype, torch_device)
 
+    from ds_hydra.models import adapters
+    from ds_hydra.models.adapter_config import adapter_on
+
+    adapter_cfg = saved.get("adapter") if adapter_on(saved.get("adapter")) else None
+    model_node = OmegaConf.to_container(saved.model, resolve=True)
+    if adapter_cfg is not None and merge_adapter and "quantize" in model_node:
+        model_node["quantize"] = "none"  # merged into the full-precision base, never into quantized weights
     # Only the sections that define the model and its data, under the caller's allowlist.
     build_cfg = OmegaConf.create(
         {
-            "model": OmegaConf.to_container(saved.model, resolve=True),
+            "model": model_node,
             "data": OmegaConf.to_container(saved.data, resolve=True),
             "tokenizer": OmegaConf.to_container(saved.tokenizer, resolve=True) if "tokenizer" in saved else None,
             "allowed_targets": list(allowed_targets or []),
@@ -130,7 +143,11 @@ def load_run(
     try:
         data = build_data(build_cfg)
         adopt_run_tokenizer(data, run_dir)  # decode exactly as training encoded
-        model = build_model(build_cfg.model, data.vocab_size)
+        keeps_base = adapter_cfg is not None and adapters.base_in_run_dir(saved.model)
+        if keeps_base and not (run_dir / adapters.BASE_FILE).is_file():
+            raise UserError(f"{run_dir / adapters.BASE_FILE}: missing; this adapter run keeps its frozen base there")
+        load_base = (lambda base: adapters.load_base(base, run_dir)) if keeps_base else None
+        model = build_model(build_cfg.model, data.vocab_size, adapter_cfg, load_base=load_base)
         seq_len = resolve_seq_len(data, model)
     except UserError as exc:  # a refused _target_, a missing data file: say which config asked for it
         raise UserError(f"{config_file}: {exc}") from None
@@ -141,9 +158,17 @@ def load_run(
     state = state_io.safe_torch_load(weights)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UserError(f"{weights}: not a ds_hydra training checkpoint (it has no 'model' weights)")
-    load_weights(model, state["model"], weights, run_dir)
+    if adapter_cfg is not None:
+        adapters.load_trainable_state(model, state["model"], str(weights))
+        if merge_adapter:
+            adapters.merge_adapters(model)
+    else:
+        load_weights(model, state["model"], weights, run_dir)
 
-    model.to(device=torch_device, dtype=torch_dtype)
+    if any(getattr(p, "quant_state", None) is not None or p.dtype == torch.int8 for p in model.parameters()):
+        model.to(device=torch_device)  # quantized weights keep their storage; they compute in their own dtype
+    else:
+        model.to(device=torch_device, dtype=torch_dtype)
     model.eval()  # dropout off
     model.requires_grad_(False)
     step = int(state.get("step", _step_from_name(weights)))

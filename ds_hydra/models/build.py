@@ -7,21 +7,51 @@ user builder with such a parameter).
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.nn as nn
 
 from ds_hydra.errors import UserError, user_error_in
-from ds_hydra.instantiate import allowed_prefixes, instantiate, is_allowed, locate_target
+from ds_hydra.instantiate import OWN_KEYS, allowed_prefixes, instantiate, is_allowed, locate_target
 
 
-def build_model(model_cfg, vocab_size: Optional[int]) -> nn.Module:
-    """The model ``model_cfg`` describes; a null ``vocab_size`` in it takes the data's ``vocab_size``."""
+# Keys of a model node that say how to store the model, not arguments of its builder.
+STORAGE_KEYS = OWN_KEYS["model"]
+
+
+def build_model(
+    model_cfg,
+    vocab_size: Optional[int],
+    adapter_cfg=None,
+    load_base: Optional[Callable[[nn.Module], None]] = None,
+) -> nn.Module:
+    """The model ``model_cfg`` describes, as it trains; a null ``vocab_size`` in it takes the data's ``vocab_size``.
+
+    ``load_base(model)`` loads weights into the base model (``trainer.init_from``, a run's saved base)
+    before ``model.quantize`` and the adapter of ``adapter_cfg`` (``ds_hydra.models.adapters``) are applied:
+    the trainer, the memory preflight and the loaders of a trained run all build through here, so all of
+    them see the same frozen and trainable parameters.
+    """
+    model = build_base_model(model_cfg, vocab_size)
+    if load_base is not None:
+        load_base(model)
+    from ds_hydra.models.adapter_config import adapter_on, quantize_of
+
+    if adapter_on(adapter_cfg) or quantize_of(model_cfg) != "none":
+        from ds_hydra.models.adapters import adapt_model
+
+        adapt_model(model, model_cfg, adapter_cfg)
+    return model
+
+
+def build_base_model(model_cfg, vocab_size: Optional[int]) -> nn.Module:
+    """The model ``model_cfg``'s builder returns, before any quantization or adapter."""
     kwargs = {}
     if model_cfg.get("vocab_size", None) is None and vocab_size is not None and _takes(model_cfg, "vocab_size"):
         kwargs["vocab_size"] = int(vocab_size)
+    allowed = allowed_prefixes(model_cfg)  # the root's allowed_targets, before the node is copied
     try:
-        model = instantiate(model_cfg, **kwargs)
+        model = instantiate(_builder_node(model_cfg), _allowed_=allowed, **kwargs)
     except Exception as exc:  # Hydra wraps what the builder raised: hand back the user's one line
         error = user_error_in(exc)
         if error is None:
@@ -33,6 +63,20 @@ def build_model(model_cfg, vocab_size: Optional[int]) -> nn.Module:
             f"(a model is a module called as model(input_ids) that returns logits)"
         )
     return model
+
+
+def _builder_node(model_cfg):
+    """``model_cfg`` without the keys its builder does not take (``STORAGE_KEYS``)."""
+    present = [key for key in STORAGE_KEYS if key in model_cfg]
+    if not present:
+        return model_cfg
+    from omegaconf import OmegaConf, open_dict
+
+    node = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True))
+    with open_dict(node):
+        for key in present:
+            node.pop(key)
+    return node
 
 
 def _takes(model_cfg, name: str) -> bool:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any, Callable, Dict, List, Optional
 
+from ds_hydra.models.adapter_config import Quantize
+
 GPT_TARGET = "ds_hydra.models.gpt.GPT"
 HF_TARGET = "ds_hydra.models.hf.causal_lm"
 
@@ -41,6 +43,8 @@ class GPTConfig:
     """Dropout on attention weights, residual branches and embeddings (0 disables it)."""
     bias: bool = False
     """Biases in Linear and LayerNorm layers (nanoGPT's character runs use none)."""
+    quantize: Quantize = Quantize.none
+    """Store the frozen linear weights of the blocks quantized: nf4 or int8 (QLoRA; needs adapter=lora|dora)."""
 
 
 class ParamDtype(Enum):
@@ -66,6 +70,8 @@ class HFCausalLMConfig:
     """Parameter dtype: fp32 (default, for training with trainer.precision), bf16 or fp16."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa (torch's fused attention), eager, or flash_attention_2 (CUDA, flash-attn installed)."""
+    quantize: Quantize = Quantize.none
+    """Store the frozen linear weights of the blocks quantized: nf4 or int8 (QLoRA; needs adapter=lora|dora)."""
 
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")

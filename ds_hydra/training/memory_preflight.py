@@ -63,7 +63,7 @@ def step_spec(cfg):
     shape = (int(cfg.trainer.batch_size), seq_len_of(cfg, vocab_size))
     loss_fn = build_loss(cfg.get("loss"))
     return StepSpec(
-        build_model=lambda: build_model(cfg.model, vocab_size),
+        build_model=lambda: build_model(cfg.model, vocab_size, cfg.get("adapter")),  # frozen base, adapters trainable
         example_batch=lambda dev: (torch.zeros(shape, dtype=torch.long, device=dev),) * 2,  # (input_ids, labels)
         loss=lambda model, batch: mean_loss(model, loss_fn, {"input_ids": batch[0], "labels": batch[1]}),  # the trainer's loss step
         device=device,

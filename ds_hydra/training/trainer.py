@@ -28,6 +28,8 @@ from ds_hydra.devices import resolve_device, resolve_precision
 from ds_hydra.engine import start_engine
 from ds_hydra.engine.base import Engine
 from ds_hydra.errors import UserError
+from ds_hydra.models import adapters
+from ds_hydra.models.adapter_config import adapter_on
 from ds_hydra.models.build import build_model, num_params
 from ds_hydra.loss.step import build_loss, label_tokens, loss_sum, token_mean_loss
 from ds_hydra.training import resume as resume_io
@@ -133,17 +135,19 @@ class Trainer:
         state_io.seed_everything(tcfg.seed)
 
         self.data = build_data(cfg)
-        model = build_model(cfg.model, self.data.vocab_size)
+        # With an adapter only the adapters train: checkpoints keep them alone, and the frozen base comes
+        # from model.pretrained or, written once, from <run dir>/base_model.pt (ds_hydra.models.adapters).
+        self.adapted = adapter_on(cfg.get("adapter"))
+        self.base_to_save: Optional[Dict[str, torch.Tensor]] = None  # written by _train once the run has started
+        model = build_model(cfg.model, self.data.vocab_size, cfg.get("adapter"), load_base=self._load_base)
         check_vocab(self.data, model)
         self.seq_len = resolve_seq_len(self.data, model)
         if getattr(self.data, "pack", False):
             from ds_hydra.models.packing import check_packing
 
             check_packing(model)  # a model that would let packed examples attend to each other is refused
-        if tcfg.get("init_from"):
-            from ds_hydra.training.init_from import load_initial_weights
-
-            load_initial_weights(model, tcfg.init_from)
+        if self.adapted:
+            log.info("adapter: %s", adapters.adapter_summary(model))
         self.loss_fn = build_loss(cfg.get("loss"))
         # self.wrapped runs forward and backward (DDP, FSDP, DeepSpeed's engine, or the model itself);
         # self.model is the model underneath: its attributes, parameter names and state dict.
@@ -165,6 +169,21 @@ class Trainer:
         self.nonfinite = NonFiniteWatch(self.device)  # first NaN/inf step, kept on the device (no sync)
         self.skipped_nonfinite = 0
         self.last_saved: Optional[Path] = None
+
+    def _load_base(self, model: nn.Module) -> None:
+        """The base weights, before quantization and adapters: an adapter run's saved base when it resumes,
+        else ``trainer.init_from``'s (the optimizer, schedule and data start afresh)."""
+        base_file = self.run_dir / adapters.BASE_FILE
+        keeps_base = self.adapted and adapters.base_in_run_dir(self.cfg.model)
+        if keeps_base and base_file.is_file():
+            adapters.load_base(model, self.run_dir)
+            return
+        if self.cfg.trainer.get("init_from"):
+            from ds_hydra.training.init_from import load_initial_weights
+
+            load_initial_weights(model, self.cfg.trainer.init_from)
+        if keeps_base and self.engine.is_main:
+            self.base_to_save = model.state_dict()  # references: no copy (quantization then replaces the weights)
 
     def sampler(self, split: str, stream: int):
         tcfg = self.cfg.trainer
@@ -269,8 +288,9 @@ class Trainer:
         return {
             "format": state_io.TRAIN_STATE_FORMAT,
             "step": self.step,
-            # the full state in one process's format, whatever the engine (FSDP, DeepSpeed: gathered)
-            "model": self.engine.model_state_dict(),
+            # the full state in one process's format, whatever the engine (FSDP, DeepSpeed: gathered);
+            # with an adapter only what trains (the frozen base is model.pretrained's or base_model.pt)
+            "model": self.model_state(),
             "optimizer": self.engine.optimizer_state_dict(self.step),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.engine.scaler.state_dict() if self.engine.scaler is not None else None,
@@ -281,8 +301,16 @@ class Trainer:
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
         }
 
+    def model_state(self) -> Dict[str, Any]:
+        state = self.engine.model_state_dict()
+        return adapters.trainable_state(self.model, state) if self.adapted else state
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.engine.load_model_state_dict(state["model"])
+        if self.adapted:
+            adapters.check_trainable_state(self.model, state["model"], "the checkpoint")
+            self.engine.load_model_state_dict(state["model"], strict=False)
+        else:
+            self.engine.load_model_state_dict(state["model"])
         self.engine.load_optimizer_state_dict(state["optimizer"], self.run_dir)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.engine.scaler is not None and state.get("scaler"):
@@ -321,6 +349,8 @@ class Trainer:
             state = self.state_dict()  # FSDP, DeepSpeed: every rank takes part in gathering it
             if self.engine.is_main:  # one writer
                 state_io.atomic_torch_save(state, path)
+                if self.adapted:  # <run dir>/adapter: the newest adapter in PEFT's format
+                    adapters.save_adapter_dir(self.model, state["model"], self.run_dir)
         except OSError as exc:
             kept = f"{self.last_saved} is intact" if self.last_saved is not None else "no earlier checkpoint exists"
             raise UserError(
@@ -371,6 +401,9 @@ def _train(cfg, run_dir: Path, started: float, after_training: Sequence[AfterTra
     if is_main:
         write_resolved_config(cfg, run_dir)  # only now: a run that failed to start leaves the directory as it was
         save_run_tokenizer(trainer.data, run_dir)  # <run dir>/tokenizer/: inference decodes as training encoded
+        if trainer.base_to_save is not None:  # an adapter run's frozen base, when no model.pretrained holds it
+            adapters.save_base(trainer.base_to_save, run_dir)
+    trainer.base_to_save = None
     data = trainer.data
     log.info(
         "model: %s, %.2fM parameters on %s (%s); data: %s, vocab %d, %d train / %d val tokens, sequences of %d",

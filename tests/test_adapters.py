@@ -1,0 +1,191 @@
+"""Adapters (adapter=lora|dora) and a quantized base (model.quantize): checked against peft's own output.
+
+A small Llama saved with ``save_pretrained`` is trained through ``model.pretrained=``: peft's
+``get_peft_model`` is the reference for the trainable parameters, ``PeftModel.from_pretrained`` for
+what the run's ``adapter/`` holds, and ``merge_and_unload`` for the merged export.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ENGINE_RUN, compose
+
+pytest.importorskip("transformers", reason="Hugging Face models are an optional extra (hf)")
+pytest.importorskip("peft", reason="adapters are an optional extra (peft)")
+
+VOCAB = 65  # the embedded Tiny Shakespeare characters
+LLAMA_CONFIG = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+RUN = [o for o in ENGINE_RUN if not o.startswith("model=")] + ["data.seq_len=32", "optimizer.lr=0.01", "trainer.save_every=2"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """A small random Llama written with ``save_pretrained`` (config.json + model.safetensors)."""
+    import transformers
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llama_base")
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_CONFIG)).save_pretrained(folder)
+    return folder
+
+
+def load_base(base_dir: Path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), local_files_only=True).eval()
+
+
+def llama_run(base_dir: Path, *extra: str):
+    return [*RUN, "model=hf_causal_lm", f"model.pretrained={base_dir}", "adapter=lora", *extra]
+
+
+@pytest.fixture(scope="module")
+def lora_run(base_dir, tmp_path_factory) -> Path:
+    from ds_hydra.training.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("lora_run")
+    train(compose(llama_run(base_dir)), run_dir=run_dir)
+    return run_dir
+
+
+def tokens(n: int = 2, t: int = 16) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def test_trainable_parameters_are_peft_s_and_step_0_logits_are_the_base_s(base_dir):
+    import peft
+
+    from ds_hydra.models.build import build_model
+
+    cfg = compose(llama_run(base_dir))
+    model = build_model(cfg.model, VOCAB, cfg.adapter).eval()
+    reference = peft.get_peft_model(load_base(base_dir), peft.LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM"))
+    trainable, _ = reference.get_nb_trainable_parameters()
+    ours = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    # 2 layers x r x (in + out) of q_proj (32 -> 32) and v_proj (32 -> 2 key/value heads x 8)
+    assert sum(ours.values()) == trainable == 2 * 8 * ((32 + 32) + (32 + 16))
+    assert all(".lora_A." in n or ".lora_B." in n for n in ours)
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, load_base(base_dir)(x).logits)  # B starts at zero: the base's output
+
+
+def test_run_keeps_only_the_adapter_and_peft_loads_it(lora_run, base_dir):
+    import peft
+    from safetensors.torch import load_file
+
+    import ds_hydra
+    from ds_hydra.training.state import latest_checkpoint, safe_torch_load
+
+    state = safe_torch_load(latest_checkpoint(lora_run))
+    assert state["model"] and all("lora_" in name for name in state["model"])  # not the frozen base
+    assert len(state["optimizer"]["state"]) == len(state["model"])  # the optimizer holds only the adapters
+    config = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    saved = load_file(str(lora_run / "adapter" / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # it trained
+    reference = peft.PeftModel.from_pretrained(load_base(base_dir), str(lora_run / "adapter")).eval()
+    ours = ds_hydra.load_model(str(lora_run))
+    x = tokens()
+    with torch.no_grad():
+        want, got = reference(x).logits, ours(x).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert (got - load_base(base_dir)(x).logits).abs().max() > 1e-3  # and the adapter changed the model
+
+
+def test_export_hf_writes_the_base_plus_the_adapter_merged(lora_run, base_dir, tmp_path):
+    import peft
+    import transformers
+
+    from ds_hydra.models.export_hf import export_hf
+
+    out = export_hf(compose(["task=export_hf", f"inference.checkpoint={lora_run}"]), run_dir=tmp_path / "export")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out["export_dir"], local_files_only=True).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    reference = peft.PeftModel.from_pretrained(load_base(base_dir), str(lora_run / "adapter")).merge_and_unload()
+    base = load_base(base_dir).state_dict()
+    got = merged.state_dict()
+    for name, want in reference.state_dict().items():
+        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6, msg=name)
+    # W + (alpha / r) B A on the adapted layers, the base elsewhere
+    adapter = peft.PeftModel.from_pretrained(load_base(base_dir), str(lora_run / "adapter"))
+    layer = adapter.base_model.model.model.layers[0].self_attn.q_proj
+    delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * (16 / 8)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(got[name], base[name] + delta, rtol=0, atol=1e-6)
+    assert torch.equal(got["model.layers.0.self_attn.k_proj.weight"], base["model.layers.0.self_attn.k_proj.weight"])
+
+
+@pytest.mark.slow
+def test_adapter_run_resumes_exactly(base_dir, tmp_path):
+    from ds_hydra.training.state import checkpoint_path, latest_checkpoint, safe_torch_load
+    from ds_hydra.training.trainer import train
+
+    run = llama_run(base_dir, "adapter.dropout=0.1")  # dropout: the RNG state matters too
+    train(compose(run), run_dir=tmp_path / "whole")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "whole", resumed)
+    train(compose([*run, f"resume={checkpoint_path(resumed, 2)}"]))
+    got, want = (safe_torch_load(latest_checkpoint(d)) for d in (resumed, tmp_path / "whole"))
+    assert got["step"] == want["step"] == 4
+    assert got["model"].keys() == want["model"].keys()
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+    for index, state in want["optimizer"]["state"].items():
+        assert torch.equal(got["optimizer"]["state"][index]["exp_avg_sq"], state["exp_avg_sq"])
+
+
+@pytest.mark.slow
+def test_gpt_adapter_run_keeps_its_random_base_and_loads_back(tmp_path):
+    """The built-in GPT from a random initialisation: the base is written once into the run dir."""
+    import peft
+
+    import ds_hydra
+    from ds_hydra.training.state import safe_torch_load
+    from ds_hydra.training.trainer import train
+
+    run_dir = tmp_path / "gpt"
+    train(compose([*RUN, "model=gpt_tiny", "adapter=lora"]), run_dir=run_dir)
+    base = safe_torch_load(run_dir / "base_model.pt")["model"]
+    assert "blocks.0.attn.qkv.weight" in base and not any("lora" in k for k in base)
+    ours = ds_hydra.load_model(str(run_dir))
+    assert {n.split(".lora_")[0] for n, _ in ours.named_parameters() if "lora_" in n} == {f"blocks.{i}.attn.qkv" for i in range(len(ours.blocks))}
+    cfg = compose([*RUN, "model=gpt_tiny"])
+    from ds_hydra.models.build import build_model
+
+    plain = build_model(cfg.model, VOCAB)
+    plain.load_state_dict(base)
+    reference = peft.PeftModel.from_pretrained(plain, str(run_dir / "adapter")).eval()
+    x = tokens(t=8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=1e-5)
+
+
+def test_no_matching_module_is_refused_in_one_line_naming_the_modules(base_dir):
+    from ds_hydra.errors import UserError
+    from ds_hydra.models.build import build_model
+
+    cfg = compose(llama_run(base_dir, "adapter.target_modules=[qkv]"))
+    with pytest.raises(UserError) as caught:
+        build_model(cfg.model, VOCAB, cfg.adapter)
+    message = str(caught.value)
+    assert "\n" not in message and "qkv matches no module of LlamaForCausalLM" in message
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
+        assert name in message
+
+
+def test_quantizing_weights_that_train_is_refused_in_one_line():
+    from ds_hydra.errors import ConfigError
+    from ds_hydra.validation import validate_config
+
+    with pytest.raises(ConfigError) as caught:
+        validate_config(compose(["model=gpt_tiny", "model.quantize=nf4"]))
+    assert "\n" not in str(caught.value) and "model.quantize=nf4: would quantize weights that train" in str(caught.value)
+    validate_config(compose(["model=gpt_tiny", "model.quantize=nf4", "adapter=lora"]))  # QLoRA: the base is frozen
