@@ -189,3 +189,148 @@ def test_quantizing_weights_that_train_is_refused_in_one_line():
         validate_config(compose(["model=gpt_tiny", "model.quantize=nf4"]))
     assert "\n" not in str(caught.value) and "model.quantize=nf4: would quantize weights that train" in str(caught.value)
     validate_config(compose(["model=gpt_tiny", "model.quantize=nf4", "adapter=lora"]))  # QLoRA: the base is frozen
+
+
+# -- activation checkpointing with adapters ------------------------------------------------------------
+def with_lora(model, name: str = "lora", **extra):
+    """``model`` with adapters on every linear layer but the head, adapter dropout on, and B drawn at random
+    (zero B would leave A's gradient zero and the check empty)."""
+    from omegaconf import OmegaConf
+
+    from ds_hydra.models.adapters import adapt_model
+
+    adapt_model(model, None, OmegaConf.create({"name": name, "r": 4, "alpha": 8, "dropout": 0.1,
+                                                "target_modules": "all-linear", "use_rslora": False, **extra}))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param_name, p in model.named_parameters():
+            if "lora_B" in param_name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model
+
+
+def ac_cases():
+    """A policy of each kind on the built-in GPT and per-block on the Llama by default; every policy on both
+    with -m slow."""
+    from test_activation_checkpointing import POLICIES, policy_id
+
+    fast_gpt = {"full=True,use_reentrant=True", "segments=2,checkpoint_last=True", "selective=True", "memory_budget=45%"}
+    fast_llama = {"full=True"}
+    cases = [pytest.param("gpt", p, id=f"gpt-{policy_id(p)}", marks=() if policy_id(p) in fast_gpt else pytest.mark.slow)
+             for p in POLICIES]
+    cases += [pytest.param("llama", p, id=f"llama-{policy_id(p)}", marks=() if policy_id(p) in fast_llama else pytest.mark.slow)
+              for p in POLICIES]
+    return cases
+
+
+@pytest.mark.parametrize("kind,policy", ac_cases())
+def test_every_checkpointing_policy_keeps_adapter_gradients_bit_identical(kind, policy):
+    from test_activation_checkpointing import GPT_BATCH, assert_identical, gpt, hf_model, step
+
+    from ds_hydra.activation_checkpointing import checkpoint_activations
+
+    build = (lambda: with_lora(gpt())) if kind == "gpt" else (lambda: with_lora(hf_model("llama", use_cache=False)))
+    reference_model = build()
+    reference = step(reference_model, GPT_BATCH)
+    assert reference[1] and all("lora_" in name for name in reference[1])  # only the adapters get gradients
+    assert all(g.abs().sum() > 0 for g in reference[1].values())
+    model = checkpoint_activations(build(), example_input=GPT_BATCH, **policy)
+    assert_identical(step(model, GPT_BATCH), reference)
+
+
+# -- DoRA ----------------------------------------------------------------------------------------------------
+def test_dora_trains_peft_s_parameters_and_starts_at_the_base(base_dir):
+    import peft
+
+    from ds_hydra.models.build import build_model
+
+    cfg = compose([*llama_run(base_dir), "adapter=dora"])
+    model = build_model(cfg.model, VOCAB, cfg.adapter).eval()
+    reference = peft.get_peft_model(load_base(base_dir), peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, task_type="CAUSAL_LM"))
+    trainable, _ = reference.get_nb_trainable_parameters()
+    ours = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(ours.values()) == trainable == 2 * 8 * ((32 + 32) + (32 + 16)) + 2 * (32 + 16)  # + a magnitude per output
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, load_base(base_dir)(x).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_dora_run_loads_in_peft(base_dir, tmp_path):
+    import peft
+
+    import ds_hydra
+    from ds_hydra.training.trainer import train
+
+    train(compose([*llama_run(base_dir), "adapter=dora"]), run_dir=tmp_path / "dora")
+    config = json.loads((tmp_path / "dora" / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    reference = peft.PeftModel.from_pretrained(load_base(base_dir), str(tmp_path / "dora" / "adapter")).eval()
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(ds_hydra.load_model(str(tmp_path / "dora"))(x).logits, reference(x).logits, rtol=0, atol=1e-5)
+
+
+# -- a quantized base (QLoRA) --------------------------------------------------------------------------------
+def test_nf4_base_is_bitsandbytes_storage_and_computes_with_its_rounded_weights(base_dir):
+    """Every linear layer but the head is stored as bitsandbytes' nf4 (two 4-bit codes per byte, a scale per 64
+    weights, the scales quantized again: QLoRA's double quantization), frozen; at step 0 the model computes what the base computes with each of those weights
+    rounded to nf4 and back by bitsandbytes' own functions."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    from ds_hydra.models.build import build_model
+
+    cfg = compose([*llama_run(base_dir), "model.quantize=nf4"])
+    model = build_model(cfg.model, VOCAB, cfg.adapter).eval()
+    base = load_base(base_dir)
+    linear = [name for name, m in base.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    assert len(linear) == 2 * 7
+    for name in linear:
+        layer = model.get_submodule(name)
+        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        weight = layer.weight
+        assert isinstance(weight, bnb.nn.Params4bit) and weight.dtype == torch.uint8 and not weight.requires_grad
+        assert weight.numel() == base.get_submodule(name).weight.numel() // 2
+    assert type(model.lm_head) is torch.nn.Linear  # the head keeps its precision
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    # the reference: the base with its weights rounded through bitsandbytes' quantize/dequantize
+    rounded = load_base(base_dir)
+    with torch.no_grad():
+        for name in linear:
+            module = rounded.get_submodule(name)
+            packed, state = bnb.functional.quantize_4bit(module.weight.data, quant_type="nf4", compress_statistics=True)
+            module.weight.copy_(bnb.functional.dequantize_4bit(packed, state))
+    x = tokens()
+    with torch.no_grad():
+        got, want = model(x).logits, rounded(x).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert (got - base(x).logits).abs().max() > 1e-4  # the weights really are rounded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_qlora_run_trains_resumes_and_exports_into_the_full_precision_base(base_dir, tmp_path, mode):
+    pytest.importorskip("bitsandbytes")
+    import peft
+    import transformers
+
+    import ds_hydra
+    from ds_hydra.models.export_hf import export_hf
+    from ds_hydra.training.state import checkpoint_path, latest_checkpoint, safe_torch_load
+    from ds_hydra.training.trainer import train
+
+    run = [*llama_run(base_dir), f"model.quantize={mode}"]
+    train(compose(run), run_dir=tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    train(compose([*run, f"resume={checkpoint_path(tmp_path / 'resumed', 2)}"]))
+    got, want = (safe_torch_load(latest_checkpoint(tmp_path / d)) for d in ("resumed", "whole"))
+    assert got["model"].keys() == want["model"].keys() and all("lora_" in k for k in want["model"])
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+    loaded = ds_hydra.load_model(str(tmp_path / "whole"))
+    assert any(getattr(p, "quant_state", None) is not None or p.dtype == torch.int8 for p in loaded.parameters())
+    out = export_hf(compose(["task=export_hf", f"inference.checkpoint={tmp_path / 'whole'}"]), run_dir=tmp_path / "export")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out["export_dir"], local_files_only=True)
+    reference = peft.PeftModel.from_pretrained(load_base(base_dir), str(tmp_path / "whole" / "adapter")).merge_and_unload()
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)

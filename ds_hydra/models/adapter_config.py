@@ -20,7 +20,7 @@ class AdapterName(Enum):
 
 class Quantize(Enum):
     none = "none"  # weights in model.dtype
-    nf4 = "nf4"  # 4-bit NormalFloat blocks of 64 with an fp32 scale each (bitsandbytes, QLoRA)
+    nf4 = "nf4"  # 4-bit NormalFloat in blocks of 64, the scales quantized again (bitsandbytes; QLoRA's double quantization)
     int8 = "int8"  # 8-bit rows with an fp32 scale each (bitsandbytes' LLM.int8 weights)
 
 

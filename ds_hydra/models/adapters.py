@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set
 
@@ -90,7 +91,24 @@ def adapt_model(model: nn.Module, model_cfg, adapter_cfg) -> nn.Module:
     )
     with _moves_skipped_when_shapes_only():
         peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    _embeddings_require_grad(model)
     return model
+
+
+def _embeddings_require_grad(model: nn.Module) -> None:
+    """Make the input embeddings' output require grad, as transformers' ``enable_input_require_grads`` does:
+    with a frozen embedding table no block input would, and reentrant activation checkpointing
+    (``ckpt.use_reentrant=true``) then returns outputs without a graph, dropping the adapters' gradients.
+    Backward already passes through every block down to the first adapter; one step more costs nothing."""
+    get_input = getattr(model, "get_input_embeddings", None)
+    embedding = get_input() if callable(get_input) else next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if embedding is not None:
+        embedding.register_forward_hook(_output_requires_grad)
+
+
+def _output_requires_grad(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.is_floating_point():
+        output.requires_grad_(True)
 
 
 def _moves_skipped_when_shapes_only():
@@ -215,6 +233,9 @@ def quantize_linear_layers(model: nn.Module, mode: str) -> int:
         replaced += 1
     if not replaced:
         raise UserError(f"model.quantize={mode}: {type(model).__name__} has no linear layer to quantize besides its output head")
+    if mode == "int8":  # bitsandbytes says so at every call of every layer; said once here instead
+        warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast from")
+        log.info("model.quantize=int8: bitsandbytes multiplies int8 weights by inputs cast to float16")
     setattr(model, "is_loaded_in_4bit" if mode == "nf4" else "is_loaded_in_8bit", True)
     log.info("model.quantize=%s: %d linear layers stored quantized", mode, replaced)
     return replaced
