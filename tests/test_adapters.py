@@ -334,3 +334,30 @@ def test_qlora_run_trains_resumes_and_exports_into_the_full_precision_base(base_
     reference = peft.PeftModel.from_pretrained(load_base(base_dir), str(tmp_path / "whole" / "adapter")).merge_and_unload()
     for name, tensor in reference.state_dict().items():
         torch.testing.assert_close(merged.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+# -- several processes -----------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_ranks_train_the_adapter_one_process_does(base_dir, tmp_path, engine):
+    """torchrun, gloo: two ranks of 4 sequences train the adapter that one process does with two micro-batches
+    of 4; the checkpoint and adapter/ hold only the adapter."""
+    from test_distributed import only_run_dir, torchrun
+
+    from ds_hydra.engine.fsdp import fsdp_unsupported
+    from ds_hydra.training.state import latest_checkpoint, safe_torch_load
+    from ds_hydra.training.trainer import train
+
+    if engine == "fsdp" and fsdp_unsupported(torch.device("cpu")):
+        pytest.skip(fsdp_unsupported(torch.device("cpu")))
+    train(compose([*llama_run(base_dir), "trainer.grad_accum_steps=2"]), run_dir=tmp_path / "one")
+    (tmp_path / "two").mkdir()
+    proc = torchrun([*llama_run(base_dir), f"engine={engine}"], cwd=tmp_path / "two")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path / "two")
+    assert f"{engine}: rank 0 of 2" in (run_dir / "rank0.log").read_text()
+    got, want = (safe_torch_load(latest_checkpoint(d))["model"] for d in (run_dir, tmp_path / "one"))
+    assert got.keys() == want.keys() and all("lora_" in k for k in want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
