@@ -475,3 +475,30 @@ def test_a_restarted_torchrun_attempt_finds_its_run_by_the_directory(tmp_path, m
     assert run_to_continue(from_the_clock) is None, other_agent
     mine = make_run(outputs / "2024-05-03" / "01-00-01", **{**this_job(), "run_id": "none"})
     assert run_to_continue(from_the_clock) == Path("outputs/2024-05-03/01-00-01") == Path(os.path.relpath(mine))
+
+
+def test_resume_of_a_run_that_did_not_train_says_so_in_one_line(tmp_path):
+    """resume=<a task=prepare run dir> used to re-run the prepare; now it says there is nothing to continue."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be\n" * 20, encoding="utf-8")
+    run = tmp_path / "prepare_run"
+    prepared = run_cli(["task=prepare", f"prepare.input={corpus}", f"prepare.output={tmp_path / 'data'}", "tokenizer=char",
+                        f"hydra.run.dir={run}"], cwd=tmp_path, env=ONE_THREAD)
+    assert prepared.returncode == 0, prepared.stderr
+    meta_before = (tmp_path / "data" / "meta.json").stat().st_mtime_ns
+    proc = run_cli([f"resume={run}"], cwd=tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"ds_hydra: error: resume={run}: a task=prepare run, not a training run: there is nothing to continue "
+        "(run the same task=... command again instead)"]
+    assert (tmp_path / "data" / "meta.json").stat().st_mtime_ns == meta_before
+
+
+def test_the_task_of_a_run_dir_comes_from_its_saved_config_then_its_overrides(tmp_path):
+    from ds_hydra.training.resume.command_line import saved_task
+
+    (tmp_path / ".hydra").mkdir()
+    assert saved_task(tmp_path, []) == "train"
+    assert saved_task(tmp_path, ["task=validate", "model=gpt_tiny"]) == "validate"
+    (tmp_path / ".hydra" / "config.yaml").write_text("task: eval\nmodel: {}\n")  # e.g. set by an experiment preset
+    assert saved_task(tmp_path, ["model=gpt_tiny"]) == "eval"

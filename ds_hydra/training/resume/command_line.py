@@ -18,6 +18,7 @@ from ds_hydra.common.checkpoint_files import CHECKPOINT_DIR, STEP_FILE
 log = logging.getLogger(__name__)
 
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+CONFIG_FILE = Path(".hydra") / "config.yaml"  # the run's composed config, as Hydra saved it
 HYDRA_FILE = Path(".hydra") / "hydra.yaml"
 # Overrides that apply to one command only: a resume does not repeat them from the saved ones.
 ONE_SHOT_KEYS = ("resume", "run.break_lock")
@@ -48,6 +49,10 @@ def expand_resume_args(argv: Sequence[str]) -> List[str]:
         )
     run_dir, checkpoint = locate_run(value)
     saved = read_saved_overrides(run_dir)
+    task = saved_task(run_dir, saved)
+    if task not in TRAINING_TASKS:
+        raise UserError(f"resume={value}: a task={task} run, not a training run: there is nothing to continue "
+                        f"(run the same task=... command again instead)")
     rest = [a for i, a in enumerate(argv) if not RESUME_ARG.match(a)]
     for arg in rest:
         if override_key(arg) == "hydra.run.dir":
@@ -96,6 +101,24 @@ def locate_run(value: str, hydra_run: bool = True) -> Tuple[Path, Optional[Path]
             )
         raise UserError(f"resume={value}: not a run directory (it has no {OVERRIDES_FILE}); give the directory of an earlier run")
     return run_dir, (checkpoint.resolve() if checkpoint is not None else None)
+
+
+TRAINING_TASKS = ("train", "resume")  # the tasks whose run dirs hold a run to continue
+
+
+def saved_task(run_dir: Path, saved: Sequence[str]) -> str:
+    """The task a run dir was written by: its saved config's ``task`` (an experiment preset may set it),
+    else the last ``task=`` of its saved overrides, else train (the default)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+        task = config.get("task") if isinstance(config, dict) else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        task = None
+    if task is None:
+        task = next((o.split("=", 1)[1] for o in reversed(saved) if override_key(o) == "task"), "train")
+    return str(task)
 
 
 def read_saved_overrides(run_dir: Path) -> List[str]:
