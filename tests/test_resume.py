@@ -324,6 +324,34 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert final_state(run_dir)["step"] == 2
 
 
+def test_on_a_full_disk_lowering_keep_last_and_resuming_frees_the_space(tmp_path, monkeypatch, caplog):
+    """A disk with room for two checkpoints. keep_last=3 fills it and the step-6 save fails (deleting
+    anything then would go beyond what keep_last allows); the advice, lower trainer.keep_last and resume,
+    now works: the save deletes first what keep_last=2 would delete after it, never the newest."""
+    from ds_hydra.errors import UserError
+    from ds_hydra.training.state import checkpoint_path, list_checkpoints
+
+    real_fsync = os.fsync
+    run_dir = tmp_path / "run"
+
+    def fsync(fd):  # the disk holds two checkpoints: a third write fails as a full disk does
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".step_") and len(list_checkpoints(run_dir)) >= 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(UserError) as full:
+        train_in_process([*RUN, "trainer.keep_last=3"], run_dir)
+    assert "lower trainer.keep_last" in str(full.value) and f"{checkpoint_path(run_dir, 4)} is intact" in str(full.value)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_0000002.pt", "step_0000004.pt"]
+    with caplog.at_level("WARNING", logger="ds_hydra.training.trainer"):
+        train_in_process([*RUN, "trainer.keep_last=2", f"resume={run_dir}"])
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_0000004.pt", "step_0000006.pt"]
+    assert final_state(run_dir)["step"] == 6
+    assert f"{checkpoint_path(run_dir, 6)}: the disk is full; deleted step_0000002.pt first" in caplog.text
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000004.pt", "step_0000006.pt"]
+
+
 @pytest.mark.slow
 def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     """SIGUSR1 reaches only rank 1; the all-reduced flag stops both ranks after the same step, rank 0

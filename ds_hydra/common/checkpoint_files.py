@@ -38,3 +38,13 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoints (called only after a new one is written)."""
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
+
+
+def prune_before_writing(run_dir: Path, keep_last: int) -> List[Path]:
+    """On a full disk, before writing a new checkpoint: delete the old ones that the pruning after it
+    would delete anyway (all but the newest ``keep_last - 1``), never the newest, which stays intact
+    until the new one is written. Returns what was deleted."""
+    gone = list_checkpoints(run_dir)[:-max(1, keep_last - 1)]
+    for old in gone:
+        old.unlink(missing_ok=True)
+    return gone

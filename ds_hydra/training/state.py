@@ -30,6 +30,7 @@ from ds_hydra.common.checkpoint_files import (  # noqa: F401  (re-exported: the 
     checkpoint_step,
     latest_checkpoint,
     list_checkpoints,
+    prune_before_writing,
     prune_checkpoints,
 )
 

@@ -9,6 +9,7 @@ It returns the final metrics (what Hydra sweepers read).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import sys
 import time
@@ -348,7 +349,7 @@ class Trainer:
             self.engine.save_engine_checkpoint(self.run_dir, self.step)  # DeepSpeed: every rank's shards
             state = self.state_dict()  # FSDP, DeepSpeed: every rank takes part in gathering it
             if self.engine.is_main:  # one writer
-                state_io.atomic_torch_save(state, path)
+                self._write_state(state, path)
                 if self.adapted:  # <run dir>/adapter: the newest adapter in PEFT's format
                     adapters.save_adapter_dir(self.model, state["model"], self.run_dir)
         except OSError as exc:
@@ -363,6 +364,23 @@ class Trainer:
             self.engine.prune_engine_checkpoints(self.run_dir)
         self.engine.barrier()  # the checkpoint exists for every rank once save returns
         return path
+
+    def _write_state(self, state: Dict[str, Any], path: Path) -> None:
+        """Write the checkpoint; on a full disk, first delete the old checkpoints ``trainer.keep_last``
+        would delete after it (so lowering keep_last and resuming frees the space the write needs),
+        then write it once more."""
+        try:
+            state_io.atomic_torch_save(state, path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            gone = state_io.prune_before_writing(self.run_dir, self.cfg.trainer.keep_last)
+            if not gone:
+                raise
+            log.warning("%s: the disk is full; deleted %s first (trainer.keep_last=%d would delete them once this "
+                        "checkpoint is written) and writing it again", path, ", ".join(p.name for p in gone),
+                        self.cfg.trainer.keep_last)
+            state_io.atomic_torch_save(state, path)
 
 
 # After training, on rank 0: ``hook(cfg, run_dir, final step, log_metrics)`` returns metrics to add to the final ones.
