@@ -150,9 +150,10 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("ds_hydra.fraction"):
         OmegaConf.register_new_resolver("ds_hydra.fraction", fraction_of)
     if not OmegaConf.has_resolver("ds_hydra.config_groups"):  # the --help page's list of groups
-        from ds_hydra.help import config_groups
+        from ds_hydra.help import config_groups, tasks
 
         OmegaConf.register_new_resolver("ds_hydra.config_groups", config_groups)
+        OmegaConf.register_new_resolver("ds_hydra.tasks", tasks)
 
 
 def register_configs() -> None:
