@@ -112,3 +112,13 @@ def test_two_prepares_at_once_one_writes_the_other_is_refused(tmp_path, corpus):
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     winner = 0 if outs[0][1] == 0 else 1
     assert meta["tokenizer"]["eos_token"] == (None, "<eos>")[winner]
+
+
+def test_prepared_files_have_the_mode_of_new_files(tmp_path, corpus):
+    before = os.umask(0o002)
+    try:
+        prepare(corpus, tmp_path / "out", CHAR)
+    finally:
+        os.umask(before)
+    assert oct((tmp_path / "out").stat().st_mode & 0o777) == "0o775"
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "out").iterdir()} == {"0o664"}

@@ -381,3 +381,32 @@ def test_torchrun_rank_zero_holds_one_lock_released_at_exit_and_after_a_crash(tm
                           env=_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not list(tmp_path.rglob("run.lock*"))
+
+
+def test_every_file_of_a_run_has_the_mode_the_umask_gives_new_files(tmp_path):
+    """Checkpoints, the resolved config, the loss curve and completed.json are written through temp
+    files (private, 0600) and renamed; they get the mode of any new file, as Hydra's and the log do."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "ds_hydra", *TINY, "trainer.max_steps=2", "trainer.log_interval=1",
+                           f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=300, preexec_fn=lambda: os.umask(0o027))
+    assert proc.returncode == 0, proc.stderr
+    modes = {str(p.relative_to(run_dir)): oct(p.stat().st_mode & 0o777) for p in run_dir.rglob("*")}
+    files = {name for name in modes if (run_dir / name).is_file()}
+    assert {"checkpoints/step_0000002.pt", "config_resolved.yaml", "loss_curve.png", "completed.json", "metrics.jsonl",
+            "ds_hydra.log", ".hydra/config.yaml"} <= files
+    assert {modes[name] for name in files} == {"0o640"}, modes  # 0666 & ~027
+    assert {modes[name] for name in modes if name not in files} == {"0o750"}, modes
+
+
+def test_the_mode_of_new_files_is_read_without_changing_the_umask():
+    from ds_hydra.common.files import new_dir_mode, new_file_mode
+
+    before = os.umask(0o077)
+    try:
+        assert (new_file_mode(), new_dir_mode()) == (0o600, 0o700)
+        os.umask(0o002)
+        assert (new_file_mode(), new_dir_mode()) == (0o664, 0o775)
+        assert os.umask(0o002) == 0o002  # left as it was
+    finally:
+        os.umask(before)

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) sees a file's old content or its new content, never half."""
+"""Atomic file writes: a reader (or a crash) sees a file's old content or its new content, never half.
+What they leave has the mode any new file gets (``new_file_mode``), not a temp file's private 0600."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,32 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "fsync_dir"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "fsync_dir", "new_dir_mode", "new_file_mode", "umask"]
+
+
+def umask() -> int:
+    """This process's umask, read without setting it (``os.umask`` sets it, and a file another thread
+    creates meanwhile would get the wrong mode): Linux's /proc/self/status, else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file (0644 under the usual umask 022). Temp files are made 0600;
+    what a run keeps gets this mode, so every file of a run has the same one."""
+    return 0o666 & ~umask()
+
+
+def new_dir_mode() -> int:
+    """The mode ``mkdir`` gives a new directory (0755 under umask 022); ``mkdtemp`` makes them 0700."""
+    return 0o777 & ~umask()
 
 
 def atomic_write(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
@@ -20,6 +46,7 @@ def atomic_write(path: Path, write: Callable[[IO], None], binary: bool = False) 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())  # as any new file of the run, not the temp file's private 0600
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)
             f.flush()

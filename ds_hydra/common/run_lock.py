@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 from ds_hydra.common import launch_env
+from ds_hydra.common.files import new_file_mode
 from ds_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,7 @@ def _create_exclusive(path: Path, record: Dict[str, Any]) -> bool:
     text = json.dumps(record, indent=1) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())  # as the run's other files
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

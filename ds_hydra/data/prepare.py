@@ -242,15 +242,13 @@ def _complete(output: Path, meta: dict) -> bool:
 
 def _publish(staging: Path, output: Path) -> None:
     """Rename ``staging`` to ``output``; an earlier output (checked to be prepare's) is replaced."""
-    from ds_hydra.common.files import fsync_dir
+    from ds_hydra.common.files import fsync_dir, new_dir_mode, new_file_mode
 
-    umask = os.umask(0)
-    os.umask(umask)
     for path in staging.iterdir():
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
-        path.chmod(0o666 & ~umask)  # temp files are private (0600); the data is as shareable as any new file
-    staging.chmod(0o777 & ~umask)
+        path.chmod(new_file_mode())  # temp files are private (0600); the data is as shareable as any new file
+    staging.chmod(new_dir_mode())
     old = None
     if output.exists():
         old = Path(tempfile.mkdtemp(prefix=_replaced_prefix(output), dir=output.parent))

@@ -56,12 +56,15 @@ def export_hf(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     run = load_run(icfg.checkpoint, "cpu", "fp32", list(cfg.get("allowed_targets") or []), merge_adapter=True)
     target = output_dir(run_dir, run.run_dir) / EXPORT_DIR
     hf = hf_model_of(run.model)
+    from ds_hydra.common.files import new_dir_mode
+
     staging = Path(tempfile.mkdtemp(prefix=f".{EXPORT_DIR}.", dir=target.parent))
     try:
         hf.save_pretrained(str(staging), safe_serialization=True)
         save_tokenizer = getattr(run.data, "save_tokenizer", None)
         if callable(save_tokenizer):
             save_tokenizer(staging)
+        staging.chmod(new_dir_mode())  # mkdtemp's 0700 would make the export unreadable to others
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
