@@ -56,13 +56,14 @@ def config_groups(_root_: Any = None) -> str:
 
 def tasks(_root_: Any = None) -> str:
     """The ``task`` values, this command's marked with ``*``."""
-    from ds_hydra.config_store import Task
+    from omegaconf import OmegaConf
 
     try:
-        chosen = str(getattr(_root_.task, "value", _root_.task))
+        task = _root_.task
+        values = [t.value for t in OmegaConf.get_type(_root_, "task")]  # the schema's Task enum
     except Exception:  # no config to read
-        chosen = None
-    return ", ".join(f"{t.value}*" if t.value == chosen else t.value for t in Task)
+        return ""
+    return ", ".join(f"{v}*" if v == task.value else v for v in values)
 
 
 def print_help(config_path: str, overrides: Sequence[str]) -> None:
