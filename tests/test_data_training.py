@@ -158,7 +158,7 @@ def test_from_a_folder_of_text_to_decoded_samples(tmp_path):
         assert trained.returncode == 0, trained.stderr
         assert json.loads((run / "tokenizer" / "tokenizer_meta.json").read_text())["kind"] == "bpe"
         sampled = run_cli(["task=infer", f"inference.checkpoint={run}", "inference.prompt=ROMEO:", "inference.max_new_tokens=24",
-                           "inference.compare=false", f"hydra.run.dir={tmp_path}/infer{n}"])
+                           f"hydra.run.dir={tmp_path}/infer{n}"])
         assert sampled.returncode == 0, sampled.stderr
         sample = (tmp_path / f"infer{n}" / "samples.txt").read_text(encoding="utf-8").split("----------------")[0]
         assert sample.startswith("ROMEO:") and len(sample.strip()) > len("ROMEO:") and sample in sampled.stdout  # printed

@@ -207,8 +207,8 @@ def test_infer_cli_is_deterministic_and_leaves_the_trained_run_alone(trained_run
     assert report["samples"][0] in proc.stdout and report["samples"][0] in text
     assert len(report["samples"]) == 2 and all(len(s) == 1 + 40 for s in report["samples"])  # "\n" + 40
     assert report["samples"][0] != report["samples"][1]  # two draws, not one copied
-    assert report["tokens_per_s_kv_cache"] > 0 and report["tokens_per_s_no_cache"] > 0
-    assert report["same_tokens_within_block"] is True  # same seed, same context within block_size
+    assert report["tokens_per_s"] > 0 and report["kv_cache"] is True
+    assert "no_cache" not in json.dumps(report)  # generated once: the comparison is bench/inference.py's
     # the same seed in another process gives the same samples; another seed does not
     assert infer(compose(args), run_dir=tmp_path / "again")["samples"] == report["samples"]
     assert infer(compose([*args, "inference.seed=7"]), run_dir=tmp_path / "other")["samples"] != report["samples"]

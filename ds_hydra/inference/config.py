@@ -69,8 +69,6 @@ class InferenceConfig:
     """Seed of the sampler: same seed, same samples."""
     kv_cache: bool = True
     """Cache attention keys and values, so each new token costs one position instead of the whole context."""
-    compare: bool = True
-    """Also generate the other way (kv_cache flipped, same seed) and report both speeds side by side."""
     tensor_parallel: TensorParallelConfig = field(default_factory=TensorParallelConfig)
     """DeepSpeed's tensor-parallel group; tp_size must be 1 (one process)."""
     enable_cuda_graph: bool = False

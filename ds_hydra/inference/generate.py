@@ -266,26 +266,8 @@ def infer(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
         "num_samples": icfg.num_samples,
         "tokens_per_s": produced / seconds,
     }
-    if icfg.compare:
-        other, other_s = timed_generate(
-            run.model, prompt, n_new, run.device, icfg.seed, hf=hf, kv_cache=not icfg.kv_cache, **sampling
-        )
-        cached_s, uncached_s = (seconds, other_s) if icfg.kv_cache else (other_s, seconds)
-        within = min(tokens.size(1), other.size(1), run.seq_len)  # where the two loops see the same context
-        metrics.update(
-            tokens_per_s_kv_cache=produced / cached_s,
-            tokens_per_s_no_cache=produced / uncached_s,
-            kv_cache_speedup=uncached_s / cached_s,
-            same_tokens_within_block=bool(torch.equal(tokens[:, :within], other[:, :within])),
-            same_tokens=tokens.shape == other.shape and bool(torch.equal(tokens, other)),
-        )
-        log.info(
-            "tokens/s: %.0f with KV cache, %.0f without (%.2fx); same tokens within %d positions: %s, overall: %s",
-            metrics["tokens_per_s_kv_cache"], metrics["tokens_per_s_no_cache"], metrics["kv_cache_speedup"],
-            run.seq_len, metrics["same_tokens_within_block"], metrics["same_tokens"],
-        )
-    else:
-        log.info("tokens/s: %.0f (kv_cache=%s)", metrics["tokens_per_s"], icfg.kv_cache)
+    log.info("tokens/s: %.0f (kv_cache=%s; python bench/inference.py compares it with and without)",
+             metrics["tokens_per_s"], icfg.kv_cache)
 
     texts = [run.data.decode(row.tolist()) for row in tokens.cpu()]
     samples_path = out_dir / SAMPLES_FILE
