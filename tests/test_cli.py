@@ -24,7 +24,12 @@ def test_train_run_learns_and_writes_everything(tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] - 0.3, losses  # from ln(65) ~ 4.17 downwards
     assert (run_dir / "loss_curve.png").stat().st_size > 1000
-    assert "task=train; resolved config:" in proc.stdout and "max_steps: 40" in proc.stdout  # logged at start
+    # the terminal gets a few lines: what runs and where it writes; the run's log gets the whole config
+    assert f"task=train: model=gpt_tiny data=shakespeare_char optimizer=adamw scheduler=cosine ckpt=none engine=auto\n" in proc.stdout
+    assert f"run dir: {run_dir} (the whole resolved config: {run_dir / 'ds_hydra.log'})" in proc.stdout
+    assert "resolved config:" not in proc.stdout and "max_steps: 40" not in proc.stdout
+    log_text = (run_dir / "ds_hydra.log").read_text()
+    assert "task=train; resolved config:" in log_text and "max_steps: 40" in log_text  # logged at start
     progress = [line for line in (proc.stdout + proc.stderr).splitlines() if "step 20/40:" in line]
     assert progress and "tokens_per_s" not in progress[0] and "tok_s" in progress[0] and " eta 0m" in progress[0]
     resolved = (run_dir / "config_resolved.yaml").read_text()

@@ -12,7 +12,7 @@ import sys
 from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from ds_hydra.errors import EXIT_USAGE, UserError, describe_exception, user_error_in
 
@@ -98,9 +98,43 @@ def dispatch(cfg) -> Dict[str, Any]:
     module, _, function = TASKS[task].partition(":")
     from omegaconf import OmegaConf
 
+    from ds_hydra.common.terminal import FILE_ONLY, keep_file_only_records_off_console
+
+    keep_file_only_records_off_console()  # the terminal gets what runs and where it writes; the log, everything
+    for line in run_summary(cfg, task):
+        log.info("%s", line)
     shown = OmegaConf.masked_copy(cfg, TASK_SECTIONS[task]) if task in TASK_SECTIONS else cfg
-    log.info("task=%s; resolved config:\n%s", task, OmegaConf.to_yaml(shown, resolve=True).rstrip())
+    log.info("task=%s; resolved config:\n%s", task, OmegaConf.to_yaml(shown, resolve=True).rstrip(), extra=FILE_ONLY)
     return getattr(import_module(module), function)(cfg)
+
+
+def run_summary(cfg, task: str) -> List[str]:
+    """A few lines for the terminal: the task and the choices that shape it, the command's own
+    overrides, and where the run writes (the whole resolved config is in the run's log)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from ds_hydra.common.terminal import log_file_of
+
+    if not HydraConfig.initialized():  # called outside the CLI: nothing to add to the config itself
+        return []
+    hydra_cfg = HydraConfig.get()
+    groups = TASK_SECTIONS.get(task, SUMMARY_GROUPS)
+    chosen = hydra_cfg.runtime.choices
+    choices = [f"{g}={chosen[g]}" for g in groups if chosen.get(g) not in (None, "basic")]
+    lines = [f"task={task}: " + " ".join(choices)]
+    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra.")]
+    if overrides:
+        lines.append("overrides: " + " ".join(overrides))
+    where = f"run dir: {hydra_cfg.runtime.output_dir}"
+    if task == "prepare":
+        where = f"output: {cfg.prepare.output}; {where}"
+    log_file = log_file_of()
+    lines.append(where + (f" (the whole resolved config: {log_file})" if log_file else ""))
+    return lines
+
+
+# The groups the terminal's summary of a run names (hydra/launcher only when not the basic one).
+SUMMARY_GROUPS = ("experiment", "model", "data", "optimizer", "scheduler", "ckpt", "engine", "hydra/launcher")
 
 
 def main() -> None:

@@ -50,6 +50,7 @@ from ds_hydra.data.tokens import (
 )
 from ds_hydra.data.tokenizer import TOKENIZER_FILE, TOKENIZER_META_FILE, Tokenizer, build_tokenizer, load_tokenizer
 from ds_hydra.errors import UserError
+from ds_hydra.common.terminal import log_lines_beside_bar
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,8 @@ def _prepare_dataset(files, output, tokenizer_cfg, settings, train_fraction, num
             if tokenizer.eos_id is None:
                 log.info("the %s has no end-of-text token: documents are joined as they are (set tokenizer.eos_token to separate them)", tokenizer)
             workers.start(staging, dtype)
-            counts = _write_tokens(chunks, workers, staging / TRAIN_FILE, sum(f.size for f in files), progress)
+            with log_lines_beside_bar(progress and sys.stderr.isatty()):  # log lines print above the bar
+                counts = _write_tokens(chunks, workers, staging / TRAIN_FILE, sum(f.size for f in files), progress)
         n_train, n_val = _split_tail(staging / TRAIN_FILE, staging / VAL_FILE, counts["tokens"], train_fraction, dtype)
         meta = {
             "format": DATA_FORMAT,

@@ -36,6 +36,7 @@ from ds_hydra.loss.step import build_loss, label_tokens, loss_sum, token_mean_lo
 from ds_hydra.training import resume as resume_io
 from ds_hydra.common import run_lock
 from ds_hydra.common import signals
+from ds_hydra.common.terminal import log_lines_beside_bar
 from ds_hydra.training import state as state_io
 from ds_hydra.training.seq_vocab import check_vocab, resolve_seq_len
 from ds_hydra.training.memory_preflight import check_step_memory
@@ -444,9 +445,10 @@ def _train(cfg, run_dir: Path, started: float, after_training: Sequence[AfterTra
     # metrics.jsonl and the trackers chosen in `logger` (rank 0 only)
     metrics = MetricsLogger(run_dir, cfg, enabled=is_main, earlier_records=earlier_records, start_step=trainer.step)
     try:
-        # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, raise Stopped; trainer.profile: traces of a few steps
+        # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, raise Stopped; trainer.profile: traces of a few
+        # steps; log lines print above the progress bar
         profiler = StepProfiler(tcfg.get("profile"), run_dir, trainer.engine.rank, trainer.device, trainer.step)
-        with signals.stop_on_signals(), profiler:
+        with signals.stop_on_signals(), profiler, log_lines_beside_bar(_shows_bar(tcfg)):
             final = _fit(trainer, metrics, profiler)
         for hook in after_training if is_main else ():  # e.g. harness tasks on the final checkpoint
             final.update(hook(cfg, run_dir, final["step"], metrics.log))
@@ -519,8 +521,12 @@ def _fit(trainer: Trainer, metrics: MetricsLogger, profiler: StepProfiler) -> Di
     return {"step": trainer.step, **evals, **perf, "checkpoint": str(path)}
 
 
+def _shows_bar(tcfg) -> bool:
+    return bool(tcfg.progress) and sys.stderr.isatty()
+
+
 def _progress_bar(tcfg, start: int):
-    if not (tcfg.progress and sys.stderr.isatty()):
+    if not _shows_bar(tcfg):
         return None
     try:
         from tqdm import tqdm
