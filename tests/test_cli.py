@@ -27,7 +27,7 @@ def test_train_run_learns_and_writes_everything(tmp_path):
     # the terminal gets a few lines: what runs and where it writes; the run's log gets the whole config
     assert f"task=train: model=gpt_tiny data=shakespeare_char optimizer=adamw scheduler=cosine ckpt=none engine=auto\n" in proc.stdout
     assert f"run dir: {run_dir} (the whole resolved config: {run_dir / 'ds_hydra.log'})" in proc.stdout
-    assert "resolved config:" not in proc.stdout and "max_steps: 40" not in proc.stdout
+    assert "task=train; resolved config:" not in proc.stdout and "max_steps: 40" not in proc.stdout
     log_text = (run_dir / "ds_hydra.log").read_text()
     assert "task=train; resolved config:" in log_text and "max_steps: 40" in log_text  # logged at start
     progress = [line for line in (proc.stdout + proc.stderr).splitlines() if "step 20/40:" in line]
