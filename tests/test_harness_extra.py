@@ -26,3 +26,15 @@ def test_task_without_the_extra_names_it(monkeypatch, tmp_path):
     cfg = compose(["task=lm_eval", "lm_eval.tasks=[arc_easy]", f"inference.checkpoint={tmp_path}"])
     with pytest.raises(UserError, match=r"^task=lm_eval: the lm-evaluation-harness is not installed: pip install 'ds-hydra\[eval\]'$"):
         lm_eval_task(cfg, tmp_path / "out")
+
+
+def test_after_training_without_the_extra_is_refused_before_training(monkeypatch):
+    import importlib.util
+
+    from ds_hydra.harness import config as harness_config
+    from ds_hydra.validation import config_problems
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(harness_config, "find_spec", lambda name: None if name == "lm_eval" else real(name))
+    problems = config_problems(compose(["lm_eval.after_training=true", "lm_eval.tasks=[arc_easy]"]))
+    assert "lm_eval.after_training=true: the lm-evaluation-harness is not installed: pip install 'ds-hydra[eval]'" in problems

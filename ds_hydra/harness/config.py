@@ -6,6 +6,7 @@ The names follow the harness's own command line (``lm_eval --tasks --num_fewshot
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from typing import List, Optional
 
 
@@ -46,9 +47,11 @@ def validate_lm_eval(cfg, task: str = "train", prefix: str = "lm_eval") -> List[
     """Range checks; the task list is required only when tasks will run."""
     problems = []
     runs = task == "lm_eval" or (task in ("train", "resume") and cfg.after_training)
+    why = "task=lm_eval" if task == "lm_eval" else f"{prefix}.after_training=true"
     if runs and not cfg.tasks:
-        why = "task=lm_eval" if task == "lm_eval" else f"{prefix}.after_training=true"
         problems.append(f"{prefix}.tasks is empty: {why} needs harness task names, e.g. '{prefix}.tasks=[arc_easy]'")
+    if runs and task != "lm_eval" and find_spec("lm_eval") is None:  # found before training, not after it
+        problems.append(f"{why}: the lm-evaluation-harness is not installed: pip install 'ds-hydra[eval]'")
     if cfg.limit is not None and not cfg.limit > 0:
         problems.append(
             f"{prefix}.limit={cfg.limit}: must be a document count >= 1 or a fraction in (0, 1), or null for every document"
