@@ -26,11 +26,19 @@ EXTRA_PACKAGES = {
     "parquet": {"pyarrow"},
     "hf": {"transformers", "safetensors"},
     "eval": {"lm_eval", "transformers", "safetensors"},
-    "peft": {"peft"},
-    "qlora": {"bitsandbytes", "peft"},
-    "bitsandbytes": {"bitsandbytes"},
+    "peft": {"peft", "safetensors"},
+    "lora": {"peft", "safetensors"},
+    "quant": {"bitsandbytes", "peft", "safetensors", "torchao"},
     "torchao": {"torchao"},
-    "lm_eval": {"lm_eval"},
+}
+
+# What a guarded package brings with it (its own requirements): importorskip("transformers") guards
+# safetensors and tokenizers too.
+BRINGS = {
+    "transformers": {"safetensors", "tokenizers"},
+    "peft": {"transformers", "safetensors", "tokenizers"},
+    "lm_eval": {"transformers", "safetensors", "tokenizers"},
+    "deepspeed": {"hjson"},
 }
 
 
@@ -47,12 +55,13 @@ def _optional(name: str, packages: set) -> str:
 
 
 def _skipped_for(node: ast.AST) -> set:
-    """Packages a ``pytest.importorskip("x")`` call in ``node`` guards."""
+    """Packages a ``pytest.importorskip("x")`` call in ``node`` guards (with what they bring)."""
     found = set()
     for call in ast.walk(node):
         if isinstance(call, ast.Call) and getattr(call.func, "attr", getattr(call.func, "id", "")) == "importorskip":
             if call.args and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str):
-                found.add(call.args[0].value)
+                name = call.args[0].value
+                found |= {name, *BRINGS.get(name.split(".")[0], ())}
     return found
 
 
@@ -109,7 +118,7 @@ def unguarded_imports(source: str, packages: set) -> list:
 
 def test_every_test_module_guards_its_optional_imports():
     packages = optional_packages()
-    assert {"deepspeed", "tokenizers", "transformers", "pyarrow", "wandb", "mlflow", "tensorboard"} <= packages
+    assert {"deepspeed", "tokenizers", "transformers", "pyarrow", "wandb", "mlflow", "tensorboard", "lm_eval", "peft"} <= packages
     problems = []
     for path in sorted(TESTS.rglob("*.py")):
         for line, package in unguarded_imports(path.read_text(encoding="utf-8"), packages):
