@@ -168,7 +168,7 @@ def packing(steps: int) -> None:
             results = {}
             for pack in (False, True):
                 cfg = compose(["data=sft", "model.block_size=512", "trainer.batch_size=8", "trainer.device=cpu", "trainer.compile=false",
-                               "trainer.progress=false", f"data.pack={str(pack).lower()}", "tokenizer.eos_token=<|endoftext|>", *extra])
+                               "trainer.progress=false", f"data.pack={str(pack).lower()}", "tokenizer.eos_token='<|endoftext|>'", *extra])
                 trainer = Trainer(cfg, Path(tmp) / f"run_{pack}")
                 inputs, labels, _ = trainer.data.rows("train", trainer.seq_len)
                 lengths = [min(len(ids) - 1, trainer.seq_len) for ids, trained in trainer.data.examples["train"]

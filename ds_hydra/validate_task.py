@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import List
 
-from ds_hydra.errors import ConfigError
+from ds_hydra.errors import ConfigError, UserError
 from ds_hydra.instantiate import signature_problems
 from ds_hydra.validation import config_problems, cross_field_problems, cross_field_warnings, enum_value, wants_cuda
 
@@ -67,6 +67,12 @@ def _dry_build(cfg, report: ValidationReport) -> None:
     except Exception as exc:
         report.problems.append(f"model: building {cfg.model._target_} failed: {_one_line(exc)}")
         return
+    try:
+        from ds_hydra.training.seq_vocab import check_data_fits
+
+        check_data_fits(cfg)  # the splits at the run's sequence length (what training refuses before step 1)
+    except UserError as exc:
+        report.problems.append(str(exc))
     n_params = sum(p.numel() for p in model.parameters())
     report.values["parameters"] = n_params
     report.add(

@@ -324,12 +324,17 @@ def test_packed_and_padded_evaluation_of_one_model_agree():
 
 
 def test_an_sft_config_whose_val_set_is_empty_within_seq_len_is_refused_before_any_step(tmp_path):
-    from ds_hydra.training.trainer import train
+    from conftest import run_cli
 
-    run = [*TINY, "data=sft"]  # gpt_tiny: 32 positions, shorter than any example's prompt
-    with pytest.raises(UserError, match=r"data.seq_len=32: no (train|val) example has a trained \(response\) token within it"):
-        train(compose(run), run_dir=tmp_path / "run")
-    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    run_dir = tmp_path / "run"  # gpt_tiny: 32 positions, shorter than any example's prompt
+    done = run_cli(["model=gpt_tiny", "data=sft", "trainer.device=cpu", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "ds_hydra: error: data.seq_len=32: no val example has a trained (response) token within it; raise data.seq_len "
+        "(or model.block_size when data.seq_len is null)"
+    )
+    assert "3 of 3 val examples have no trained token within it and were dropped" in done.stdout + done.stderr
+    assert not run_dir.exists()  # refused in the preflight: no step, and nothing written
 
 
 @pytest.mark.slow

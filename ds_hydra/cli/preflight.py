@@ -7,8 +7,10 @@ an earlier run (``resume=<run>``, or ``hydra.run.dir=<run>``) it would overwrite
 ``on_run_start`` fires after composition and before any file is written. It checks, in order:
 
 1. the config (``ds_hydra.validation``): every range and cross-field problem;
-2. a CUDA device is there when ``trainer.device`` asks for one, and one training step fits in the
-   device's free memory (``memory_preflight``: estimated on fake tensors, nothing allocated);
+2. a CUDA device is there when ``trainer.device`` asks for one, one training step fits in the
+   device's free memory (``memory_preflight``: estimated on fake tensors, nothing allocated), and the
+   data give every split something to train and evaluate on at the run's sequence length
+   (``seq_vocab.check_data_fits``);
 3. the run directory can be created and written (``hydra.run.dir``; a restarted torchrun attempt
    continues the run the first attempt wrote, ``resume.torchrun_restart``), then takes it: a directory named
    from the clock (``${now:...}``) is claimed exclusively, under the next free name if another launch
@@ -110,6 +112,9 @@ def check_config(config) -> None:
             from ds_hydra.training.memory_preflight import check_step_memory
 
             check_step_memory(config, say=lambda level, line: _deferred.append((level, line)))  # refuses far over
+        from ds_hydra.training.seq_vocab import check_data_fits
+
+        check_data_fits(config)  # empty splits, SFT examples cut or with nothing to train on: before step 1
 
 
 def check_run_dir(config) -> None:

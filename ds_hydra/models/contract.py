@@ -9,9 +9,12 @@ returns one of:
 * a ``ChunkedHead``: the final hidden states and the output layer, for models that let the loss apply
   the output layer a chunk of tokens at a time (the built-in GPT with ``head_chunk_tokens``).
 
-The trainer owns the loss (``CausalLMLoss``): next-token cross-entropy in fp32 from a batch
-``{"input_ids", "labels"}``, where ``labels[b, t]`` is the token that should follow
-``input_ids[b, :t+1]`` and -100 marks a position that carries no loss. Nothing else is required;
+The trainer owns the loss (the ``loss`` group, ``ds_hydra.loss``): next-token cross-entropy in fp32
+from a batch ``{"input_ids", "labels"}``, where ``labels[b, t]`` is the token that should follow
+``input_ids[b, :t+1]`` and -100 marks a position that carries no loss; ``CausalLMLoss`` below is one
+batch's mean of it, for code that scores a model outside the trainer. Packed rows (``data.pack=true``)
+also pass ``position_ids=`` (restarting at 0 at each example), only to models that keep packed
+examples apart (``ds_hydra.models.packing``). Nothing else is required;
 what a model can tell about itself (its maximum positions, its vocabulary, its transformer shape) is
 read by the small functions below, each with a fallback.
 """

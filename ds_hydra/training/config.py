@@ -45,13 +45,15 @@ class TrainerConfig:
     batch_size: int = 12
     """Sequences per micro-batch (per process)."""
     grad_accum_steps: int = 1
-    """Micro-batches whose gradients are summed before each optimizer step."""
+    """Micro-batches per optimizer step. The step's loss is the mean over all its label tokens (every
+    micro-batch, every rank), so a split of the same global batch computes the same step."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value before each step (0 disables clipping)."""
     eval_interval: int = 250
     """Estimate train and validation loss every this many steps (and at the end; 0: only at the end)."""
     eval_batches: int = 50
-    """Batches averaged for each loss estimate."""
+    """Random batches of each loss estimate (token-weighted: the mean over their label tokens). data=sft
+    evaluates val_loss over every validation example instead."""
     log_interval: int = 10
     """Log loss, lr and throughput every this many steps."""
     seed: int = 1337

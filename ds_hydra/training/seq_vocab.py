@@ -35,3 +35,14 @@ def check_vocab(data: TokenData, model: nn.Module) -> None:
             f"model.vocab_size={vocab}: the data has {data.vocab_size} distinct tokens "
             "(set it at least that large, or null to take the data's)"
         )
+
+
+def check_data_fits(cfg) -> None:
+    """The data of ``cfg`` at its sequence length, checked from the config before anything else is built
+    (the preflight): a split too short, SFT examples cut or with no trained token within it (one log line
+    each), a split left with nothing to train or evaluate on (refused in one line)."""
+    from ds_hydra.data.base import build_data, vocab_size_of
+    from ds_hydra.training.memory_preflight import seq_len_of
+
+    vocab_size, _ = vocab_size_of(cfg)
+    build_data(cfg).check(seq_len_of(cfg, vocab_size))  # built once per process: the trainer reuses it
