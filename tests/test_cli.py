@@ -25,7 +25,7 @@ def test_train_run_learns_and_writes_everything(tmp_path):
     assert losses[-1] < losses[0] - 0.3, losses  # from ln(65) ~ 4.17 downwards
     assert (run_dir / "loss_curve.png").stat().st_size > 1000
     # the terminal gets a few lines: what runs and where it writes; the run's log gets the whole config
-    assert f"task=train: model=gpt_tiny data=shakespeare_char optimizer=adamw scheduler=cosine ckpt=none engine=auto\n" in proc.stdout
+    assert f"task=train: model=gpt_tiny data=shakespeare_char loss=cross_entropy optimizer=adamw scheduler=cosine ckpt=none engine=auto\n" in proc.stdout
     assert f"run dir: {run_dir} (the whole resolved config: {run_dir / 'ds_hydra.log'})" in proc.stdout
     assert "task=train; resolved config:" not in proc.stdout and "max_steps: 40" not in proc.stdout
     log_text = (run_dir / "ds_hydra.log").read_text()

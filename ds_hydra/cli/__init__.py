@@ -120,7 +120,7 @@ def run_summary(cfg, task: str) -> List[str]:
     hydra_cfg = HydraConfig.get()
     groups = TASK_SECTIONS.get(task, SUMMARY_GROUPS)
     chosen = hydra_cfg.runtime.choices
-    choices = [f"{g}={chosen[g]}" for g in groups if chosen.get(g) not in (None, "basic")]
+    choices = [f"{g}={chosen[g]}" for g in groups if chosen.get(g) is not None and chosen[g] != SUMMARY_UNLESS.get(g)]
     lines = [f"task={task}: " + " ".join(choices)]
     overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra.")]
     if overrides:
@@ -133,8 +133,9 @@ def run_summary(cfg, task: str) -> List[str]:
     return lines
 
 
-# The groups the terminal's summary of a run names (hydra/launcher only when not the basic one).
-SUMMARY_GROUPS = ("experiment", "model", "data", "optimizer", "scheduler", "ckpt", "engine", "hydra/launcher")
+# The groups the terminal's summary of a run names, but not these choices (the defaults of what is off).
+SUMMARY_GROUPS = ("experiment", "model", "adapter", "data", "loss", "optimizer", "scheduler", "ckpt", "engine", "hydra/launcher")
+SUMMARY_UNLESS = {"adapter": "none", "hydra/launcher": "basic"}
 
 
 def main() -> None:
