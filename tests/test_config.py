@@ -99,7 +99,7 @@ def test_scheduler_options_are_callables_over_optimizer(option):
     cfg = compose([f"scheduler={option}", "trainer.max_steps=50"])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
     scheduler = instantiate(cfg.scheduler)(optimizer)
-    assert type(scheduler).__module__.startswith(("ds_hydra.optim", "torch.optim"))
+    assert type(scheduler).__module__.startswith(("ds_hydra.optim", "ds_hydra.deepspeed", "torch.optim"))  # DeepSpeed's schedules live in ds_hydra.deepspeed
     lrs = []
     for _ in range(60):
         optimizer.step()
