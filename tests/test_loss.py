@@ -184,6 +184,24 @@ def test_packed_row_of_a_hugging_face_llama_equals_its_examples_one_by_one(atten
     check_packed_equals_one_by_one(model, 50)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen2", "mistral"])
+def test_packed_rows_of_other_hugging_face_families_equal_their_examples_one_by_one(model_type):
+    pytest.importorskip("transformers")
+    from ds_hydra.models.hf import causal_lm
+    from ds_hydra.models.packing import packing_problem
+
+    torch.manual_seed(0)
+    if model_type == "gpt2":
+        config = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}
+    else:
+        config = {"model_type": model_type, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    model = causal_lm(config=config, vocab_size=50).eval()
+    assert packing_problem(model) is None
+    check_packed_equals_one_by_one(model, 50)
+
+
 def test_a_model_that_would_mix_packed_examples_is_refused(tmp_path):
     from ds_hydra.models.packing import check_packing
 
