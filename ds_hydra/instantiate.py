@@ -1,31 +1,91 @@
 """The one place where config nodes with ``_target_`` become Python objects, behind an allowlist.
 
-A config can name any importable callable in ``_target_``, so a config file is code. ds_hydra only
-instantiates callables that live under an allowed module prefix: ``torch.optim``,
-``torch.optim.lr_scheduler`` and ``ds_hydra`` by default, plus the prefixes listed in the config's
-top-level ``allowed_targets`` (``allowed_targets=[my_project.models]``). Every ``_target_`` at any
-depth is checked twice, before anything is built:
+A config can name any importable callable in ``_target_``, so a config that reaches ``instantiate`` is
+code unless its targets are held to a list. A run directory, a saved override list or a DeepSpeed JSON
+is data (README "Security model"), so ds_hydra allows, without being asked, only the callables it ships
+for the key being built (``SHIPPED_TARGETS``: a run's saved ``model`` can name only one of ds_hydra's
+model builders), each one safe to call with config data. Not whole packages: ``ds_hydra`` also holds
+launchers and loaders that take command lines and file names. The user's own code comes in through the
+module prefixes of ``allowed_targets`` (``allowed_targets=[my_project.models]``) of the config being
+built; a rebuilt run's own ``allowed_targets`` are never used (``ds_hydra.inference.loading``). Every
+``_target_`` at any depth is checked before anything is built:
 
-1. the written path must be under an allowed prefix (so no other module is even imported), and
-2. the object it resolves to must be defined under an allowed prefix too (its ``__module__``), so an
-   alias such as ``ds_hydra.cli.os.system`` (``os`` imported into an allowed module) is refused.
+1. the written path must be a shipped target of its key, or lie under a user prefix (so no other
+   module is even imported), and
+2. for a user prefix, the object it resolves to must be defined under one too (its ``__module__``), so
+   an alias such as ``my_pkg.os.system`` (``os`` imported into an allowed module) is refused.
+
+Hydra instantiates ``hydra.callbacks`` itself, outside this module: ``hydra_target_problems`` holds them
+to the same list, and ``cli`` runs it before Hydra builds any of them.
 
 ``signature_problems`` adds a third check without calling anything: each node's keys bind to its
 callable's signature, so an argument it does not take fails naming the key.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from types import ModuleType
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
-DEFAULT_ALLOWED_TARGETS: Tuple[str, ...] = ("torch.optim", "torch.optim.lr_scheduler", "ds_hydra")
+# torch's optimizer and LR scheduler classes: each builds from numbers and lists (names a later torch
+# adds are refused until listed; a name an older torch lacks is refused as not importable).
+_TORCH_OPTIMIZERS = (
+    "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "Muon", "NAdam", "RAdam",
+    "RMSprop", "Rprop", "SGD", "SparseAdam",
+)
+_TORCH_SCHEDULERS = (
+    "ChainedScheduler", "ConstantLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR",
+    "ExponentialLR", "LambdaLR", "LinearLR", "MultiStepLR", "MultiplicativeLR", "OneCycleLR", "PolynomialLR",
+    "ReduceLROnPlateau", "SequentialLR", "StepLR",
+)
+
+# The callables ds_hydra's own configs name, by the top-level key they build ("hydra.callbacks": Hydra's
+# callbacks). Each builds an object from numbers, strings and lists and reads only the data files it is
+# given: none starts a process, imports a module the config names, or unpickles a file.
+SHIPPED_TARGETS: Dict[str, FrozenSet[str]] = {
+    "model": frozenset({"ds_hydra.models.gpt.GPT", "ds_hydra.models.hf.causal_lm"}),
+    "data": frozenset(
+        {
+            "ds_hydra.data.corpus.SyntheticTokens",
+            "ds_hydra.data.tokens.TokenFiles",
+            "ds_hydra.data.text.TextData",
+            "ds_hydra.data.sft.SFTData",
+        }
+    ),
+    "loss": frozenset({"ds_hydra.loss.cross_entropy.CrossEntropyLoss", "ds_hydra.loss.cross_entropy.ChunkedCrossEntropyLoss"}),
+    "optimizer": frozenset(f"torch.optim.{name}" for name in _TORCH_OPTIMIZERS),
+    "scheduler": frozenset(
+        {
+            "ds_hydra.optim.schedules.ConstantLR",
+            "ds_hydra.optim.schedules.WarmupCosineDecay",
+            "ds_hydra.optim.schedules.WarmupStableDecay",
+            "ds_hydra.deepspeed.lr_schedules.WarmupLR",
+            "ds_hydra.deepspeed.lr_schedules.WarmupDecayLR",
+            "ds_hydra.deepspeed.lr_schedules.WarmupCosineLR",
+            "ds_hydra.deepspeed.lr_schedules.OneCycle",
+            "ds_hydra.deepspeed.lr_schedules.LRRangeTest",
+            *(f"torch.optim.lr_scheduler.{name}" for name in _TORCH_SCHEDULERS),
+        }
+    ),
+    "hydra.callbacks": frozenset({"ds_hydra.cli.preflight.Preflight", "ds_hydra.sweeps.SweepSummary"}),
+}
+# A node outside those keys (a plain dict, a key of the user's own) may name any of them.
+_ANY_SHIPPED: FrozenSet[str] = frozenset().union(*SHIPPED_TARGETS.values())
+
+
+def shipped_targets(key: str) -> FrozenSet[str]:
+    """The shipped callables a ``_target_`` at the dotted ``key`` may name (``model.x`` -> the models)."""
+    if key == "hydra.callbacks" or key.startswith("hydra.callbacks."):
+        return SHIPPED_TARGETS["hydra.callbacks"]
+    top = key.split(".", 1)[0].split("[", 1)[0]
+    return SHIPPED_TARGETS.get(top, _ANY_SHIPPED)
 
 
 def instantiate(node: Any, *args: Any, _allowed_: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` after checking every ``_target_`` in ``node`` against the allowlist.
 
-    ``_allowed_`` adds prefixes to the defaults; when ``node`` is part of a composed config, its
-    root's ``allowed_targets`` are added too. Containers are converted to plain lists and dicts:
+    ``_allowed_``: the user's module prefixes; when ``node`` is part of a composed config, its root's
+    ``allowed_targets`` are added. Containers are converted to plain lists and dicts:
     optimizer hyper-parameters end up in ``state_dict()``, and a saved ``ListConfig`` could not be
     loaded back with ``torch.load(weights_only=True)``.
     """
@@ -43,8 +103,8 @@ def instantiate(node: Any, *args: Any, _allowed_: Optional[Sequence[str]] = None
 
 
 def allowed_prefixes(node: Any = None, extra: Optional[Sequence[str]] = None) -> List[str]:
-    """The defaults, ``extra``, and the ``allowed_targets`` of the config ``node`` belongs to."""
-    prefixes = list(DEFAULT_ALLOWED_TARGETS) + list(extra or [])
+    """The user's module prefixes: ``extra`` and the ``allowed_targets`` of the config ``node`` belongs to."""
+    prefixes = list(extra or [])
     root = _config_root(node)
     if root is not None:
         prefixes += [str(p) for p in (root.get("allowed_targets", None) or [])]
@@ -52,8 +112,22 @@ def allowed_prefixes(node: Any = None, extra: Optional[Sequence[str]] = None) ->
 
 
 def target_problems(node: Any, allowed: Sequence[str], path: str = "") -> List[str]:
-    """One message per refused or unresolvable ``_target_`` in ``node`` (any depth); [] if all are fine."""
-    return [problem for key, n in iter_targets(node, path) for problem in _check_target(key, _value(n, "_target_"), allowed)]
+    """One message per refused or unresolvable ``_target_`` in ``node`` (any depth); [] if all are fine.
+    The nodes inside a refused one are not reported: nothing of it will be built."""
+    problems: List[str] = []
+    refused: List[str] = []
+    for key, n in iter_targets(node, path):
+        if any(_inside(key, outer) for outer in refused):
+            continue
+        found = _check_target(key, _value(n, "_target_"), allowed)
+        if found:
+            problems += found
+            refused.append(key)
+    return problems
+
+
+def _inside(key: str, outer: str) -> bool:
+    return not outer or key.startswith(outer + ".") or key.startswith(outer + "[")
 
 
 def signature_problems(node: Any, path: str = "") -> List[str]:
@@ -70,6 +144,60 @@ def signature_problems(node: Any, path: str = "") -> List[str]:
     for key, target_node in iter_targets(node, path):
         problems += _binding_problems(target_node, key)
     return problems
+
+
+def admits(key: str, target: str, allowed: Sequence[str]) -> bool:
+    """Whether the written ``target`` at ``key`` passes the first check (nothing is imported)."""
+    return target in shipped_targets(key) or is_allowed(target, allowed)
+
+
+def hydra_callback_problems(cfg: Any) -> List[str]:
+    """The refused ``_target_``s under ``hydra.callbacks`` of a composed config (with its ``hydra`` node):
+    the same list as every other ``_target_`` (ds_hydra's own callbacks, the config's allowed_targets)."""
+    from omegaconf import OmegaConf
+
+    callbacks = OmegaConf.select(cfg, "hydra.callbacks", default=None)
+    if not callbacks:
+        return []
+    return target_problems(callbacks, allowed_prefixes(cfg), path="hydra.callbacks")
+
+
+@contextmanager
+def hydra_callbacks_checked() -> Iterator[None]:
+    """While Hydra runs the app: ``hydra.callbacks`` are checked against the allowlist before Hydra builds any.
+
+    Hydra composes the config and at once builds every ``hydra.callbacks`` entry itself (``Callbacks(cfg)``
+    in ``hydra._internal.hydra``, through its own instantiate: a callback's ``_target_`` is called as it is
+    built, before any hook of ours). It offers no hook in between, so for the duration its ``Callbacks``
+    is a subclass that runs ``hydra_callback_problems`` first; a refusal is a ``ConfigError`` (one line
+    per target, nothing built). Where Hydra is not laid out so, the run is refused rather than unchecked.
+    """
+    from ds_hydra.errors import ConfigError, UserError
+
+    try:
+        import hydra._internal.hydra as hydra_app
+
+        original = hydra_app.Callbacks
+    except (ImportError, AttributeError):
+        import hydra
+
+        raise UserError(
+            f"hydra-core {hydra.__version__}: ds_hydra cannot check hydra.callbacks before this Hydra builds them; "
+            "install hydra-core 1.3.x"
+        ) from None
+
+    class CheckedCallbacks(original):  # type: ignore[misc, valid-type]
+        def __init__(self, config: Any = None, *args: Any, **kwargs: Any) -> None:
+            problems = hydra_callback_problems(config) if config is not None else []
+            if problems:
+                raise ConfigError(problems)
+            super().__init__(config, *args, **kwargs)
+
+    hydra_app.Callbacks = CheckedCallbacks
+    try:
+        yield
+    finally:
+        hydra_app.Callbacks = original
 
 
 # Arguments ds_hydra passes itself when it instantiates the node at this key.
@@ -184,10 +312,32 @@ def _check_target(key: str, target: Any, allowed: Sequence[str]) -> List[str]:
     where = f"{key}._target_" if key else "_target_"
     if not isinstance(target, str) or not target:
         return [f"{where}={target!r}: must be a dotted path such as torch.optim.AdamW"]
-    fix = f"allowed prefixes: {', '.join(allowed)}; to allow it add its module to allowed_targets"
+    if target in shipped_targets(key):  # an exact name from ds_hydra's own list: what it resolves to is ours
+        return _resolvable(where, target)
+    module = target.rsplit(".", 1)[0]
     if not is_allowed(target, allowed):
-        module = target.rsplit(".", 1)[0]
-        return [f"{where}={target}: not an allowed target ({fix}, e.g. allowed_targets=[{module}])"]
+        if target == "ds_hydra" or target.startswith("ds_hydra."):  # launchers, loaders: never built from a config
+            return [f"{where}={target}: not an allowed target ({_shipped_text(key)}; none of its other callables is built from a config)"]
+        return [
+            f"{where}={target}: not an allowed target ({_shipped_text(key)}; for your own code add its module to "
+            f"allowed_targets on the command line, e.g. allowed_targets=[{module}])"
+        ]
+    problems = _resolvable(where, target)
+    if problems:
+        return problems
+    home = defined_in(locate_target(target))
+    if home is None:
+        return [f"{where}={target}: cannot tell where the object is defined, so it is refused (allowed_targets: {', '.join(allowed)})"]
+    if not is_allowed(home, allowed):
+        return [
+            f"{where}={target}: resolves to {home}, which is outside allowed_targets ({', '.join(allowed)}); to allow "
+            f"it add its own module, e.g. allowed_targets=[{home.rsplit('.', 1)[0]}]"
+        ]
+    return []
+
+
+def _resolvable(where: str, target: str) -> List[str]:
+    """[] when ``target`` imports and is a callable; else why not."""
     try:
         obj = locate_target(target)
     except Exception as exc:  # ImportError, or an error raised while importing the module
@@ -195,18 +345,22 @@ def _check_target(key: str, target: Any, allowed: Sequence[str]) -> List[str]:
         return [f"{where}={target}: cannot be imported ({reason[-1] if reason else type(exc).__name__})"]
     if isinstance(obj, ModuleType):
         return [f"{where}={target}: is a module, not a callable"]
-    home = defined_in(obj)
-    if home is None:
-        return [f"{where}={target}: cannot tell where the object is defined, so it is refused ({fix})"]
-    if not is_allowed(home, allowed):
-        module = home.rsplit(".", 1)[0]
-        return [
-            f"{where}={target}: resolves to {home}, which is outside the allowed prefixes "
-            f"({fix}, e.g. allowed_targets=[{module}])"
-        ]
     if not callable(obj):
         return [f"{where}={target}: is a {type(obj).__name__}, not a callable"]
     return []
+
+
+def _shipped_text(key: str) -> str:
+    """What ds_hydra builds at ``key`` without being asked, short enough for one line."""
+    shipped = shipped_targets(key)
+    if shipped is SHIPPED_TARGETS["optimizer"]:
+        return "as optimizer ds_hydra builds torch.optim's optimizer classes"
+    if shipped is SHIPPED_TARGETS["scheduler"]:
+        return "as scheduler ds_hydra builds its schedules and torch.optim.lr_scheduler's classes"
+    if shipped is _ANY_SHIPPED:
+        return "ds_hydra builds only its own models, data, optimizers, schedules and callbacks"
+    role = "hydra.callbacks" if key.startswith("hydra.callbacks") else key.split(".", 1)[0].split("[", 1)[0]
+    return f"as {role} ds_hydra builds only {', '.join(sorted(shipped))}"
 
 
 def _value(node: Any, key: Any) -> Any:

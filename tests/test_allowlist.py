@@ -1,4 +1,4 @@
-"""The _target_ allowlist: only torch.optim, torch.optim.lr_scheduler, ds_hydra and user-listed prefixes."""
+"""The _target_ allowlist: the callables ds_hydra ships for each key (SHIPPED_TARGETS), and user-listed prefixes."""
 from __future__ import annotations
 
 import collections
@@ -7,11 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose
 from ds_hydra.errors import UserError
-from ds_hydra.instantiate import instantiate, is_allowed, target_problems
+from ds_hydra.instantiate import SHIPPED_TARGETS, instantiate, is_allowed, target_problems
 
 
 @pytest.fixture
@@ -23,23 +24,51 @@ def no_system_calls(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "target, refused_because",
-    [
-        ("os.system", "not an allowed target"),
-        ("builtins.eval", "not an allowed target"),
-        # the path starts with an allowed prefix, but the object is os.system (posix.system / nt.system)
-        ("ds_hydra.cli.os.system", "resolves to"),
-        ("torch.optimizer_lookalike.X", "not an allowed target"),  # prefixes match whole dotted parts
-    ],
+    "target",
+    ["os.system", "builtins.eval", "torch.optimizer_lookalike.X", "torch.optim.Optimizer.load_state_dict"],
 )
-def test_refused_targets_name_the_target_and_the_fix(target, refused_because, no_system_calls):
+def test_refused_targets_name_the_target_and_the_fix(target, no_system_calls):
     node = OmegaConf.create({"_target_": target, "_args_": ["echo pwned"]})
     with pytest.raises(UserError) as err:
         instantiate(node)
     message = str(err.value)
-    assert target in message and refused_because in message
-    assert "allowed_targets" in message  # says how to allow it
+    assert f"_target_={target}: not an allowed target" in message
+    assert f"allowed_targets=[{target.rsplit('.', 1)[0]}]" in message  # says how to allow one's own code
     assert no_system_calls == []
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "ds_hydra.cli.os.system",  # an alias under ds_hydra: the package is not on the list, its builders are
+        "ds_hydra.engine.torchrun_job.run_job",  # a launcher: takes a command line
+        "ds_hydra.training.state.safe_torch_load",  # a loader: takes a file name
+    ],
+)
+def test_ds_hydra_itself_is_not_a_prefix_only_its_builders_are(target, no_system_calls):
+    [problem] = target_problems(OmegaConf.create({"model": {"_target_": target, "_args_": ["true"]}}).model, [], "model")
+    assert problem.startswith(f"model._target_={target}: not an allowed target (as model ds_hydra builds only "
+                              "ds_hydra.models.gpt.GPT, ds_hydra.models.hf.causal_lm")
+    assert "allowed_targets" not in problem  # not advice to open ds_hydra's internals
+    assert no_system_calls == []
+
+
+def test_each_key_admits_only_its_own_kind_of_builder():
+    """A run's saved model cannot name a data class or a callback (a shipped builder of another key)."""
+    assert target_problems({"_target_": "ds_hydra.models.gpt.GPT"}, [], "model") == []
+    [problem] = target_problems({"_target_": "ds_hydra.data.corpus.SyntheticTokens"}, [], "model")
+    assert "not an allowed target (as model ds_hydra builds only" in problem
+    [problem] = target_problems({"_target_": "ds_hydra.training.preflight.Preflight"}, [], "optimizer")
+    assert "as optimizer ds_hydra builds torch.optim's optimizer classes" in problem
+    assert target_problems({"_target_": "ds_hydra.training.preflight.Preflight"}, [], "hydra.callbacks.preflight") == []
+
+
+def test_every_shipped_target_exists_and_is_callable():
+    for key, names in SHIPPED_TARGETS.items():
+        for name in names:
+            if name.startswith("torch.optim.") and not hasattr(torch.optim if "lr_scheduler" not in name else torch.optim.lr_scheduler, name.rsplit(".", 1)[-1]):
+                continue  # listed for the torch versions that have it
+            assert target_problems({"_target_": name}, [], key) == [], name
 
 
 def test_alias_is_refused_although_its_path_looks_allowed():
@@ -51,17 +80,19 @@ def test_alias_is_refused_although_its_path_looks_allowed():
 def test_nested_targets_are_checked_before_anything_is_built(no_system_calls):
     node = OmegaConf.create(
         {
-            "_target_": "collections.OrderedDict",  # the outer callable is not allowed either
-            "inner": {"_target_": "ds_hydra.optim.schedules.ConstantLR", "optimizer": {"_target_": "os.system", "_args_": ["true"]}},
+            "_target_": "ds_hydra.optim.schedules.ConstantLR",
+            "optimizer": {"_target_": "os.system", "_args_": ["true"]},
             "items": [{"_target_": "builtins.eval", "_args_": ["1+1"]}],
+            "outer": {"_target_": "collections.OrderedDict", "inner": {"_target_": "os.system"}},  # refused as a whole
         }
     )
     with pytest.raises(UserError) as err:
         instantiate(node)
     message = str(err.value)
     assert "3 config problems" in message  # every refused node, in one message
-    for key in ("_target_=collections.OrderedDict", "inner.optimizer._target_=os.system", "items[0]._target_=builtins.eval"):
+    for key in ("optimizer._target_=os.system", "items[0]._target_=builtins.eval", "outer._target_=collections.OrderedDict"):
         assert key in message
+    assert "inner" not in message  # inside a refused node: it will not be built either
     assert no_system_calls == []
 
 

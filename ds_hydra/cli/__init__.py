@@ -179,8 +179,10 @@ def _cli_main() -> None:
     from ds_hydra.common.run_lock import release_all
     from ds_hydra.common.signals import Stopped, stop_on_signals
     from ds_hydra.cli.launch import after_hydra, before_hydra, strip_local_rank, wait_for_all_ranks
+    from ds_hydra.instantiate import hydra_callbacks_checked
 
     try:
+        refuse_unpickling_flags(sys.argv[1:])
         # resume=<run>: the run's saved overrides, in its own directory (before Hydra parses argv)
         sys.argv = [sys.argv[0], *strip_local_rank(sys.argv[1:])]  # launchers may pass --local-rank=N
         # deepspeed_config=<ds_config.json>: the file's settings as overrides, before the command line's own
@@ -193,7 +195,8 @@ def _cli_main() -> None:
             return
         # several processes (torchrun): one process group, one run dir, a log per rank
         sys.argv = [sys.argv[0], *before_hydra(sys.argv[1:])]
-        with stop_on_signals():  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, exit 75 (130 for Ctrl-C)
+        # hydra.callbacks pass the _target_ allowlist before Hydra builds them (Hydra has no allowlist of its own)
+        with stop_on_signals(), hydra_callbacks_checked():  # signals: finish the step, save, exit 75 (130 for Ctrl-C)
             try:
                 main()
             except RunRefused as refused:  # found before Hydra wrote into the run dir
@@ -228,6 +231,16 @@ def _only_help(args) -> bool:
     """``--help`` (or ``-h``) with overrides and no other Hydra option (those go to Hydra's own page)."""
     flags = [a for a in args if a.startswith("-")]
     return bool(flags) and all(f in ("--help", "-h") for f in flags)
+
+
+def refuse_unpickling_flags(argv) -> None:
+    """Hydra's ``--experimental-rerun <file>`` unpickles a saved config: a file is data, and unpickling runs code."""
+    for arg in argv:
+        if arg == "--experimental-rerun" or arg.startswith("--experimental-rerun="):
+            raise UserError(
+                "--experimental-rerun: unpickles a saved config file, which can run code, so ds_hydra refuses it; "
+                "continue a run with resume=<run dir>, or repeat its overrides (<run>/.hydra/overrides.yaml)"
+            )
 
 
 def _say(line: str) -> None:

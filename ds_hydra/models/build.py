@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch.nn as nn
 
 from ds_hydra.errors import UserError, user_error_in
-from ds_hydra.instantiate import OWN_KEYS, allowed_prefixes, instantiate, is_allowed, locate_target
+from ds_hydra.instantiate import OWN_KEYS, admits, allowed_prefixes, instantiate, locate_target
 
 
 # Keys of a model node that say how to store the model, not arguments of its builder.
@@ -82,7 +82,7 @@ def _builder_node(model_cfg):
 def _takes(model_cfg, name: str) -> bool:
     """Whether the model's ``_target_`` accepts the argument ``name`` (by name or through **kwargs)."""
     target = str(model_cfg._target_)
-    if not is_allowed(target, allowed_prefixes(model_cfg)):  # never import what instantiate will refuse
+    if not admits("model", target, allowed_prefixes(model_cfg)):  # never import what instantiate will refuse
         return False
     try:
         params = inspect.signature(locate_target(target)).parameters

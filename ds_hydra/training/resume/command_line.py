@@ -3,6 +3,11 @@
 ``expand_resume_args`` runs before Hydra parses ``sys.argv``: the run's saved overrides
 (``<run>/.hydra/overrides.yaml``) come first, then ``hydra.run.dir=<run>`` and ``resume=<run>`` (or
 its ``checkpoints/step_N.pt``), then the new command's own overrides, which win. Torch-free.
+
+The saved overrides are data (README "Security model"): what Hydra saved there is the run's own keys, so
+an entry that sets Hydra itself (``hydra.*``: callbacks, launcher, sweeper, job settings), passes a flag
+(``--config-dir``...) or widens ``allowed_targets`` is refused, never replayed; the run's primary config
+name (``.hydra/hydra.yaml``) is used only when it is a plain config name.
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ def expand_resume_args(argv: Sequence[str]) -> List[str]:
         if override_key(arg) == "hydra.run.dir":
             raise UserError(f"resume={value}: continues in {run_dir} itself; drop {arg}")
     user_keys = {override_key(a) for a in rest if not a.startswith("-")}
+    refuse_code_in_saved(run_dir, saved)
     widening = [o for o in saved if override_key(o) == "allowed_targets"]
     if widening and "allowed_targets" not in user_keys:
         raise UserError(
@@ -72,6 +78,29 @@ def expand_resume_args(argv: Sequence[str]) -> List[str]:
     expanded = _config_name_args(run_dir, rest) + kept + own + rest
     log.debug("resume: %s", expanded)
     return expanded
+
+
+def is_hydra_override(override: str) -> bool:
+    """Whether ``override`` sets Hydra itself (``hydra.callbacks.x=...``, ``hydra/launcher=torchrun``, ``hydra=...``)."""
+    key = override_key(override)
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
+def refuse_code_in_saved(run_dir: Path, saved: Sequence[str]) -> None:
+    """A saved override list is data: one that sets Hydra itself or passes a flag is refused, naming the line."""
+    path = Path(run_dir) / OVERRIDES_FILE
+    for override in saved:
+        if override.strip().startswith("-"):
+            raise UserError(
+                f"{path}: holds {override!r}, a command-line flag, not an override; a run directory cannot pass flags "
+                f"(Hydra saves only overrides there): remove that line, or give the flag on the command line yourself"
+            )
+        if is_hydra_override(override):
+            raise UserError(
+                f"{path}: holds {override}, which sets Hydra itself; a run directory's saved overrides never set hydra.* "
+                f"(callbacks, launcher, sweeper, job settings: Hydra saves only the run's own keys there): remove that "
+                f"line, or give the setting on the resume command yourself"
+            )
 
 
 def locate_run(value: str, hydra_run: bool = True) -> Tuple[Path, Optional[Path]]:
@@ -149,4 +178,15 @@ def _config_name_args(run_dir: Path, args: Sequence[str]) -> List[str]:
         name = hydra_yaml["hydra"]["job"]["config_name"]
     except Exception:  # no or unreadable hydra.yaml: the default primary config
         return []
-    return [f"--config-name={name}"] if isinstance(name, str) and name and name != "config" else []
+    if not isinstance(name, str) or not name or name == "config":
+        return []
+    if not PLAIN_CONFIG_NAME.match(name):  # data may pick a config by name, never a path to one
+        raise UserError(
+            f"{Path(run_dir) / HYDRA_FILE}: names the primary config {name!r}, which is not a plain config name; "
+            f"give --config-name yourself on the resume command"
+        )
+    return [f"--config-name={name}"]
+
+
+# A config name from a run's hydra.yaml: words joined by "/", no "..", no absolute path, no scheme.
+PLAIN_CONFIG_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
