@@ -374,8 +374,11 @@ def _from_transformers(folder: Path, path):
         from transformers import AutoTokenizer
     except ImportError:
         raise UserError(f"tokenizer.path={path}: no {TOKENIZER_FILE} in it (reading other formats needs transformers)") from None
+    from ds_hydra.remote_code import refuse_remote_code
+
+    refuse_remote_code(folder, f"tokenizer.path={path}")  # before transformers could prompt on stdin
     try:
-        loaded = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        loaded = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise UserError(f"tokenizer.path={path}: no {TOKENIZER_FILE}, and transformers cannot read it ({_first_line(exc)})") from None
     backend = getattr(loaded, "backend_tokenizer", None)

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch.nn as nn
 
 from ds_hydra.errors import UserError
+from ds_hydra.remote_code import refuse_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def causal_lm(
     hf_config = build_config(transformers, dict(config or {}), vocab_size)
     hf_config.use_cache = False
     return transformers.AutoModelForCausalLM.from_config(
-        hf_config, attn_implementation=attn_implementation, **_dtype_argument(transformers, torch_dtype)
+        hf_config, attn_implementation=attn_implementation, trust_remote_code=False,
+        **_dtype_argument(transformers, torch_dtype),
     )
 
 
@@ -138,16 +140,18 @@ def _from_pretrained(transformers, pretrained: str, torch_dtype, attn_implementa
         )
     if config:
         raise UserError(f"model.config: set with {key}; the directory's config.json defines the model (drop model.config)")
+    refuse_remote_code(folder, key, transformers.CONFIG_MAPPING.keys())  # before transformers could prompt on stdin
     if _shapes_only():  # task=validate, the memory preflight: the architecture is enough, the weights are not read
-        hf_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        hf_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         hf_config.use_cache = False
         return transformers.AutoModelForCausalLM.from_config(
-            hf_config, attn_implementation=attn_implementation, **_dtype_argument(transformers, torch_dtype)
+            hf_config, attn_implementation=attn_implementation, trust_remote_code=False,
+            **_dtype_argument(transformers, torch_dtype),
         )
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(folder), local_files_only=True, attn_implementation=attn_implementation, use_safetensors=True,
-            **_dtype_argument(transformers, torch_dtype),
+            trust_remote_code=False, **_dtype_argument(transformers, torch_dtype),
         )
     except Exception as exc:  # a config/weights mismatch, a damaged file, an unknown architecture
         raise UserError(f"{key}: cannot load it ({_one_line(exc)})") from None
