@@ -32,7 +32,9 @@ BUILDS_OPTIMIZER = ("train", "resume", "validate", "export_deepspeed")
 
 def config_problems(cfg) -> List[str]:
     """Every range and cross-field problem of ``cfg``, one message each, naming the key."""
-    problems: List[str] = []
+    from ds_hydra.config_store import added_key_problems
+
+    problems: List[str] = added_key_problems(cfg)  # '+key' additions the schemas do not declare
     problems += validate_model(cfg.model)
     problems += validate_adapter(cfg.get("adapter"), cfg.model, cfg.get("engine", None))
     problems += validate_data(cfg.data)

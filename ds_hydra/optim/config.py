@@ -32,6 +32,9 @@ class OptimizerConfig:
     unset are chosen by ds_hydra (ds_hydra.optim.build.kernel_kwargs).
     """
 
+    # Open on purpose: a key beyond these fields is not a typo to refuse at composition (not a field).
+    OPEN_KEYS = "any other key is a keyword argument of _target_, bound to the class's signature"
+
     _target_: str = MISSING
     """The optimizer class (torch.optim, or a module listed in allowed_targets); each option names one."""
     _partial_: bool = True
