@@ -63,8 +63,9 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config", return_h
         return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
-def run_cli(args: Sequence[str], cwd: Path = None, env: dict = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m ds_hydra ARGS`` in a subprocess; returns the completed process (text output)."""
+def run_cli(args: Sequence[str], cwd: Path = None, env: dict = None, timeout: float = 300, input: str = None) -> subprocess.CompletedProcess:
+    """``python -m ds_hydra ARGS`` in a subprocess; returns the completed process (text output). ``input``: text
+    fed to its stdin through a pipe."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH", "")]))
@@ -75,6 +76,7 @@ def run_cli(args: Sequence[str], cwd: Path = None, env: dict = None, timeout: fl
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=input,
     )
 
 
