@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,44 @@ log = logging.getLogger(__name__)
 __all__ = ["DeepSpeedEngine", "import_deepspeed", "DEEPSPEED_CHECKPOINT_DIR"]
 
 DEEPSPEED_CHECKPOINT_DIR = "deepspeed"  # under <run dir>/checkpoints
+
+
+def deepspeed_checkpoint_classes() -> Tuple[type, ...]:
+    """The classes DeepSpeed pickles into its own checkpoints besides tensors and plain containers, each
+    rebuilt from plain fields (a scale, a flag, a stage number, an offset): a weights_only load allows
+    exactly these, so a file naming any other class or function is refused."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+
+
+@contextmanager
+def weights_only_loads(ds_engine) -> Iterator[None]:
+    """While DeepSpeed loads its checkpoint, its checkpoint engine reads with ``torch.load(weights_only=True)``
+    (``safe_torch_load``) instead of its own ``weights_only=False``: a run directory is data, and a pickle
+    in it must not run code."""
+    from ds_hydra.training.state import safe_torch_load
+
+    checkpoint_engine = getattr(ds_engine, "checkpoint_engine", None)
+    if checkpoint_engine is None or not callable(getattr(checkpoint_engine, "load", None)):
+        import deepspeed
+
+        raise UserError(
+            f"engine=deepspeed: DeepSpeed {deepspeed.__version__} has no checkpoint engine ds_hydra can make load "
+            f"with weights_only=True, so its checkpoint is not loaded; install a DeepSpeed with one (0.10 or newer)"
+        )
+    classes = deepspeed_checkpoint_classes()
+
+    def load(path, map_location=None):
+        return safe_torch_load(Path(path), allowed_classes=classes, map_location=map_location or "cpu")
+
+    checkpoint_engine.load = load  # this instance only: shadows the class's method
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load
 
 
 class DeepSpeedEngine(ProcessGroupEngine):
@@ -115,7 +154,8 @@ class DeepSpeedEngine(ProcessGroupEngine):
         folder = Path(run_dir) / CHECKPOINT_DIR / DEEPSPEED_CHECKPOINT_DIR
         if not (folder / tag).is_dir():
             raise UserError(f"{folder / tag}: DeepSpeed checkpoint missing (engine=deepspeed resumes from it)")
-        path, _ = self.ds.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        with weights_only_loads(self.ds):  # DeepSpeed's own loader would unpickle anything in the run directory
+            path, _ = self.ds.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise UserError(f"{folder / tag}: DeepSpeed could not load this checkpoint")
 
