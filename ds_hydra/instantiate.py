@@ -168,9 +168,10 @@ def hydra_callbacks_checked() -> Iterator[None]:
 
     Hydra composes the config and at once builds every ``hydra.callbacks`` entry itself (``Callbacks(cfg)``
     in ``hydra._internal.hydra``, through its own instantiate: a callback's ``_target_`` is called as it is
-    built, before any hook of ours). It offers no hook in between, so for the duration its ``Callbacks``
-    is a subclass that runs ``hydra_callback_problems`` first; a refusal is a ``ConfigError`` (one line
-    per target, nothing built). Where Hydra is not laid out so, the run is refused rather than unchecked.
+    built, before any hook of ours). It offers no hook in between, so for the duration the name Hydra
+    calls runs ``hydra_callback_problems`` first, then Hydra's own ``Callbacks``; a refusal is a
+    ``ConfigError`` (one line per target, nothing built). Where Hydra is not laid out so, the run is
+    refused rather than unchecked.
     """
     from ds_hydra.errors import ConfigError, UserError
 
@@ -186,14 +187,13 @@ def hydra_callbacks_checked() -> Iterator[None]:
             "install hydra-core 1.3.x"
         ) from None
 
-    class CheckedCallbacks(original):  # type: ignore[misc, valid-type]
-        def __init__(self, config: Any = None, *args: Any, **kwargs: Any) -> None:
-            problems = hydra_callback_problems(config) if config is not None else []
-            if problems:
-                raise ConfigError(problems)
-            super().__init__(config, *args, **kwargs)
+    def checked_callbacks(config: Any = None, *args: Any, **kwargs: Any) -> Any:
+        problems = hydra_callback_problems(config) if config is not None else []
+        if problems:
+            raise ConfigError(problems)
+        return original(config, *args, **kwargs)  # Hydra's own object (sweep launchers pickle it to their jobs)
 
-    hydra_app.Callbacks = CheckedCallbacks
+    hydra_app.Callbacks = checked_callbacks
     try:
         yield
     finally:

@@ -167,6 +167,23 @@ def test_callbacks_ds_hydra_ships_and_the_users_own_pass():
     assert hydra_callback_problems(compose([mine, "allowed_targets=[collections]"], return_hydra_config=True)) == []
 
 
+def test_the_check_stands_in_front_of_hydras_callbacks_only_while_the_app_runs(tmp_path):
+    import hydra._internal.hydra as hydra_app
+
+    from ds_hydra.errors import ConfigError
+    from ds_hydra.instantiate import hydra_callbacks_checked
+
+    original = hydra_app.Callbacks
+    target = victim(tmp_path)
+    evil = compose([f"+hydra.callbacks.evil={{_target_:builtins.open,file:{target},mode:w}}"], return_hydra_config=True)
+    with hydra_callbacks_checked():
+        with pytest.raises(ConfigError, match="hydra.callbacks.evil._target_=builtins.open: not an allowed target"):
+            hydra_app.Callbacks(evil)
+        built = hydra_app.Callbacks(compose([], return_hydra_config=True))
+    assert type(built) is original and [type(c).__name__ for c in built.callbacks] == ["Preflight", "SweepSummary"]
+    assert hydra_app.Callbacks is original and target.read_text() == "precious\n"
+
+
 def planted_overrides(tmp_path: Path, *lines: str) -> Path:
     """A run directory whose saved overrides (``.hydra/overrides.yaml``) were edited after the run."""
     run = tmp_path / "shared_run"
@@ -398,3 +415,32 @@ def test_schemas_open_on_purpose_stay_open(overrides):
 
     assert added_key_problems(compose(overrides)) == []
     assert OptimizerConfig in OPEN_SCHEMAS and "signature" in OptimizerConfig.OPEN_KEYS  # the schema says so
+
+
+@pytest.mark.slow  # imports deepspeed
+def test_deepspeeds_checkpoint_loader_reads_weights_only_while_ds_hydra_resumes(tmp_path):
+    """DeepSpeed's own loader unpickles with weights_only=False; ds_hydra's resume swaps it for a weights_only
+    load that admits DeepSpeed's few plain-data classes and nothing else."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from ds_hydra.engine.deepspeed_engine import weights_only_loads
+
+    class CheckpointEngine:
+        def load(self, path, map_location=None):
+            return torch.load(path, map_location=map_location, weights_only=False)  # what DeepSpeed does
+
+    class Engine:
+        checkpoint_engine = CheckpointEngine()
+
+    evil, good = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt", tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": Payload(tmp_path / "marker")}}, evil)
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0)}, "module": {"w": torch.ones(2)}}, good)
+    engine = Engine()
+    with weights_only_loads(engine):
+        with pytest.raises(UserError, match=r"optim_states\.pt: refused: loading it would call exec"):
+            engine.checkpoint_engine.load(str(evil), map_location=torch.device("cpu"))
+        loaded = engine.checkpoint_engine.load(str(good))
+    assert loaded["optimizer_state_dict"]["loss_scaler"].cur_scale == 1.0 and torch.equal(loaded["module"]["w"], torch.ones(2))
+    assert not (tmp_path / "marker").exists()
+    assert "load" not in vars(engine.checkpoint_engine)  # DeepSpeed's own method is back after the resume
