@@ -15,8 +15,8 @@ built; a rebuilt run's own ``allowed_targets`` are never used (``ds_hydra.infere
 2. for a user prefix, the object it resolves to must be defined under one too (its ``__module__``), so
    an alias such as ``my_pkg.os.system`` (``os`` imported into an allowed module) is refused.
 
-Hydra instantiates ``hydra.callbacks`` itself, outside this module: ``hydra_target_problems`` holds them
-to the same list, and ``cli`` runs it before Hydra builds any of them.
+Hydra instantiates ``hydra.callbacks`` itself, outside this module: ``hydra_callback_problems`` holds them
+to the same list, and ``hydra_callbacks_checked`` (around the CLI's Hydra app) runs it before Hydra builds any.
 
 ``signature_problems`` adds a third check without calling anything: each node's keys bind to its
 callable's signature, so an argument it does not take fails naming the key.
