@@ -170,36 +170,6 @@ def register_configs() -> None:
 OPEN_SCHEMAS = tuple(schema for _, _, schema in SCHEMAS if getattr(schema, "OPEN_KEYS", None))
 
 
-def added_key_problems(cfg, path: str = "") -> List[str]:
-    """Keys of ``cfg`` (any depth) that its schema does not declare: ``+trainer.max_stepz=3`` gets past the
-    schema at composition (``+`` adds a key to any node), so it is refused here as the same typo without
-    ``+`` is. Nodes without a schema (``model=custom``, a ``Dict`` field such as ``model.config``, whose keys
-    their own builder checks) and open schemas (``OPEN_KEYS``) take any key; ``hydra`` is Hydra's."""
-    from dataclasses import is_dataclass
-
-    from omegaconf import DictConfig
-
-    from ds_hydra.errors import _dataclass_fields, _did_you_mean
-
-    problems: List[str] = []
-    schema = cfg._metadata.object_type
-    closed = is_dataclass(schema) and not getattr(schema, "OPEN_KEYS", None)
-    declared = set(getattr(schema, "__dataclass_fields__", {})) if closed else set()
-    for key in cfg.keys():
-        key = str(key)
-        where = f"{path}.{key}" if path else key
-        if where == "hydra":
-            continue
-        if closed and key not in declared:
-            allowed = _dataclass_fields(schema)
-            problems.append(f"{where}: unknown key{_did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}")
-            continue
-        child = cfg._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing() and not child._is_interpolation():
-            problems += added_key_problems(child, where)
-    return problems
-
-
 def _open(schema):
     """The schema as a node that types its fields and accepts other keys (``optimizer.momentum=0.9``)."""
     node = OmegaConf.structured(schema)

@@ -32,8 +32,6 @@ BUILDS_OPTIMIZER = ("train", "resume", "validate", "export_deepspeed")
 
 def config_problems(cfg) -> List[str]:
     """Every range and cross-field problem of ``cfg``, one message each, naming the key."""
-    from ds_hydra.config_store import added_key_problems
-
     problems: List[str] = added_key_problems(cfg)  # '+key' additions the schemas do not declare
     problems += validate_model(cfg.model)
     problems += validate_adapter(cfg.get("adapter"), cfg.model, cfg.get("engine", None))
@@ -56,6 +54,36 @@ def config_problems(cfg) -> List[str]:
     problems += validate_lm_eval(cfg.lm_eval, task=cfg.task.value) if "lm_eval" in cfg else []
     problems += validate_engine(cfg.engine, cfg.trainer, task=cfg.task.value, ckpt=cfg.ckpt, n_blocks=n_blocks)
     problems += validate_logger(cfg.logger, task=cfg.task.value)
+    return problems
+
+
+def added_key_problems(cfg, path: str = "") -> List[str]:
+    """Keys of ``cfg`` (any depth) that its schema does not declare: ``+trainer.max_stepz=3`` gets past the
+    schema at composition (``+`` adds a key to any node), so it is refused here as the same typo without
+    ``+`` is. Nodes without a schema (``model=custom``, a ``Dict`` field such as ``model.config``, whose keys
+    their own builder checks) and open schemas (``OPEN_KEYS``) take any key; ``hydra`` is Hydra's."""
+    from dataclasses import is_dataclass
+
+    from omegaconf import DictConfig
+
+    from ds_hydra.errors import _dataclass_fields, _did_you_mean
+
+    problems: List[str] = []
+    schema = cfg._metadata.object_type
+    closed = is_dataclass(schema) and not getattr(schema, "OPEN_KEYS", None)
+    declared = set(getattr(schema, "__dataclass_fields__", {})) if closed else set()
+    for key in cfg.keys():
+        key = str(key)
+        where = f"{path}.{key}" if path else key
+        if where == "hydra":
+            continue
+        if closed and key not in declared:
+            allowed = _dataclass_fields(schema)
+            problems.append(f"{where}: unknown key{_did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}")
+            continue
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing() and not child._is_interpolation():
+            problems += added_key_problems(child, where)
     return problems
 
 

@@ -41,7 +41,7 @@ def test_refused_targets_name_the_target_and_the_fix(target, no_system_calls):
     "target",
     [
         "ds_hydra.cli.os.system",  # an alias under ds_hydra: the package is not on the list, its builders are
-        "ds_hydra.engine.torchrun_job.run_job",  # a launcher: takes a command line
+        "ds_hydra.cli.torchrun_job.run_job",  # a launcher: takes a command line
         "ds_hydra.training.state.safe_torch_load",  # a loader: takes a file name
     ],
 )
@@ -58,9 +58,9 @@ def test_each_key_admits_only_its_own_kind_of_builder():
     assert target_problems({"_target_": "ds_hydra.models.gpt.GPT"}, [], "model") == []
     [problem] = target_problems({"_target_": "ds_hydra.data.corpus.SyntheticTokens"}, [], "model")
     assert "not an allowed target (as model ds_hydra builds only" in problem
-    [problem] = target_problems({"_target_": "ds_hydra.training.preflight.Preflight"}, [], "optimizer")
+    [problem] = target_problems({"_target_": "ds_hydra.cli.preflight.Preflight"}, [], "optimizer")
     assert "as optimizer ds_hydra builds torch.optim's optimizer classes" in problem
-    assert target_problems({"_target_": "ds_hydra.training.preflight.Preflight"}, [], "hydra.callbacks.preflight") == []
+    assert target_problems({"_target_": "ds_hydra.cli.preflight.Preflight"}, [], "hydra.callbacks.preflight") == []
 
 
 def test_every_shipped_target_exists_and_is_callable():

@@ -69,8 +69,8 @@ def planted_run(tmp_path: Path) -> Path:
     saved = yaml.safe_load(OmegaConf.to_yaml(compose(["model=gpt_tiny"]), resolve=True))
     saved["allowed_targets"] = ["ds_hydra", "torch", "builtins"]  # a run directory cannot widen the allowlist
     saved["model"] = {
-        "_target_": "ds_hydra.engine.torchrun_job.run_job",
-        "settings": {"_target_": "ds_hydra.engine.torchrun_config.TorchrunSettings", "nproc_per_node": "1"},
+        "_target_": "ds_hydra.cli.torchrun_job.run_job",
+        "settings": {"_target_": "ds_hydra.cli.torchrun_config.TorchrunSettings", "nproc_per_node": "1"},
         "job_dir": str(tmp_path / "job"),  # run_job makes job/rank_reports before it starts torchrun
         "job_key": "x",
         "args": [
@@ -89,7 +89,7 @@ def nothing_ran(tmp_path: Path) -> None:
     assert not (tmp_path / "job").exists() and not (tmp_path / "job_run").exists()
 
 
-RUN_REFUSAL = "config_resolved.yaml: model._target_=ds_hydra.engine.torchrun_job.run_job: not an allowed target"
+RUN_REFUSAL = "config_resolved.yaml: model._target_=ds_hydra.cli.torchrun_job.run_job: not an allowed target"
 
 
 @pytest.mark.parametrize(
@@ -279,7 +279,7 @@ def test_a_tokenizer_directory_that_needs_its_own_code_is_refused_without_a_prom
 
 
 def test_an_architecture_transformers_does_not_ship_is_refused_before_transformers_reads_it(tmp_path):
-    from ds_hydra.remote_code import refuse_remote_code
+    from ds_hydra.common.remote_code import refuse_remote_code
 
     folder = remote_code_dir(tmp_path, auto_map=False)
     with pytest.raises(UserError, match=r"model\.pretrained=x: .*config\.json has model_type=evil_arch, which transformers does not ship"):
@@ -331,7 +331,7 @@ def test_every_transformers_loader_call_passes_trust_remote_code_false():
 
 
 def test_a_directory_that_maps_its_own_code_is_refused_before_transformers_reads_it(tmp_path):
-    from ds_hydra.remote_code import refuse_remote_code
+    from ds_hydra.common.remote_code import refuse_remote_code
 
     folder = remote_code_dir(tmp_path)
     with pytest.raises(UserError, match=r"^model\.pretrained=x: .*config\.json maps AutoConfig, AutoModelForCausalLM to Python code"):
@@ -347,7 +347,7 @@ def test_a_directory_that_maps_its_own_code_is_refused_before_transformers_reads
 # Loaders of pickles that are not torch.load(weights_only=True), each with why it cannot run code.
 PICKLE_EXCEPTIONS = {
     # a pickle.Unpickler whose find_class refuses every class: dicts, lists, strings and numbers only
-    ("ds_hydra/data/token_files.py", "_PlainUnpickler"),
+    ("ds_hydra/data/tokens.py", "_PlainUnpickler"),
 }
 
 
@@ -395,7 +395,7 @@ def test_a_plus_typo_is_refused_like_a_typo(tmp_path):
     ],
 )
 def test_plus_additions_outside_a_schema_are_unknown_keys(override, expected):
-    from ds_hydra.config_store import added_key_problems
+    from ds_hydra.validation import added_key_problems
 
     assert [p for p in added_key_problems(compose([override])) if p.startswith(expected)]
 
@@ -410,7 +410,8 @@ def test_plus_additions_outside_a_schema_are_unknown_keys(override, expected):
     ],
 )
 def test_schemas_open_on_purpose_stay_open(overrides):
-    from ds_hydra.config_store import OPEN_SCHEMAS, added_key_problems
+    from ds_hydra.config_store import OPEN_SCHEMAS
+    from ds_hydra.validation import added_key_problems
     from ds_hydra.optim.config import OptimizerConfig
 
     assert added_key_problems(compose(overrides)) == []

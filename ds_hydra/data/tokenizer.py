@@ -374,7 +374,7 @@ def _from_transformers(folder: Path, path):
         from transformers import AutoTokenizer
     except ImportError:
         raise UserError(f"tokenizer.path={path}: no {TOKENIZER_FILE} in it (reading other formats needs transformers)") from None
-    from ds_hydra.remote_code import refuse_remote_code
+    from ds_hydra.common.remote_code import refuse_remote_code
 
     refuse_remote_code(folder, f"tokenizer.path={path}")  # before transformers could prompt on stdin
     try:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
+import re
 import shutil
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
@@ -53,10 +54,8 @@ def deepspeed_checkpoint_classes() -> Tuple[type, ...]:
 @contextmanager
 def weights_only_loads(ds_engine) -> Iterator[None]:
     """While DeepSpeed loads its checkpoint, its checkpoint engine reads with ``torch.load(weights_only=True)``
-    (``safe_torch_load``) instead of its own ``weights_only=False``: a run directory is data, and a pickle
-    in it must not run code."""
-    from ds_hydra.training.state import safe_torch_load
-
+    instead of its own ``weights_only=False``: a run directory is data, and a pickle in it must not run code.
+    A refused or damaged file is one line naming it."""
     checkpoint_engine = getattr(ds_engine, "checkpoint_engine", None)
     if checkpoint_engine is None or not callable(getattr(checkpoint_engine, "load", None)):
         import deepspeed
@@ -65,10 +64,25 @@ def weights_only_loads(ds_engine) -> Iterator[None]:
             f"engine=deepspeed: DeepSpeed {deepspeed.__version__} has no checkpoint engine ds_hydra can make load "
             f"with weights_only=True, so its checkpoint is not loaded; install a DeepSpeed with one (0.10 or newer)"
         )
-    classes = deepspeed_checkpoint_classes()
+    classes = list(deepspeed_checkpoint_classes())
 
     def load(path, map_location=None):
-        return safe_torch_load(Path(path), allowed_classes=classes, map_location=map_location or "cpu")
+        scoped = getattr(torch.serialization, "safe_globals", None)  # torch 2.4: only the process-wide list
+        if scoped is None:
+            torch.serialization.add_safe_globals(classes)
+        try:
+            with scoped(classes) if scoped is not None else nullcontext():
+                return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except Exception as exc:  # a pickle naming another class or a function, or a damaged file
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = (
+                f"refused: loading it would call {found.group(1).removeprefix('builtins.')} (a DeepSpeed checkpoint "
+                f"may hold only tensors, plain containers and DeepSpeed's loss scaler, ZeRO stage and fragment "
+                f"address); use a checkpoint written by ds_hydra"
+                if found else f"not a loadable DeepSpeed checkpoint ({lines[0][:200] if lines else type(exc).__name__})"
+            )
+            raise UserError(f"{path}: {reason}") from None
 
     checkpoint_engine.load = load  # this instance only: shadows the class's method
     try:

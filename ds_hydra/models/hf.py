@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch.nn as nn
 
 from ds_hydra.errors import UserError
-from ds_hydra.remote_code import refuse_remote_code
+from ds_hydra.common.remote_code import refuse_remote_code
 
 log = logging.getLogger(__name__)
 

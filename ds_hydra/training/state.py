@@ -17,7 +17,7 @@ import random
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -75,14 +75,12 @@ class _WriteErrors:
         self.file.flush()
 
 
-def safe_torch_load(path: Path, mmap: bool = False, allowed_classes: Sequence[type] = (), map_location: Any = "cpu") -> Dict[str, Any]:
+def safe_torch_load(path: Path, mmap: bool = False) -> Dict[str, Any]:
     """``torch.load(weights_only=True)`` on CPU: tensors and plain containers only.
 
     ``mmap=True`` maps tensor storage instead of reading it (cheap: for checking a file before a
-    run). ``allowed_classes``: plain-data classes another library pickles into its own checkpoints
-    (DeepSpeed's loss scaler), rebuilt from their fields like any container. Errors are one line naming
-    the file: missing, empty, truncated, not a checkpoint, or refused because loading it would call a
-    function.
+    run). Errors are one line naming the file: missing, empty, truncated, not a checkpoint, or
+    refused because loading it would call a function.
     """
     path = Path(path)
     if not path.is_file():
@@ -95,24 +93,9 @@ def safe_torch_load(path: Path, mmap: bool = False, allowed_classes: Sequence[ty
             f"give another checkpoint"
         )
     try:
-        with _allowing(allowed_classes):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # a pickle that wants to run code, or damaged contents
         raise UserError(f"{path}: {_load_failure(exc)}") from None
-
-
-def _allowing(classes: Sequence[type]):
-    """A context in which a weights_only load may rebuild ``classes`` too (torch >= 2.5 scopes it; torch 2.4
-    has only the process-wide list, which then keeps them)."""
-    from contextlib import nullcontext
-
-    if not classes:
-        return nullcontext()
-    scoped = getattr(torch.serialization, "safe_globals", None)
-    if scoped is not None:
-        return scoped(list(classes))
-    torch.serialization.add_safe_globals(list(classes))
-    return nullcontext()
 
 
 def _load_failure(exc: Exception) -> str:
