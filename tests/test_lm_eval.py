@@ -275,3 +275,35 @@ def test_after_training_adds_task_metrics_to_the_final_metrics(tmp_path, tasks):
     # the same checkpoint through task=lm_eval gives the same numbers
     again = ds_hydra_lm_eval(tmp_path / "again", [f"inference.checkpoint={tmp_path / 'run'}"], tasks, [MC], "lm_eval.limit=8")
     assert again[f"{MC}/acc"] == final[f"{MC}/acc"] and again[f"{MC}/acc_norm"] == final[f"{MC}/acc_norm"]
+
+
+@pytest.mark.slow
+def test_lora_run_dir_gives_the_harness_hf_numbers_of_its_merged_export(tmp_path, model_dir, tasks):
+    """A LoRA run (adapter=lora on the model directory) evaluates through its run dir as it trained (base
+    plus adapter, through the one run loader); the harness's hf model on its export (the adapter merged
+    into the weights) gives the same acc and acc_norm, and perplexities equal to float rounding."""
+    pytest.importorskip("peft")
+    from ds_hydra.inference.export_hf import export_hf
+    from ds_hydra.train_task import train
+
+    text = tmp_path / "corpus.txt"
+    text.write_text(corpus_text() * 20, encoding="utf-8")
+    run = tmp_path / "run"
+    train(compose([
+        "model=hf_causal_lm", f"model.pretrained={model_dir}", "adapter=lora", "optimizer.lr=0.05", "data=text",
+        f"data.path={text}", "tokenizer=hf", f"tokenizer.path={model_dir}", "trainer.max_steps=3", "trainer.batch_size=2",
+        "trainer.eval_batches=1", "trainer.eval_interval=0", "trainer.device=cpu", "trainer.progress=false",
+        "trainer.compile=false",
+    ]), run_dir=run)
+    export_hf(compose(["task=export_hf", f"inference.checkpoint={run}"]), run_dir=tmp_path / "export")
+    exported = tmp_path / "export" / "hf_model"
+    copy_tokenizer(model_dir, exported)
+
+    reference = harness_hf(exported, tasks, [MC, PPL], batch_size=BATCH, bootstrap_iters=0)["results"]
+    base = harness_hf(model_dir, tasks, [PPL], batch_size=BATCH, bootstrap_iters=0)["results"]
+    metrics = ds_hydra_lm_eval(tmp_path / "a", [f"inference.checkpoint={run}"], tasks, [MC, PPL])
+    assert_same(metrics, reference, MC, ["acc", "acc_norm"])
+    for name in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert metrics[f"{PPL}/{name}"] == pytest.approx(reference[PPL][f"{name},none"], rel=1e-4)
+    # the adapter trained: the base model's perplexity differs
+    assert metrics[f"{PPL}/bits_per_byte"] != pytest.approx(base[PPL]["bits_per_byte,none"], rel=1e-3)
