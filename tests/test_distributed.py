@@ -42,9 +42,10 @@ def only_run_dir(cwd: Path) -> Path:
 
 
 def final_checkpoint(run_dir: Path):
-    from ds_hydra.training.state import safe_torch_load
+    """The run's newest checkpoint in the full format's layout (a sharded one read whole)."""
+    from ds_hydra.training.state import latest_checkpoint, load_checkpoint_state
 
-    return safe_torch_load(run_dir / "checkpoints" / f"step_{STEPS:07d}.pt")
+    return load_checkpoint_state(latest_checkpoint(run_dir))
 
 
 def losses(run_dir: Path):
@@ -96,7 +97,7 @@ def assert_one_shared_run_dir(cwd: Path, proc) -> Path:
     assert "rank 0 of 2" in (run_dir / "rank0.log").read_text()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert [p.name for p in run_dir.rglob(".hydra")] == [".hydra"]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{STEPS:07d}.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{STEPS:07d}"]  # dcp: the default for DDP, FSDP
     return run_dir
 
 
@@ -188,7 +189,7 @@ def test_fsdp_resumes_bit_for_bit(tmp_path):
     from ds_hydra.training.state import checkpoint_path
     from ds_hydra.training.trainer import train
 
-    run = [*RUN, "trainer.grad_accum_steps=2", "trainer.save_every=2", "engine=fsdp"]
+    run = [*RUN, "trainer.grad_accum_steps=2", "trainer.save_every=2", "engine=fsdp", "trainer.checkpoint_format=full"]
     train(compose(run), run_dir=tmp_path / "whole")
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
     train(compose([*run, f"resume={checkpoint_path(tmp_path / 'resumed', 2)}"]))

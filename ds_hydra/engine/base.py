@@ -11,8 +11,9 @@ never asks which engine it has:
 * ``backward(share, accum)`` (a micro-batch's summed loss over the step's label tokens, all ranks) and
   ``step(grad_clip)`` / ``skip_step()``;
 * ``sum_``, ``mean``, ``barrier``;
-* ``model_state_dict``, ``optimizer_state_dict``, their loaders, ``save_engine_checkpoint``,
-  ``prune_engine_checkpoints``; ``close``.
+* ``model_state_dict``, ``optimizer_state_dict``, their loaders (the ``full`` format: one process's
+  state dict), ``sharded_state_dict`` and its loader (the ``dcp`` format: each rank's shards),
+  ``save_engine_checkpoint``, ``prune_engine_checkpoints``; ``close``.
 
 ``Engine`` itself is one process without a process group; ``DDPEngine``, ``FSDPEngine`` and
 ``DeepSpeedEngine`` extend it. ``ds_hydra.engine.start_engine`` picks one from ``cfg.engine``.
@@ -150,6 +151,22 @@ class Engine:
         if "deepspeed_checkpoint" in state:
             raise UserError(f"engine={self.name}: this checkpoint's optimizer state is DeepSpeed's; resume it with engine=deepspeed")
         self.optimizer.load_state_dict(state)
+
+    # -- checkpoints: each rank's own shards (trainer.checkpoint_format=dcp) ------------------------
+    def sharded_state_dict(self) -> Dict[str, Any]:
+        """``{"model", "optimizer"}`` as this rank holds them, keyed by parameter path (torch's
+        ``get_state_dict``: FSDP's DTensor shards, DDP's and one process's whole tensors): what
+        torch.distributed.checkpoint saves and, as a template filled in place, loads."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        return {"model": model, "optimizer": optimizer}
+
+    def load_sharded_state_dict(self, state: Dict[str, Any]) -> None:
+        """Load what ``sharded_state_dict`` gave, once torch.distributed.checkpoint has filled it."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     def save_engine_checkpoint(self, run_dir: Path, step: int) -> None:
         """An engine's own checkpoint files beside ``step_N.pt`` (DeepSpeed's shards); none here."""

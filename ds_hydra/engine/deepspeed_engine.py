@@ -13,7 +13,8 @@ undoes its averaging, so a step's gradient is that of the mean over the step's l
 Checkpoints: rank 0 writes ``checkpoints/step_N.pt`` whose ``model`` entry is the full model in fp32
 (loadable by one process, with no DeepSpeed), and every rank writes DeepSpeed's own checkpoint (ZeRO
 shards, fp32 master weights, optimizer state) under ``checkpoints/deepspeed/step_N``, from which
-training resumes.
+training resumes. ``trainer.checkpoint_format=dcp`` (torch.distributed.checkpoint) is refused: this
+engine keeps DeepSpeed's own format.
 """
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ log = logging.getLogger(__name__)
 __all__ = ["DeepSpeedEngine", "import_deepspeed", "DEEPSPEED_CHECKPOINT_DIR"]
 
 DEEPSPEED_CHECKPOINT_DIR = "deepspeed"  # under <run dir>/checkpoints
+DCP_REFUSED = (
+    "trainer.checkpoint_format=dcp: engine=deepspeed keeps DeepSpeed's own checkpoint format (its save_checkpoint: "
+    "ZeRO shards under checkpoints/deepspeed/, beside a full step_N.pt); use trainer.checkpoint_format=auto or full "
+    "with engine=deepspeed, or engine=fsdp for torch.distributed.checkpoint shards"
+)
 
 
 def deepspeed_checkpoint_classes() -> Tuple[type, ...]:
@@ -172,6 +178,12 @@ class DeepSpeedEngine(ProcessGroupEngine):
             path, _ = self.ds.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise UserError(f"{folder / tag}: DeepSpeed could not load this checkpoint")
+
+    def sharded_state_dict(self) -> Dict[str, Any]:
+        raise UserError(DCP_REFUSED)
+
+    def load_sharded_state_dict(self, state: Dict[str, Any]) -> None:
+        raise UserError(DCP_REFUSED)
 
     def save_engine_checkpoint(self, run_dir: Path, step: int) -> None:
         """DeepSpeed's own checkpoint of this step: every rank writes its shards."""

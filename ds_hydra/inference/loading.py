@@ -44,11 +44,14 @@ class LoadedRun:
 
 
 def find_run(checkpoint: Optional[str]) -> Tuple[Path, Path]:
-    """``(run_dir, weights file)`` for a run directory or one of its ``checkpoints/step_*.pt`` files."""
+    """``(run_dir, weights)`` for a run directory, one of its ``checkpoints/step_*.pt`` files or one of its
+    sharded ``checkpoints/step_*/`` directories."""
     if not checkpoint:
         raise UserError(f"{KEY} is not set: give the run directory of a trained run ({KEY}=outputs/<date>/<time>)")
     path = Path(checkpoint).expanduser()
-    if path.is_file():
+    if state_io.is_sharded_checkpoint(path):  # a dcp checkpoint directory, read whole in this process
+        run_dir, weights = path.parent.parent, path
+    elif path.is_file():
         if path.parent.name != state_io.CHECKPOINT_DIR:
             raise UserError(f"{KEY}={checkpoint}: a file outside a run's {state_io.CHECKPOINT_DIR}/; give the run directory")
         run_dir, weights = path.parent.parent, path
@@ -155,7 +158,7 @@ def load_run(
         reason = str(exc).strip().splitlines()
         raise UserError(f"{config_file}: cannot build its model ({reason[-1] if reason else type(exc).__name__})") from None
 
-    state = state_io.safe_torch_load(weights)
+    state = state_io.load_checkpoint_state(weights, with_optimizer=False)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UserError(f"{weights}: not a ds_hydra training checkpoint (it has no 'model' weights)")
     if adapter_cfg is not None:

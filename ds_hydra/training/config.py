@@ -6,6 +6,12 @@ from enum import Enum
 from typing import List, Optional
 
 
+class CheckpointFormat(Enum):
+    auto = "auto"  # dcp with engine=ddp or fsdp; full in one process; DeepSpeed's own with engine=deepspeed
+    full = "full"  # checkpoints/step_N.pt: one file, the whole state gathered to rank 0
+    dcp = "dcp"  # checkpoints/step_N/: torch.distributed.checkpoint, every rank writes its own shards
+
+
 class Precision(Enum):
     auto = "auto"  # bf16 autocast on CUDA (fp16 before Ampere, which lacks bf16), fp32 elsewhere
     fp32 = "fp32"
@@ -71,6 +77,17 @@ class TrainerConfig:
     """Write a resumable checkpoint every this many steps (0: only the final one)."""
     keep_last: int = 2
     """Resumable checkpoints kept on disk (older ones are deleted once a newer one is safely written)."""
+    checkpoint_format: CheckpointFormat = CheckpointFormat.auto
+    """auto, full or dcp. full: checkpoints/step_N.pt, one file holding the whole state, gathered to rank 0
+    (every rank waits while it writes). dcp: checkpoints/step_N/, torch.distributed.checkpoint: every rank
+    writes its own shards of model and optimizer state (no gather), the trainer's state beside them; it
+    resumes on any number of ranks and engine (ddp, fsdp, one process). auto: dcp with engine=ddp or fsdp,
+    full in one process. engine=deepspeed always writes DeepSpeed's own checkpoint (its save_checkpoint)
+    beside a full step_N.pt. Convert with python -m ds_hydra.training.checkpoint_convert."""
+    async_checkpoint: bool = False
+    """dcp only: a save returns once the state is copied to CPU memory and the shards are written in the
+    background while training goes on (at most one save in flight; the next save, the end of the run and
+    a stop signal wait for it). A crash during the write leaves the previous checkpoint as the newest."""
     skip_nonfinite: int = 0
     """Steps whose loss is NaN or inf that may skip their update before the run stops (0: stop at the first).
     Above 0 the loss is read on the host every step, before the optimizer steps (a sync per step on GPU)."""
@@ -137,6 +154,12 @@ def validate_trainer(cfg, prefix: str = "trainer") -> List[str]:
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         problems.append(f"{prefix}.device={device}: allowed values: auto, cpu, cuda, cuda:N")
     precision = getattr(cfg.precision, "value", cfg.precision)
+    fmt = getattr(cfg.get("checkpoint_format", "auto"), "value", cfg.get("checkpoint_format", "auto"))
+    if cfg.get("async_checkpoint") and fmt == "full":
+        problems.append(
+            f"{prefix}.async_checkpoint=true: needs {prefix}.checkpoint_format=dcp (a full checkpoint is one file "
+            f"gathered to rank 0 and written while every rank waits)"
+        )
     if device == "cpu" and precision == "fp16":
         problems.append(f"{prefix}.precision=fp16: needs CUDA, but {prefix}.device=cpu; use fp32 or bf16 on the CPU")
     return problems

@@ -22,12 +22,12 @@ KEY = "trainer.init_from"
 def initial_weights_file(value: str) -> Path:
     """The checkpoint ``value`` names: a run dir's newest ``checkpoints/step_*.pt``, or that file itself."""
     path = Path(value).expanduser()
-    if path.is_dir():
+    if path.is_dir() and not state_io.is_sharded_checkpoint(path):
         latest = state_io.latest_checkpoint(path)
         if latest is None:
             raise UserError(f"{KEY}={value}: no {state_io.CHECKPOINT_DIR}/step_*.pt in that directory; give a trained run's directory or one of its checkpoints")
         return latest
-    if not path.is_file():
+    if not (path.is_file() or state_io.is_sharded_checkpoint(path)):
         raise UserError(f"{KEY}={value}: no such run directory or checkpoint file")
     return path
 
@@ -35,7 +35,7 @@ def initial_weights_file(value: str) -> Path:
 def load_initial_weights(model: nn.Module, value: str) -> Path:
     """Load the weights of ``value`` into ``model`` (before any training transform); returns the file."""
     path = initial_weights_file(value)
-    state = state_io.safe_torch_load(path)
+    state = state_io.load_checkpoint_state(path, with_optimizer=False)
     weights = state.get("model") if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise UserError(f"{KEY}={value}: {path} is not a ds_hydra training checkpoint (it has no 'model' weights)")

@@ -36,7 +36,9 @@ from ds_hydra.loss.step import build_loss, label_tokens, loss_sum, token_mean_lo
 from ds_hydra.training import resume as resume_io
 from ds_hydra.common import run_lock
 from ds_hydra.common import signals
+from ds_hydra.common.checkpoint_files import remove_partial_checkpoints
 from ds_hydra.common.terminal import log_lines_beside_bar
+from ds_hydra.training import sharded_checkpoint
 from ds_hydra.training import state as state_io
 from ds_hydra.training.seq_vocab import check_vocab, resolve_seq_len
 from ds_hydra.training.memory_preflight import check_step_memory
@@ -170,7 +172,12 @@ class Trainer:
         self.loss_steps = 0
         self.nonfinite = NonFiniteWatch(self.device)  # first NaN/inf step, kept on the device (no sync)
         self.skipped_nonfinite = 0
-        self.last_saved: Optional[Path] = None
+        self.last_saved: Optional[Path] = None  # the newest complete checkpoint this run wrote or resumed from
+        self.checkpoint_format = resolve_checkpoint_format(tcfg, self.engine.name, self.adapted)
+        self.async_checkpoint = bool(tcfg.get("async_checkpoint"))
+        self.pending_save: Optional[sharded_checkpoint.PendingSave] = None  # at most one background write
+        # Background writes coordinate over a gloo group of their own (collective: every rank creates it).
+        self.checkpoint_group = sharded_checkpoint.checkpoint_process_group(self.engine.world_size) if self.async_checkpoint else None
 
     def _load_base(self, model: nn.Module) -> None:
         """The base weights, before quantization and adapters: an adapter run's saved base when it resumes,
@@ -287,17 +294,25 @@ class Trainer:
 
     # -- resumable state ------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
+        """The ``full`` format: the whole state in one process's format, whatever the engine (FSDP,
+        DeepSpeed: gathered to rank 0)."""
         return {
             "format": state_io.TRAIN_STATE_FORMAT,
-            "step": self.step,
-            # the full state in one process's format, whatever the engine (FSDP, DeepSpeed: gathered);
             # with an adapter only what trains (the frozen base is model.pretrained's or base_model.pt)
             "model": self.model_state(),
             "optimizer": self.engine.optimizer_state_dict(self.step),
+            "param_names": optimizer_param_names(self.model, self.optimizer),  # what the numbers stand for
+            "rng": state_io.rng_state(),
+            **self.trainer_state(),
+        }
+
+    def trainer_state(self) -> Dict[str, Any]:
+        """Everything but model, optimizer and generators: the same on every rank."""
+        return {
+            "step": self.step,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.engine.scaler.state_dict() if self.engine.scaler is not None else None,
-            "data": self.train_batches.state_dict(),
-            "rng": state_io.rng_state(),
+            "data": self.train_batches.state_dict(),  # global batches taken: the same at any world size
             "loss_window": {"sum": self.loss_sum, "steps": self.loss_steps},
             "skipped_nonfinite": self.skipped_nonfinite,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
@@ -314,11 +329,15 @@ class Trainer:
         else:
             self.engine.load_model_state_dict(state["model"])
         self.engine.load_optimizer_state_dict(state["optimizer"], self.run_dir)
+        self.load_trainer_state(state)
+
+    def load_trainer_state(self, state: Dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.engine.scaler is not None and state.get("scaler"):
             self.engine.scaler.load_state_dict(state["scaler"])
         self.train_batches.load_state_dict(state["data"])
-        state_io.set_rng_state(state["rng"])
+        if state.get("rng") is not None:
+            state_io.set_rng_state(state["rng"])
         self.step = state["step"]
         window = state.get("loss_window") or {}
         self.loss_sum = window["sum"].to(self.device) if window.get("sum") is not None else None
@@ -330,40 +349,56 @@ class Trainer:
 
         ``strict`` (sweep jobs) also refuses one saved under any other config.
         """
-        state = state_io.load_train_state(path)
+        path = Path(path)
+        sharded = path.is_dir()
+        state = sharded_checkpoint.read_trainer_state(path) if sharded else state_io.load_train_state(path)
         resume_io.check_compatible(state["config"], self.cfg, path, strict=strict)
         try:
-            self.load_state_dict(state)
+            if sharded:  # each rank reads the parts of the shards it holds now (any world size)
+                self.load_trainer_state(sharded_checkpoint.load_sharded(self.engine, path))
+            else:
+                self.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as exc:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             detail = next((line for line in lines if not line.startswith("Error(s) in loading")), type(exc).__name__)
             raise UserError(f"{path}: does not fit this model or optimizer ({detail[:300]}); resume with the run's own settings") from None
         self.last_saved = Path(path)
 
-    def save(self) -> Path:
-        """Write a checkpoint of this step (never of a diverged state), then prune old ones."""
+    def save(self, wait: bool = False) -> Path:
+        """Write a checkpoint of this step (never of a diverged state), then prune old ones.
+
+        ``trainer.async_checkpoint``: returns once the state is copied to CPU memory (first waiting for the
+        previous background write: at most one in flight); ``wait`` also waits for this one."""
         self.check_finite()
-        path = state_io.checkpoint_path(self.run_dir, self.step)
-        if self.last_saved == path:
-            return path  # already saved at this step (or resumed from it)
+        dcp = self.checkpoint_format == "dcp"
+        path = (state_io.sharded_checkpoint_path if dcp else state_io.checkpoint_path)(self.run_dir, self.step)
+        pending = self.pending_save.final if self.pending_save is not None else None
+        if path in (self.last_saved, pending):  # already saved at this step (or resumed from it)
+            if wait:
+                self.finish_pending_save()
+            return path
+        self.finish_pending_save()
         try:
-            self.engine.save_engine_checkpoint(self.run_dir, self.step)  # DeepSpeed: every rank's shards
-            state = self.state_dict()  # FSDP, DeepSpeed: every rank takes part in gathering it
-            if self.engine.is_main:  # one writer
-                self._write_state(state, path)
-                if self.adapted:  # <run dir>/adapter: the newest adapter in PEFT's format
-                    adapters.save_adapter_dir(self.model, state["model"], self.run_dir)
-        except OSError as exc:
-            kept = f"{self.last_saved} is intact" if self.last_saved is not None else "no earlier checkpoint exists"
-            raise UserError(
-                f"{path}: cannot write the checkpoint ({exc.strerror or exc}); {kept}. Free space (or lower "
-                f"trainer.keep_last), then continue with resume={self.run_dir}"
-            ) from None
-        self.last_saved = path
-        if self.engine.is_main:
-            state_io.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
-            self.engine.prune_engine_checkpoints(self.run_dir)
-        self.engine.barrier()  # the checkpoint exists for every rank once save returns
+            if dcp:  # every rank writes its own shards; no gather
+                self.pending_save = sharded_checkpoint.save_sharded(
+                    self.engine, self.trainer_state(), state_io.rng_state(), path,
+                    asynchronous=self.async_checkpoint, process_group=self.checkpoint_group, on_complete=self._prune,
+                )
+            else:
+                self.engine.save_engine_checkpoint(self.run_dir, self.step)  # DeepSpeed: every rank's shards
+                state = self.state_dict()  # FSDP, DeepSpeed: every rank takes part in gathering it
+                if self.engine.is_main:  # one writer
+                    self._write_state(state, path)
+                    if self.adapted:  # <run dir>/adapter: the newest adapter in PEFT's format
+                        adapters.save_adapter_dir(self.model, state["model"], self.run_dir)
+                    self._prune(path)
+        except (OSError, UserError) as exc:
+            raise self._save_failed(path, exc) from None
+        if self.pending_save is None:
+            self.last_saved = path
+            self.engine.barrier()  # the checkpoint exists for every rank once save returns
+        elif wait:
+            self.finish_pending_save()
         return path
 
     def _write_state(self, state: Dict[str, Any], path: Path) -> None:
@@ -382,6 +417,69 @@ class Trainer:
                         "checkpoint is written) and writing it again", path, ", ".join(p.name for p in gone),
                         self.cfg.trainer.keep_last)
             state_io.atomic_torch_save(state, path)
+
+    def finish_pending_save(self) -> None:
+        """Wait for the background write in flight (if any); rank 0 then gives it its final name."""
+        if self.pending_save is None:
+            return
+        pending, self.pending_save = self.pending_save, None
+        try:
+            self.last_saved = pending.finish()
+        except UserError as exc:
+            raise self._save_failed(pending.final, exc) from None
+
+    def poll_pending_save(self) -> None:
+        """Publish a finished background write without waiting (no collective: each rank on its own)."""
+        if self.pending_save is not None and self.pending_save.done():
+            self.finish_pending_save()
+
+    def _prune(self, newest: Path) -> None:
+        """Rank 0, once ``newest`` is complete: keep the newest ``keep_last`` checkpoints."""
+        state_io.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
+        self.engine.prune_engine_checkpoints(self.run_dir)
+
+    def _save_failed(self, path: Path, exc: Exception) -> UserError:
+        kept = f"{self.last_saved} is intact" if self.last_saved is not None else "no earlier checkpoint exists"
+        reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc).split(": ", 1)[-1]
+        if isinstance(exc, UserError) and "trainer.checkpoint_format" in str(exc):
+            return exc  # a refused format, not a failed write
+        return UserError(
+            f"{path}: cannot write the checkpoint ({reason}); {kept}. Free space (or lower "
+            f"trainer.keep_last), then continue with resume={self.run_dir}"
+        )
+
+
+def optimizer_param_names(model: nn.Module, optimizer) -> Optional[list]:
+    """The path of each parameter the optimizer steps, in its numbering (param-group order); None where the
+    optimizer holds other tensors than the model's (DeepSpeed's flat partitions)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
+    return None if None in order else order
+
+
+def resolve_checkpoint_format(tcfg, engine_name: str, adapted: bool = False) -> str:
+    """``trainer.checkpoint_format`` for this engine: auto is dcp for ddp and fsdp (and with
+    ``async_checkpoint``), full in one process, with DeepSpeed (beside its own checkpoint) and with an
+    adapter (whose checkpoints hold only what trains)."""
+    fmt = getattr(tcfg.get("checkpoint_format", "auto"), "value", tcfg.get("checkpoint_format", "auto"))
+    wants_dcp = fmt == "dcp" or tcfg.get("async_checkpoint")
+    key = "trainer.checkpoint_format=dcp" if fmt == "dcp" else "trainer.async_checkpoint=true"
+    if engine_name == "deepspeed":
+        if wants_dcp:
+            from ds_hydra.engine.deepspeed_engine import DCP_REFUSED
+
+            raise UserError(DCP_REFUSED.replace("trainer.checkpoint_format=dcp", key, 1))
+        return "full"
+    if adapted:
+        if wants_dcp:
+            raise UserError(
+                f"{key}: not with an adapter, whose checkpoints hold only the adapter and its optimizer state (a few "
+                f"MB, written whole by rank 0); use trainer.checkpoint_format=auto or full"
+            )
+        return "full"
+    if fmt == "auto":
+        return "dcp" if engine_name in ("ddp", "fsdp") or tcfg.get("async_checkpoint") else "full"
+    return fmt
 
 
 # After training, on rank 0: ``hook(cfg, run_dir, final step, log_metrics)`` returns metrics to add to the final ones.
@@ -405,6 +503,8 @@ def _train(cfg, run_dir: Path, started: float, after_training: Sequence[AfterTra
         return plan.completed
     trainer = Trainer(cfg, run_dir)
     is_main = trainer.engine.is_main  # with several processes, only rank 0 writes run files
+    if is_main:
+        remove_partial_checkpoints(run_dir)  # sharded writes a crash interrupted: never complete, never loaded
     earlier_records = []
     if plan.checkpoint is not None:
         trainer.load(plan.checkpoint, strict=resume_io.in_multirun())
@@ -456,6 +556,7 @@ def _train(cfg, run_dir: Path, started: float, after_training: Sequence[AfterTra
         metrics.close(error=exc)  # the trackers mark the run failed (or stopped)
         raise
     finally:
+        _finish_background_save(trainer)
         trainer.engine.close()  # a process group this run created (not a launcher's)
     final["wall_s"] = time.perf_counter() - started
     final["run_dir"] = str(run_dir)
@@ -470,6 +571,16 @@ def _train(cfg, run_dir: Path, started: float, after_training: Sequence[AfterTra
     return final
 
 
+def _finish_background_save(trainer: Trainer) -> None:
+    """A failed run still completes the background write of its last good checkpoint."""
+    if trainer.pending_save is None:
+        return
+    try:
+        trainer.finish_pending_save()
+    except UserError as exc:
+        log.error("%s", exc)
+
+
 def _fit(trainer: Trainer, metrics: MetricsLogger, profiler: StepProfiler) -> Dict[str, Any]:
     tcfg = trainer.cfg.trainer
     progress = _progress_bar(tcfg, start=trainer.step)
@@ -481,6 +592,7 @@ def _fit(trainer: Trainer, metrics: MetricsLogger, profiler: StepProfiler) -> Di
         lr = trainer.optimizer.param_groups[0]["lr"]
         trainer.train_step()
         profiler.step()
+        trainer.poll_pending_save()  # a background write that finished gets its name now
         window_steps += 1
         step = trainer.step
         if step % tcfg.log_interval == 0 or step == tcfg.max_steps:
@@ -508,12 +620,12 @@ def _fit(trainer: Trainer, metrics: MetricsLogger, profiler: StepProfiler) -> Di
         check_stop = trainer.engine.world_size == 1 or step % tcfg.log_interval == 0
         stop = signals.stop_requested() if check_stop and step < tcfg.max_steps else None  # ranks agree
         if stop:
-            raise signals.Stopped(stop, step, trainer.save(), trainer.run_dir)
+            raise signals.Stopped(stop, step, trainer.save(wait=True), trainer.run_dir)  # writes done, then exit
     if progress is not None:
         progress.close()
     if not evals:  # resumed at the end: still report the model's losses
         evals = trainer.evaluate()
-    path = trainer.save()
+    path = trainer.save(wait=True)
     log.info("saved %s", path)
     perf = trainer.throughput.metrics(tokens_per_s)
     if trainer.throughput.flops_per_token:

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from ds_hydra.common.overrides import MULTIRUN_OPTIONS, has_option, override_key, quote, unquote
 from ds_hydra.errors import UserError
-from ds_hydra.common.checkpoint_files import CHECKPOINT_DIR, STEP_FILE
+from ds_hydra.common.checkpoint_files import CHECKPOINT_DIR, STEP_DIR, STEP_FILE, is_sharded_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,20 @@ def refuse_code_in_saved(run_dir: Path, saved: Sequence[str]) -> None:
 
 
 def locate_run(value: str, hydra_run: bool = True) -> Tuple[Path, Optional[Path]]:
-    """``(run dir, checkpoint or None)`` for ``resume=<run dir>`` or ``resume=<run>/checkpoints/step_N.pt``.
+    """``(run dir, checkpoint or None)`` for ``resume=<run dir>``, ``resume=<run>/checkpoints/step_N.pt`` or
+    a sharded checkpoint's directory ``resume=<run>/checkpoints/step_N``.
 
     ``hydra_run``: the directory must have been written by the CLI (it has ``.hydra/overrides.yaml``).
     """
     path = Path(value).expanduser()
-    if STEP_FILE.match(path.name) or path.suffix == ".pt":
+    if STEP_DIR.match(path.name) and path.parent.name == CHECKPOINT_DIR:  # a sharded (dcp) checkpoint
+        if not is_sharded_checkpoint(path):
+            raise UserError(
+                f"resume={value}: not a complete checkpoint directory (no .metadata or trainer_state.pt: a write that "
+                f"never finished?); give the run directory to continue from its newest complete checkpoint"
+            )
+        run_dir, checkpoint = path.parent.parent, path
+    elif STEP_FILE.match(path.name) or path.suffix == ".pt":
         if not path.is_file():
             raise UserError(f"resume={value}: no such checkpoint file (checkpoints: {path.parent}/step_*.pt)")
         if not STEP_FILE.match(path.name) or path.parent.name != CHECKPOINT_DIR:

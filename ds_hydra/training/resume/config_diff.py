@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, NamedTuple, Sequence
 
 # Keys whose values may differ between the saved run and its continuation without any effect on it.
-VOLATILE_KEYS = ("resume", "trainer.progress", "objective", "name", "run", "logger")
+VOLATILE_KEYS = ("resume", "trainer.progress", "trainer.checkpoint_format", "trainer.async_checkpoint", "objective", "name", "run", "logger")
 
 
 class Difference(NamedTuple):
