@@ -90,7 +90,7 @@ UNTOUCHED = {
     # DeepSpeed config files (deepspeed_config=<file>): refused before anything is written
     "deepspeed config not JSON": (["hydra.run.dir={run}", "deepspeed_config=tests/deepspeed_configs/bad/not_json.json"], ["deepspeed_config=tests/deepspeed_configs/bad/not_json.json: not valid JSON"]),
     "deepspeed optimizer without torch equivalent": (["hydra.run.dir={run}", "deepspeed_config=tests/deepspeed_configs/bad/unknown_optimizer.json"], ["optimizer.type='Lamb': allowed types: Adam, AdamW"]),
-    "deepspeed batch triple inconsistent": (["resume={run}", "deepspeed_config=tests/deepspeed_configs/bad/inconsistent_batch.json"], ["train_batch_size=64 != train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 8 x world size 1 = 32"]),
+    "deepspeed batch triple inconsistent": (["resume={run}", "deepspeed_config=tests/deepspeed_configs/bad/inconsistent_batch.json"], ["train_batch_size=64 = train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 8 x 2 ranks: written for world size 2, but this run has 1"]),
     "deepspeed negative clipping": (["hydra.run.dir={run}", "deepspeed_config=tests/deepspeed_configs/bad/negative_clipping.json"], ["gradient_clipping=-1.0: must be a number >= 0"]),
     # run directories
     "existing run without resume": (["hydra.run.dir={run}"], ["hydra.run.dir={run}: already holds a run", "resume={run}"]),

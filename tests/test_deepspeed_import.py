@@ -192,10 +192,14 @@ def test_batch_triple_derives_the_missing_one(given, world, micro, accum):
 
 
 @pytest.mark.parametrize("given,world,message", [
+    ({"train_batch_size": 60, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 8}, 1,
+     "train_batch_size=60 != train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 8 x world size 1 = 32"),
     ({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 8}, 1,
-     "train_batch_size=64 != train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 8 x world size 1 = 32"),
+     "train_batch_size=64 = train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 8 x 2 ranks: written for "
+     "world size 2, but this run has 1; launch it on 2 ranks (hydra/launcher=torchrun hydra.launcher.nproc_per_node=2, "
+     "or torchrun --nproc_per_node=2), or drop one of the three to derive it for 1"),
     ({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 8}, 4,
-     "64 != train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 8 x world size 4 = 128"),
+     "written for world size 2, but this run has 4"),
     ({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4}, 1,
      "train_batch_size=30 is not divisible by train_micro_batch_size_per_gpu 4 x world size 1 = 4 "
      "(gradient_accumulation_steps would be 7.5)"),
@@ -523,8 +527,8 @@ def test_cli_trains_a_deepspeed_config_and_logs_what_it_did(tmp_path):
 @pytest.mark.parametrize("bad,message", [
     ("not_json.json", "not valid JSON"),  # "or hjson (line 4, column 1: ...)" where hjson is installed
     ("unknown_optimizer.json", "optimizer.type='Lamb': allowed types: Adam, AdamW, Adagrad"),
-    ("inconsistent_batch.json", "train_batch_size=64 != train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps "
-                                "8 x world size 1 = 32"),
+    ("inconsistent_batch.json", "train_batch_size=64 = train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps "
+                                "8 x 2 ranks: written for world size 2, but this run has 1"),
     ("negative_clipping.json", "gradient_clipping=-1.0: must be a number >= 0"),
     ("missing.json", "no such file"),
     ("odd_key.json", "key 'zero_optimization.x,y:{a:1},z' cannot be passed on"),

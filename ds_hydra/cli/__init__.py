@@ -156,6 +156,15 @@ def _exit_without_collecting() -> None:
     gc.freeze()
 
 
+def _run_world_size(argv) -> Optional[int]:
+    """The ranks the run will have where it is not yet running under them: ``hydra/launcher=torchrun``'s
+    ``nnodes x nproc_per_node`` (None: a launcher's environment says, or one process)."""
+    from ds_hydra.cli.torchrun_config import launcher_world_size
+    from ds_hydra.common import launch_env
+
+    return None if launch_env.launched() else launcher_world_size(argv)
+
+
 def cli_main() -> None:
     from ds_hydra.cli.torchrun_job import reporting_to_launcher
 
@@ -186,7 +195,8 @@ def _cli_main() -> None:
         # resume=<run>: the run's saved overrides, in its own directory (before Hydra parses argv)
         sys.argv = [sys.argv[0], *strip_local_rank(sys.argv[1:])]  # launchers may pass --local-rank=N
         # deepspeed_config=<ds_config.json>: the file's settings as overrides, before the command line's own
-        sys.argv = [sys.argv[0], *expand_deepspeed_config_args(sys.argv[1:])]
+        # (checked against the world size of the run: the launcher's environment, or the torchrun launcher's)
+        sys.argv = [sys.argv[0], *expand_deepspeed_config_args(sys.argv[1:], world_size=_run_world_size(sys.argv[1:]))]
         sys.argv = [sys.argv[0], *expand_resume_args(sys.argv[1:])]
         if _only_help(sys.argv[1:]):  # drawn from one composition; Hydra's --help takes 8x as long
             from ds_hydra.help import print_help

@@ -27,7 +27,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from ds_hydra.common.launch_env import multi_process
+from ds_hydra.common.launch_env import multi_process, other_rank
 from ds_hydra.common.overrides import MULTIRUN_OPTIONS, has_option, quote, take_option
 from ds_hydra.errors import EXIT_USAGE, UserError
 
@@ -48,11 +48,29 @@ def strip_local_rank(argv: Sequence[str]) -> List[str]:
     return rest
 
 
+# Hydra's options that print and exit, and the tasks that only read the config: no ranks to agree on a
+# run dir, so no process group (a launcher's WORLD_SIZE notwithstanding).
+_PRINT_ONLY_OPTIONS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc")
+_CONFIG_ONLY_TASKS = ("task=validate", "task=import_deepspeed")
+
+
+def config_only(args: Sequence[str]) -> bool:
+    """Whether the command only prints or checks its config (``--cfg job``, ``task=validate``, ...)."""
+    return has_option(args, _PRINT_ONLY_OPTIONS) or any(arg.lstrip("+") in _CONFIG_ONLY_TASKS for arg in args)
+
+
 def before_hydra(args: Sequence[str]) -> List[str]:
     """Under a multi-process launch: create the process group and agree on the run dir; returns the
-    arguments Hydra should parse (``sys.argv[1:]``). A single process gets ``args`` back unchanged."""
+    arguments Hydra should parse (``sys.argv[1:]``). A single process gets ``args`` back unchanged.
+
+    A command that only prints or checks its config creates no process group: rank 0 answers, the
+    other ranks exit at once, silent (their answer would be rank 0's)."""
     global _owed
     if not multi_process():
+        return list(args)
+    if config_only(args):
+        if other_rank():
+            sys.exit(0)
         return list(args)
     if has_option(args, MULTIRUN_OPTIONS):
         raise UserError("--multirun: not with several processes; start one torchrun per run (or sweep with a launcher plugin)")

@@ -127,9 +127,9 @@ def check_run_dir(config) -> None:
     ensure_writable(run_dir, key="hydra.run.dir")
     plan = plan_start(config, run_dir)
     if plan.checkpoint is not None:
-        from ds_hydra.training.state import load_train_state
+        from ds_hydra.training.sharded_checkpoint import load_resume_state
 
-        saved = load_train_state(plan.checkpoint, mmap=True)  # maps the tensors; reads only the index
+        saved = load_resume_state(plan.checkpoint, mmap=True)  # maps the tensors; reads only the index
         check_compatible(saved["config"], config, plan.checkpoint, strict=False)
 
 

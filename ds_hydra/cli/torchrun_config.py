@@ -2,8 +2,10 @@
 plugin discovery imports this through the launcher's config)."""
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 
 @dataclass
@@ -72,3 +74,34 @@ class TorchrunSettings:
         import torch
 
         return str(torch.cuda.device_count() or 1)  # every GPU; one process on a CPU-only machine
+
+    def world_size(self) -> int:
+        """How many ranks a job gets: ``nnodes`` (the upper end of an elastic ``MIN:MAX``) x processes per node."""
+        per_node = self.nproc_per_node
+        if per_node in ("auto", "gpu"):
+            per_node = self._nproc() if per_node == "auto" else str(_gpus() or 1)
+        elif per_node == "cpu":
+            per_node = str(os.cpu_count() or 1)  # torchrun's meaning of cpu: a process per CPU
+        nodes = self.nnodes.split(":")[-1]
+        return int(nodes) * int(per_node) if nodes.isdigit() and per_node.isdigit() else 1
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+_LAUNCHER_CHOICE = re.compile(r"^(?:\+\+|\+)?hydra/launcher=(.*)$")
+_LAUNCHER_KEY = re.compile(r"^(?:\+\+|\+)?hydra\.launcher\.(nproc_per_node|nnodes)=(.*)$")
+
+
+def launcher_world_size(overrides: Sequence[str]) -> Optional[int]:
+    """The world size of the run a command line asks ds_hydra's torchrun launcher for
+    (``hydra/launcher=torchrun``, ``hydra.launcher.nnodes`` x ``hydra.launcher.nproc_per_node``), read before
+    Hydra composes (for ``deepspeed_config=``, whose batch triple depends on it); None without that launcher."""
+    choice = [m.group(1).strip("'\"") for a in overrides if (m := _LAUNCHER_CHOICE.match(a))]
+    if not choice or choice[-1] != "torchrun":
+        return None
+    given = {m.group(1): m.group(2).strip("'\"") for a in overrides if (m := _LAUNCHER_KEY.match(a))}
+    return TorchrunSettings(**given).world_size()

@@ -22,10 +22,11 @@ def deepspeed_installed() -> bool:
     return find_spec("deepspeed") is not None
 
 
-def expand_deepspeed_config_args(argv: Sequence[str]) -> List[str]:
+def expand_deepspeed_config_args(argv: Sequence[str], world_size: Optional[int] = None) -> List[str]:
     """``argv`` with the overrides ``deepspeed_config=<file>`` maps to in front (unchanged if there is
     none); the command's own overrides follow and win, and ``deepspeed_config`` itself is kept (the run
-    records it)."""
+    records it). ``world_size``: what the batch triple is checked against (None: the launcher's
+    environment, else 1; the CLI passes its torchrun launcher's ``nnodes x nproc_per_node``)."""
     argv = list(argv)
     found = [m for a in argv if (m := _ARG.match(a))]
     if not found:
@@ -38,7 +39,7 @@ def expand_deepspeed_config_args(argv: Sequence[str]) -> List[str]:
                         f"(task=import_deepspeed prints them)")
     flags, overrides = split_options([a for a in argv if not _ARG.match(a)])
     imported = import_deepspeed_config(
-        read_deepspeed_json(value), value, world_size=launch_env.world_size(),
+        read_deepspeed_json(value), value, world_size=launch_env.world_size() if world_size is None else world_size,
         deepspeed_available=deepspeed_installed(), command_line=overrides,
     )
     _IMPORTS[value] = imported

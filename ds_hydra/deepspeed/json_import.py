@@ -354,6 +354,15 @@ class _Mapper:
             mbs = None
         if tbs is not None and mbs is not None and gas is not None:
             if tbs != mbs * gas * world:
+                written_for, rest = divmod(tbs, mbs * gas)
+                if not rest and written_for > 1 and not (user_mbs or user_gas):
+                    self.problems.append(
+                        f"train_batch_size={tbs} = train_micro_batch_size_per_gpu {mbs} x gradient_accumulation_steps {gas} "
+                        f"x {written_for} ranks: written for world size {written_for}, but this run has {world}; launch it "
+                        f"on {written_for} ranks (hydra/launcher=torchrun hydra.launcher.nproc_per_node={written_for}, or "
+                        f"torchrun --nproc_per_node={written_for}), or drop one of the three to derive it for {world}"
+                    )
+                    return
                 self.problems.append(
                     f"train_batch_size={tbs} != train_micro_batch_size_per_gpu {mbs} x gradient_accumulation_steps {gas} "
                     f"x world size {world} = {mbs * gas * world}; give two of the three (the third is derived for the "

@@ -127,7 +127,9 @@ DERIVED_NESTED_KEYS = {
 
 
 # Tasks with nothing to share between processes: under torchrun every rank would write the same files.
-SINGLE_PROCESS_TASKS = ("infer", "eval", "validate", "export_deepspeed", "import_deepspeed", "export_hf")
+# (task=validate and task=import_deepspeed only read the config: under torchrun rank 0 answers for the
+# launcher's world size, with no process group, and the other ranks exit: ds_hydra.engine.launch.)
+SINGLE_PROCESS_TASKS = ("infer", "eval", "export_deepspeed", "export_hf")
 
 
 def validate_engine(cfg, trainer=None, task: str = "train", ckpt=None, n_blocks: Optional[int] = None, prefix: str = "engine") -> List[str]:

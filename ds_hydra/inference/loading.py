@@ -120,6 +120,7 @@ def load_run(
     from ds_hydra.data.tokenizer import adopt_run_tokenizer
     from ds_hydra.models.build import build_model
     from ds_hydra.training.seq_vocab import resolve_seq_len
+    from ds_hydra.training.sharded_checkpoint import load_checkpoint_state
 
     run_dir, weights = find_run(checkpoint)
     saved = load_run_config(run_dir)
@@ -158,7 +159,7 @@ def load_run(
         reason = str(exc).strip().splitlines()
         raise UserError(f"{config_file}: cannot build its model ({reason[-1] if reason else type(exc).__name__})") from None
 
-    state = state_io.load_checkpoint_state(weights, with_optimizer=False)
+    state = load_checkpoint_state(weights, with_optimizer=False)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UserError(f"{weights}: not a ds_hydra training checkpoint (it has no 'model' weights)")
     if adapter_cfg is not None:

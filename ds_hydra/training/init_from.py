@@ -35,7 +35,9 @@ def initial_weights_file(value: str) -> Path:
 def load_initial_weights(model: nn.Module, value: str) -> Path:
     """Load the weights of ``value`` into ``model`` (before any training transform); returns the file."""
     path = initial_weights_file(value)
-    state = state_io.load_checkpoint_state(path, with_optimizer=False)
+    from ds_hydra.training.sharded_checkpoint import load_checkpoint_state
+
+    state = load_checkpoint_state(path, with_optimizer=False)
     weights = state.get("model") if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise UserError(f"{KEY}={value}: {path} is not a ds_hydra training checkpoint (it has no 'model' weights)")

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "SHARDED_STATE_FORMAT",
+    "load_checkpoint_state",
+    "load_resume_state",
     "PendingSave",
     "load_sharded",
     "read_full_state",
@@ -351,6 +353,24 @@ def _set_nested(root: Dict[str, Any], where, value: Any) -> None:
                 node[key] = value
             else:
                 node = node.setdefault(key, nxt)
+
+
+def load_checkpoint_state(path: Path, with_optimizer: bool = True) -> Dict[str, Any]:
+    """A checkpoint in the ``full`` format's layout (``model``: one process's state dict, ...), whether it is
+    a ``step_N.pt`` file or a sharded ``step_N/`` directory (read whole, in this process)."""
+    if Path(path).is_dir():
+        return read_full_state(path, with_optimizer=with_optimizer)
+    return _safe_load(path)
+
+
+def load_resume_state(path: Path, mmap: bool = False) -> Dict[str, Any]:
+    """What resuming from ``path`` reads first: a full checkpoint's whole state (checked), or a sharded one's
+    trainer state (step, schedule, data position, config)."""
+    if Path(path).is_dir():
+        return read_trainer_state(path)
+    from ds_hydra.training.state import load_train_state
+
+    return load_train_state(path, mmap=mmap)
 
 
 def read_full_state(path: Path, with_optimizer: bool = True) -> Dict[str, Any]:

@@ -115,12 +115,7 @@ def _load_failure(exc: Exception) -> str:
 
 
 def load_train_state(path: Path, mmap: bool = False) -> Dict[str, Any]:
-    """A resumable training state written by ``Trainer.save``: safely loaded, its keys checked. For a
-    sharded checkpoint directory: its trainer state only (step, schedule, data position, config)."""
-    if Path(path).is_dir():
-        from ds_hydra.training.sharded_checkpoint import read_trainer_state
-
-        return read_trainer_state(path)
+    """A resumable training state written by ``Trainer.save``: safely loaded, its keys checked."""
     state = safe_torch_load(path, mmap=mmap)
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
@@ -129,16 +124,6 @@ def load_train_state(path: Path, mmap: bool = False) -> Dict[str, Any]:
     if missing:
         raise UserError(f"{path}: incomplete training checkpoint (no {', '.join(missing)})")
     return state
-
-
-def load_checkpoint_state(path: Path, with_optimizer: bool = True) -> Dict[str, Any]:
-    """A checkpoint in the ``full`` format's layout (``model``: one process's state dict, ...), whether it is
-    a ``step_N.pt`` file or a sharded ``step_N/`` directory (read whole, in this process)."""
-    if Path(path).is_dir():
-        from ds_hydra.training.sharded_checkpoint import read_full_state
-
-        return read_full_state(path, with_optimizer=with_optimizer)
-    return safe_torch_load(path)
 
 
 def seed_everything(seed: int) -> None:

@@ -351,7 +351,7 @@ class Trainer:
         """
         path = Path(path)
         sharded = path.is_dir()
-        state = sharded_checkpoint.read_trainer_state(path) if sharded else state_io.load_train_state(path)
+        state = sharded_checkpoint.load_resume_state(path)
         resume_io.check_compatible(state["config"], self.cfg, path, strict=strict)
         try:
             if sharded:  # each rank reads the parts of the shards it holds now (any world size)
