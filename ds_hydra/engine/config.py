@@ -128,7 +128,7 @@ DERIVED_NESTED_KEYS = {
 
 # Tasks with nothing to share between processes: under torchrun every rank would write the same files.
 # (task=validate and task=import_deepspeed only read the config: under torchrun rank 0 answers for the
-# launcher's world size, with no process group, and the other ranks exit: ds_hydra.engine.launch.)
+# launcher's world size, with no process group, and the other ranks exit: ds_hydra.cli.launch.)
 SINGLE_PROCESS_TASKS = ("infer", "eval", "export_deepspeed", "export_hf")
 
 
