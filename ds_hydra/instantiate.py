@@ -53,7 +53,13 @@ SHIPPED_TARGETS: Dict[str, FrozenSet[str]] = {
         }
     ),
     "loss": frozenset({"ds_hydra.loss.cross_entropy.CrossEntropyLoss", "ds_hydra.loss.cross_entropy.ChunkedCrossEntropyLoss"}),
-    "optimizer": frozenset(f"torch.optim.{name}" for name in _TORCH_OPTIMIZERS),
+    "optimizer": frozenset(
+        {
+            *(f"torch.optim.{name}" for name in _TORCH_OPTIMIZERS),
+            "bitsandbytes.optim.AdamW8bit",  # optimizer=adamw8bit (the quant extra)
+            "torchao.optim.AdamW4bit",  # optimizer=adamw4bit (the quant extra)
+        }
+    ),
     "scheduler": frozenset(
         {
             "ds_hydra.optim.schedules.ConstantLR",

@@ -80,6 +80,8 @@ def _dry_build(cfg, report: ValidationReport) -> None:
         f"{cfg.model._target_} -> {type(model).__name__}: {n_params:,} parameters ({n_params * 4 / 2**20:.1f} MiB in fp32), "
         f"vocab {vocab_size} ({vocab_source})",
     )
+    if not _fit_section(cfg, report):
+        return
     optimizer = _param_group_section(cfg, model, report)
     if optimizer is not None:
         _lr_section(cfg, optimizer, report)
@@ -208,6 +210,10 @@ def _checkpoint_plan_section(cfg, model, report: ValidationReport, ckpt: dict) -
     from ds_hydra.activation_checkpointing import checkpoint_activations, find_blocks
     from ds_hydra.activation_checkpointing.planner import describe_regions
 
+    if ckpt.get("memory_budget") is not None:  # a budget is planned on a batch of the run's shape, which meta tensors lack
+        report.add("activation checkpointing", f"ckpt.memory_budget={ckpt['memory_budget']}: the recomputed blocks are planned "
+                   f"on a batch of the run's shape when it starts (the memory section below estimates that plan)")
+        return
     try:
         path, blocks = find_blocks(model, ckpt.get("blocks"))
         n = len(blocks)
@@ -229,6 +235,22 @@ def _checkpoint_plan_section(cfg, model, report: ValidationReport, ckpt: dict) -
     report.add("activation checkpointing", "\n".join(lines))
 
 
+def _fit_section(cfg, report: ValidationReport) -> bool:
+    """trainer.batch_size=auto and ckpt=auto, resolved as a run would resolve them (False: they cannot be)."""
+    from ds_hydra.training.memory_fit import fit_to_memory, wants_fit
+
+    if not wants_fit(cfg):
+        return True
+    try:
+        lines = fit_to_memory(cfg)
+    except Exception as exc:
+        report.problems.append(str(exc) if isinstance(exc, UserError) else f"memory fit: {_one_line(exc)}")
+        return False
+    report.values["batch_size"] = int(cfg.trainer.batch_size)
+    report.add("memory fit (trainer.batch_size=auto, ckpt=auto)", "\n".join(lines))
+    return True
+
+
 def _memory_section(cfg, report: ValidationReport) -> None:
     """The memory preflight's estimate of one training step against the device's free memory."""
     import logging
@@ -241,7 +263,7 @@ def _memory_section(cfg, report: ValidationReport) -> None:
         report.warnings.append(f"memory: could not estimate one training step ({_one_line(exc)})")
         return
     report.values["step_memory_bytes"] = verdict.estimate.total
-    report.add("memory (one training step, estimated on fake tensors)", verdict.line)
+    report.add("memory (one training step, estimated on fake tensors)", f"{verdict.line}\n{verdict.estimate.breakdown()}")
     refuse = enum_value(cfg.run.memory_check) == "refuse"
     if verdict.level >= logging.ERROR and refuse:
         report.problems.append(f"{verdict.line}; or run.memory_check=warn to try anyway")

@@ -54,6 +54,7 @@ def config_problems(cfg) -> List[str]:
     problems += validate_lm_eval(cfg.lm_eval, task=cfg.task.value) if "lm_eval" in cfg else []
     problems += validate_engine(cfg.engine, cfg.trainer, task=cfg.task.value, ckpt=cfg.ckpt, n_blocks=n_blocks)
     problems += validate_logger(cfg.logger, task=cfg.task.value)
+    problems += _in_backward_engine_problems(cfg)
     return problems
 
 
@@ -85,6 +86,14 @@ def added_key_problems(cfg, path: str = "") -> List[str]:
         if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing() and not child._is_interpolation():
             problems += added_key_problems(child, where)
     return problems
+
+
+def _in_backward_engine_problems(cfg) -> List[str]:
+    engine_name = enum_value((cfg.get("engine", None) or {}).get("name", "auto"))
+    if cfg.trainer.get("optimizer_in_backward", False) and engine_name in ("ddp", "fsdp", "deepspeed"):
+        return [f"trainer.optimizer_in_backward=true: not with engine={engine_name} (gradients are reduced or sharded across "
+                f"processes before a step); use engine=auto with one process, or set it false"]
+    return []
 
 
 def validate_config(cfg) -> None:

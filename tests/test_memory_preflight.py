@@ -59,13 +59,16 @@ def test_estimate_equals_the_measured_peak_of_a_real_step(tmp_path):
         assert estimate.total == pytest.approx(measured, rel=0.05), extra
 
 
-def test_optimizer_state_is_measured_per_parameter_byte():
-    from ds_hydra.training.memory_estimate import _optimizer_state_per_byte
+def test_optimizer_state_is_asked_of_the_optimizer_at_the_parameters_shapes():
+    from ds_hydra.optim.state_size import optimizer_state_bytes
 
-    assert _optimizer_state_per_byte(lambda p: torch.optim.AdamW(p, lr=1e-3)) == (2.0, "loop")  # exp_avg, exp_avg_sq
-    assert _optimizer_state_per_byte(lambda p: torch.optim.SGD(p, lr=1e-3)) == (0.0, "loop")
-    assert _optimizer_state_per_byte(lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9))[0] == 1.0
-    assert _optimizer_state_per_byte(lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True, foreach=True)) == (3.0, "foreach")
+    shapes = [((1024,), torch.float32), ((3, 5), torch.float32)]
+    n_bytes = 4 * (1024 + 15)
+    assert optimizer_state_bytes(lambda p: torch.optim.AdamW(p, lr=1e-3), shapes) == (2 * n_bytes, "loop")  # exp_avg, exp_avg_sq
+    assert optimizer_state_bytes(lambda p: torch.optim.SGD(p, lr=1e-3), shapes) == (0, "loop")
+    assert optimizer_state_bytes(lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9), shapes)[0] == n_bytes
+    assert optimizer_state_bytes(lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True, foreach=True), shapes) == (3 * n_bytes, "foreach")
+    assert optimizer_state_bytes(lambda p: torch.optim.AdamW(p, lr=1e-3), [((8, 8), torch.bfloat16)])[0] == 2 * 2 * 64  # in the weights' dtype
 
 
 def test_the_parts_add_up_to_formulas():

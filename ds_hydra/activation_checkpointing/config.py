@@ -22,6 +22,9 @@ BLOCK_POLICIES = ("segments", "number_checkpoints", "full", "every_n", "memory_b
 # for GPT blocks: 18x without dropout, up to 30x with dropout masks and attention weights).
 TYPICAL_BLOCK_SAVE_RATIO = 18.0
 
+# ``memory_budget: auto`` (ckpt=auto): fitted to trainer.memory_limit before the run (ds_hydra.training.memory_fit).
+AUTO_BUDGET = "auto"
+
 # What ``selective`` keeps when ``save_ops`` is null.
 DEFAULT_SAVE_OPS = ("matmul", "attention")
 
@@ -56,7 +59,9 @@ class CkptConfig:
     with the other policies. On CPU it does nothing (and says so once)."""
     memory_budget: Optional[str] = None
     """Bytes the saved-for-backward activations may take (``8GiB``, ``500MB``, ``123456789``, or ``40%``
-    of what the model saves without checkpointing). A probe forward measures every block for the real
+    of what the model saves without checkpointing), or ``auto`` (``ckpt=auto``): the largest budget with
+    which the whole step fits trainer.memory_limit, so the least recompute that fits (resolved to bytes
+    before the run starts and written into config_resolved.yaml). A probe forward measures every block for the real
     batch shape; the plan recomputes the fewest blocks fully, then the fewest selectively, that fit."""
     blocks: Optional[str] = None
     """Dotted path of the block list (``transformer.h``, ``layer3``); null: the longest ModuleList or
@@ -160,7 +165,8 @@ def validate_ckpt(cfg, n_blocks: Optional[int], prefix: str = "ckpt") -> List[st
 
     budget = None
     try:
-        budget = parse_budget(cfg.memory_budget, key=f"{prefix}.memory_budget")
+        if cfg.memory_budget != AUTO_BUDGET:  # resolved to bytes before the run (ds_hydra.training.memory_fit)
+            budget = parse_budget(cfg.memory_budget, key=f"{prefix}.memory_budget")
     except ValueError as exc:
         problems.append(str(exc))
 

@@ -108,6 +108,10 @@ def check_config(config) -> None:
         validate_config(config)
     if task in ("train", "resume"):
         check_device(config)
+        from ds_hydra.training.memory_fit import fit_to_memory
+
+        for line in fit_to_memory(config):  # batch_size=auto, ckpt=auto become numbers in the config the run gets
+            _deferred.append((logging.INFO, line))
         if not _other_rank():  # rank 0 speaks for all; the free memory changes once it starts
             from ds_hydra.training.memory_preflight import check_step_memory
 

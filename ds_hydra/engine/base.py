@@ -68,7 +68,13 @@ class Engine:
 
         self.model = model
         wrapped = self.wrap(model, blocks, autocast_dtype)
-        self.optimizer = build_optimizer(cfg.optimizer, model, self.device, param_groups=cfg.get("param_groups"))
+        in_backward = bool(cfg.trainer.get("optimizer_in_backward", False))
+        if in_backward and self.world_size > 1:
+            raise UserError(
+                f"trainer.optimizer_in_backward=true: not with {self.world_size} processes ({self.describe()}): each "
+                f"gradient must be reduced across ranks before its parameter steps; run one process or set it false"
+            )
+        self.optimizer = build_optimizer(cfg.optimizer, model, self.device, param_groups=cfg.get("param_groups"), in_backward=in_backward)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer)
         if autocast_dtype == torch.float16:
             self.scaler = torch.amp.GradScaler("cuda")  # fp16 gradients underflow without loss scaling

@@ -83,12 +83,19 @@ def param_groups_for(model: nn.Module, cfg_optimizer, cfg_param_groups=None) -> 
     )
 
 
-def build_optimizer(cfg_optimizer, model: nn.Module, device: torch.device, param_groups=None) -> torch.optim.Optimizer:
-    """Instantiate the optimizer callable and call it with the model's param groups; log the groups."""
+def build_optimizer(cfg_optimizer, model: nn.Module, device: torch.device, param_groups=None,
+                    in_backward: bool = False) -> torch.optim.Optimizer:
+    """Instantiate the optimizer callable and call it with the model's param groups; log the groups.
+    ``in_backward``: one optimizer per parameter, stepped by its gradient hook (``OptimizerInBackward``)."""
     factory = optimizer_callable(cfg_optimizer, device)
     groups = param_groups_for(model, cfg_optimizer, param_groups)
     try:
-        optimizer = factory(groups)
+        if in_backward:
+            from ds_hydra.optim.in_backward import OptimizerInBackward
+
+            optimizer = OptimizerInBackward(factory, groups)
+        else:
+            optimizer = factory(groups)
     except ValueError as exc:  # torch's own range checks ("Invalid beta parameter ...")
         raise UserError(f"optimizer: {exc}") from None
     log_param_groups(optimizer)

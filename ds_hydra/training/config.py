@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import List, Optional
+from typing import Any, List, Optional
 
 
 class CheckpointFormat(Enum):
@@ -48,8 +48,18 @@ class ProfileConfig:
 class TrainerConfig:
     max_steps: int = 2000
     """Optimizer steps to train for."""
-    batch_size: int = 12
-    """Sequences per micro-batch (per process)."""
+    batch_size: Any = 12
+    """Sequences per micro-batch (per process), or ``auto``: the largest micro-batch whose estimated step
+    fits ``memory_limit``, with ``grad_accum_steps`` set so that ``global_batch_size`` is kept (chosen from
+    the memory estimate before the run starts, logged, and written into config_resolved.yaml: a resume
+    repeats the choice)."""
+    global_batch_size: Optional[int] = None
+    """Sequences per optimizer step over all processes (batch_size x grad_accum_steps x world size); needed
+    by batch_size=auto, which keeps it; with a number batch_size it must equal that product (null: not checked)."""
+    memory_limit: Optional[str] = None
+    """What batch_size=auto and ckpt=auto fit a step into, and what the memory preflight then refuses to
+    exceed: bytes (17179869184) or a size (16GiB, 500MB); null: the device's free memory less the
+    estimate's 15% margin."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step. The step's loss is the mean over all its label tokens (every
     micro-batch, every rank), so a split of the same global batch computes the same step."""
@@ -93,11 +103,46 @@ class TrainerConfig:
     Above 0 the loss is read on the host every step, before the optimizer steps (a sync per step on GPU)."""
     progress: bool = True
     """Show a progress bar on a terminal (plain log lines otherwise)."""
+    optimizer_in_backward: bool = False
+    """Step each parameter inside backward, as soon as its gradient is ready, and free that gradient at
+    once (one optimizer per parameter, torchtune's optimizer_in_bwd): gradients never all exist at once.
+    Needs grad_accum_steps=1, grad_clip=0 (no global norm), skip_nonfinite=0, no fp16 and one process."""
     init_from: Optional[str] = None
     """A trained run's directory (its newest checkpoint) or one of its checkpoints/step_N.pt: start from its
     model weights only (fine-tuning): optimizer, schedule, data and step start afresh."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     """torch.profiler traces, top operators and memory timelines of a few steps; a memory snapshot on CUDA OOM."""
+
+
+def _batch_problems(cfg, prefix: str) -> List[str]:
+    batch, total = cfg.batch_size, cfg.get("global_batch_size", None)
+    problems = []
+    if total is not None and total < 1:
+        problems.append(f"{prefix}.global_batch_size={total}: must be >= 1, or null")
+    if batch == "auto":
+        if total is None:
+            problems.append(f"{prefix}.batch_size=auto: needs {prefix}.global_batch_size=<sequences per optimizer step>, which it keeps")
+    elif isinstance(batch, bool) or not isinstance(batch, int):
+        problems.append(f"{prefix}.batch_size={batch}: must be a number of sequences (>= 1) or auto")
+    elif batch < 1:
+        problems.append(f"{prefix}.batch_size={batch}: must be >= 1")
+    limit = cfg.get("memory_limit", None)
+    if limit is not None:
+        try:
+            parse_memory_limit(limit, f"{prefix}.memory_limit")
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def parse_memory_limit(value, key: str = "trainer.memory_limit") -> int:
+    """``16GiB`` -> bytes; ValueError naming ``key`` for anything but bytes or a size."""
+    from ds_hydra.activation_checkpointing.config import parse_budget
+
+    kind, amount = parse_budget(value, key)
+    if kind != "bytes":
+        raise ValueError(f"{key}={value}: must be bytes or a size such as 16GiB or 500MB (not a share), or null (free memory)")
+    return int(amount)
 
 
 class MemoryCheck(Enum):
@@ -132,9 +177,18 @@ def validate_run(cfg, prefix: str = "run") -> List[str]:
 
 def validate_trainer(cfg, prefix: str = "trainer") -> List[str]:
     problems = []
-    for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_batches", "log_interval", "keep_last"):
+    for key in ("max_steps", "grad_accum_steps", "eval_batches", "log_interval", "keep_last"):
         if cfg[key] < 1:
             problems.append(f"{prefix}.{key}={cfg[key]}: must be >= 1")
+    problems += _batch_problems(cfg, prefix)
+    if cfg.get("optimizer_in_backward", False):
+        needs = [(cfg.grad_accum_steps > 1, f"grad_accum_steps={cfg.grad_accum_steps}", "grad_accum_steps=1 (each micro-batch would step)"),
+                 (cfg.grad_clip > 0, f"grad_clip={cfg.grad_clip}", "grad_clip=0 (the global norm exists only once every gradient does)"),
+                 (cfg.skip_nonfinite > 0, f"skip_nonfinite={cfg.skip_nonfinite}", "skip_nonfinite=0 (the update happens before the loss is checked)"),
+                 (getattr(cfg.precision, "value", cfg.precision) == "fp16", "precision=fp16", "bf16 or fp32 (fp16 loss scaling unscales every gradient first)")]
+        for bad, have, fix in needs:
+            if bad:
+                problems.append(f"{prefix}.optimizer_in_backward=true: not with {prefix}.{have}; set {prefix}.{fix}")
     for key in ("eval_interval", "save_every", "skip_nonfinite"):
         if cfg[key] < 0:
             problems.append(f"{prefix}.{key}={cfg[key]}: must be >= 0 (0 disables it)")

@@ -14,9 +14,13 @@ the precision and how the engine shards state, and returns the bytes by part:
   accumulation two micro-batches run (the second adds to the first one's gradients);
 * the bytes kept for backward and the part of them saved outside the blocks (the logits and the
   loss), from the activation-checkpointing planner's probe (``plan_checkpointing``);
-* parameters, gradients (one per trainable parameter, in its dtype) and the optimizer state, measured
-  by one step of the real optimizer on a small real tensor (bytes of state per byte of parameter), so
-  any elementwise optimizer is covered without a table;
+* parameters (quantized ones by the bytes their storage holds), gradients (one per trainable
+  parameter, in its dtype; frozen parameters have none) and the optimizer state of the trainable
+  parameters, asked of the real optimizer class at their real shapes and dtypes
+  (``ds_hydra.optim.state_size``: 8-bit and 4-bit states, Adafactor's factored ones, any other);
+* with the optimizer stepping inside backward (``optimizer_in_backward``), each gradient is freed as
+  soon as its parameter has stepped: the forward-backward run frees it too, so the peak holds only
+  the gradients alive at once, plus one parameter's step temporaries;
 * the optimizer step's temporaries: a parameter-sized copy for multi-tensor (foreach) kernels, two
   of the largest parameter for the per-tensor loop (the CPU's default), none for fused kernels.
 
@@ -79,7 +83,10 @@ class StepSpec:
     ckpt: Dict[str, Any] = field(default_factory=dict)
     """The activation-checkpointing policy (the fields of CkptConfig)."""
     make_optimizer: Optional[Callable[[List[torch.Tensor]], torch.optim.Optimizer]] = None
-    """Builds the optimizer over a list of parameters; probed once on a small CPU tensor for its state."""
+    """Builds the optimizer over a list of parameters; asked on the CPU for its state at the trainable
+    parameters' shapes (``ds_hydra.optim.state_size``)."""
+    optimizer_in_backward: bool = False
+    """Each parameter steps as soon as its gradient is ready, and the gradient is freed then."""
     optimizer_step: Optional[str] = None
     """The step's kernel on the device: fused, foreach or loop; None: as ``make_optimizer`` builds it."""
     autocast_dtype: Optional[torch.dtype] = None
@@ -109,6 +116,10 @@ class StepMemory:
     """Temporaries of the optimizer step."""
     tokens: int = 0
     knobs: Knobs = field(default_factory=Knobs)
+    frozen_parameters: int = 0
+    """The part of ``parameters`` that does not train (no gradient, no optimizer state): a frozen base."""
+    gradients_in_backward: bool = False
+    """Each gradient is freed once its parameter steps inside backward (``optimizer_in_backward``)."""
 
     @property
     def total(self) -> int:
@@ -138,6 +149,25 @@ class StepMemory:
             "gradients": self.gradients,
             "optimizer state": self.optimizer_state,
         }
+
+    def breakdown(self) -> str:
+        """One line per part, as ``task=validate`` prints it: what it holds and its bytes."""
+        trained = self.parameters - self.frozen_parameters
+        rows = [
+            ("weights", self.parameters, f"{format_bytes(trained)} trained, {format_bytes(self.frozen_parameters)} frozen"
+             if self.frozen_parameters else "all trained"),
+            ("gradients", self.gradients, "each freed once its parameter steps in backward (the live ones are in activations)"
+             if self.gradients_in_backward else "one per trained weight, held until the optimizer steps"),
+            ("optimizer state", self.optimizer_state, "as the optimizer class keeps it for the trained weights"),
+            ("activations", self.activations, f"saved for backward under the ckpt policy, recompute and backward's temporaries"),
+            ("logits", self.logits, "the head's output and the loss's gradient of it"),
+            ("batch", self.batch, f"{self.tokens} tokens"),
+            ("optimizer step", self.optimizer_step, "the step's temporaries"),
+        ]
+        width = max(len(name) for name, _, _ in rows)
+        lines = [f"  {name:<{width}}  {format_bytes(n):>10}  {what}" for name, n, what in rows]
+        return "\n".join([*lines, f"  {'step peak':<{width}}  {format_bytes(self.total):>10}  weights + optimizer state + batch + "
+                                   f"max(forward-backward peak, gradients + optimizer step)"])
 
     def dominant(self) -> str:
         return max(self.parts().items(), key=lambda kv: kv[1])[0]
@@ -196,7 +226,9 @@ class LiveBytes(TorchDispatchMode):
 
 
 def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    from ds_hydra.optim.state_size import tensor_bytes
+
+    return sum(tensor_bytes(t) for t in tensors)
 
 
 def _autocast(spec: StepSpec):
@@ -215,6 +247,11 @@ def _forward_backward_peak(spec: StepSpec, model: nn.Module, batch: Any, ckpt: D
                                forward=lambda batch: spec.loss(model, batch), **ckpt)
     existing = [*model.parameters(), *model.buffers(), *(t for t in tree_leaves(batch) if isinstance(t, torch.Tensor))]
     tracker = LiveBytes(existing)
+    hooks = []
+    if spec.optimizer_in_backward:  # the gradient lives until its parameter has stepped, inside backward
+        def free_grad(param):
+            param.grad = None
+        hooks = [p.register_post_accumulate_grad_hook(free_grad) for p in model.parameters() if p.requires_grad]
     try:
         with tracker:
             for _ in range(min(spec.grad_accum_steps, 2)):  # a second micro-batch adds to the first's gradients
@@ -223,6 +260,8 @@ def _forward_backward_peak(spec: StepSpec, model: nn.Module, batch: Any, ckpt: D
                 loss.backward()
                 del loss
     finally:
+        for hook in hooks:
+            hook.remove()
         remove_activation_checkpointing(model)
         for p in model.parameters():
             p.grad = None
@@ -231,7 +270,7 @@ def _forward_backward_peak(spec: StepSpec, model: nn.Module, batch: Any, ckpt: D
 
 def estimate_step_memory(spec: StepSpec) -> StepMemory:
     """Bytes of one training step of ``spec`` (see the module docstring); allocates no real tensors
-    beyond a 1024-element probe of the optimizer."""
+    beyond the optimizer's probes (at most ``state_size.PROBE_ELEMENTS`` elements each)."""
     ckpt = dict(spec.ckpt)
     quiet = logging.getLogger("ds_hydra.activation_checkpointing")
     level = quiet.level
@@ -250,6 +289,8 @@ def estimate_step_memory(spec: StepSpec) -> StepMemory:
             params = list(model.parameters())
             trainable = [p for p in params if p.requires_grad]
             largest = max((p.numel() * p.element_size() for p in trainable), default=0)
+            trainable_shapes = [(tuple(p.shape), p.dtype) for p in trainable]
+            frozen_bytes = _bytes([p for p in params if not p.requires_grad])
             tensors = [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
             batch_bytes, tokens = _bytes(tensors), (tensors[0].numel() if tensors else 0)
     finally:
@@ -259,16 +300,21 @@ def estimate_step_memory(spec: StepSpec) -> StepMemory:
     if ckpt.get("offload") and spec.device.type == "cuda":  # saved activations wait in host memory
         block_kept = profile.kept_bytes(plan.regions) - profile.H
         peak -= max(0, block_kept - max(b.saved_bytes for b in profile.blocks))
-    state_per_byte, step_kind = _optimizer_state_per_byte(spec.make_optimizer)
+    state_bytes, step_kind = _optimizer_state(spec.make_optimizer, trainable_shapes, spec.optimizer_in_backward)
     step_kind = spec.optimizer_step or step_kind
     sharding = spec.sharding
     share = (lambda n, split: n // sharding.world if split else n)  # noqa: E731
-    optimizer_state = 0 if sharding.optimizer_on_host else share(int(state_per_byte * gradient_bytes), sharding.optimizer_state)
+    optimizer_state = 0 if sharding.optimizer_on_host else share(state_bytes, sharding.optimizer_state)
     step_temporaries = {"fused": 0, "foreach": gradient_bytes, "loop": 2 * largest}[step_kind]
     unsharded_gradients = gradient_bytes - share(gradient_bytes, sharding.gradients)  # reduced and freed per block
+    held_gradients = share(gradient_bytes, sharding.gradients)
+    if spec.optimizer_in_backward:  # stepped and freed inside backward: the fake run's peak holds what is alive
+        held_gradients, unsharded_gradients = 0, 0
+        peak += {"fused": 0, "foreach": largest, "loop": 2 * largest}[step_kind]  # one parameter's step at a time
+        step_temporaries = 0
     return StepMemory(
         parameters=share(parameter_bytes, sharding.parameters),
-        gradients=share(gradient_bytes, sharding.gradients),
+        gradients=held_gradients,
         optimizer_state=optimizer_state,
         batch=batch_bytes,
         forward_backward_peak=peak - unsharded_gradients,
@@ -278,22 +324,19 @@ def estimate_step_memory(spec: StepSpec) -> StepMemory:
         optimizer_step=0 if sharding.optimizer_on_host else share(step_temporaries, sharding.optimizer_state),
         tokens=tokens,
         knobs=spec.knobs,
+        frozen_parameters=share(frozen_bytes, sharding.parameters),
+        gradients_in_backward=spec.optimizer_in_backward,
     )
 
 
-def _optimizer_state_per_byte(make_optimizer) -> Tuple[float, str]:
-    """(state bytes per parameter byte, the step's kernel: fused, foreach or loop), measured by one step
-    of the optimizer on a real 1024-element fp32 tensor on the CPU."""
+def _optimizer_state(make_optimizer, trainable_shapes, per_parameter: bool) -> Tuple[int, str]:
+    """(bytes of the optimizer's state for these trainable (shape, dtype)s, the step's kernel: fused,
+    foreach or loop), asked of the optimizer on the CPU (``ds_hydra.optim.state_size``)."""
     if make_optimizer is None:
-        return 0.0, "fused"
-    param = nn.Parameter(torch.zeros(1024))
-    optimizer = make_optimizer([param])
-    param.grad = torch.full_like(param, 1e-3)
-    optimizer.step()
-    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.numel() > 1]
-    defaults = optimizer.defaults
-    kind = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "loop"
-    return _bytes(state) / (param.numel() * param.element_size()), kind
+        return 0, "fused"
+    from ds_hydra.optim.state_size import optimizer_state_bytes
+
+    return optimizer_state_bytes(make_optimizer, trainable_shapes, per_parameter)
 
 
 # -- the device's free memory -------------------------------------------------------------------------

@@ -69,6 +69,7 @@ def step_spec(cfg):
         device=device,
         ckpt=OmegaConf.to_container(cfg.ckpt, resolve=True),
         make_optimizer=make_optimizer,
+        optimizer_in_backward=bool(cfg.trainer.get("optimizer_in_backward", False)),
         optimizer_step="fused" if kernels.get("fused") else "foreach" if kernels.get("foreach") else "loop",
         autocast_dtype=resolve_precision(getattr(cfg.trainer.precision, "value", cfg.trainer.precision), device),
         grad_accum_steps=int(cfg.trainer.grad_accum_steps),
@@ -129,9 +130,19 @@ def judge_step_memory(cfg) -> MemoryVerdict:
     spec = step_spec(cfg)
     estimate = estimate_step_memory(spec)
     on_host = spec.device.type == "cpu"
-    free, source = free_memory(spec.device, launch_env.local_world_size() if on_host else 1)
     device = str(spec.device)
     needs = f"memory: one training step needs about {estimate.describe()} on {device}"
+    limit = cfg.trainer.get("memory_limit", None)
+    if limit is not None:  # the user's own limit is hard: over it is refused, under it accepted
+        from ds_hydra.training.config import parse_memory_limit
+
+        allowed = parse_memory_limit(limit)
+        versus = f"trainer.memory_limit={limit} ({format_bytes(allowed)}, {estimate.total / max(allowed, 1):.0%})"
+        if estimate.total <= allowed:
+            return MemoryVerdict(estimate, allowed, "trainer.memory_limit", device, logging.INFO, f"{needs}, within {versus}")
+        advice = f"{estimate.dominant()} dominate: {estimate.advice()}"
+        return MemoryVerdict(estimate, allowed, "trainer.memory_limit", device, logging.ERROR, f"{needs}, over {versus}; {advice}")
+    free, source = free_memory(spec.device, launch_env.local_world_size() if on_host else 1)
     if free is None:
         return MemoryVerdict(estimate, None, source, device, logging.INFO, f"{needs}; free memory {source}")
     ratio = estimate.total / max(free, 1)
@@ -182,8 +193,10 @@ def _alternatives(cfg, total: int, free: int) -> List[str]:
 
 
 def check_step_memory(cfg, say=None) -> Optional[MemoryVerdict]:
-    """Refuse (``UserError``) a step far over the free memory; ``say(level, line)`` the verdict otherwise
-    (default: log it). Once per config and process; ranks other than 0 leave it to rank 0."""
+    """Refuse (``UserError``) a step far over the free memory (or over ``trainer.memory_limit``);
+    ``say(level, line)`` the verdict otherwise (default: log it). ``trainer.batch_size=auto`` and
+    ``ckpt=auto`` must be resolved first (``memory_fit.fit_to_memory``, which the callers run).
+    Once per config and process; ranks other than 0 leave the check to rank 0."""
     mode = getattr(cfg.run.memory_check, "value", cfg.run.memory_check) if "run" in cfg else "refuse"
     if mode == "off" or launch_env.other_rank():
         return None

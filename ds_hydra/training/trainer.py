@@ -41,6 +41,7 @@ from ds_hydra.common.terminal import log_lines_beside_bar
 from ds_hydra.training import sharded_checkpoint
 from ds_hydra.training import state as state_io
 from ds_hydra.training.seq_vocab import check_vocab, resolve_seq_len
+from ds_hydra.training.memory_fit import fit_to_memory
 from ds_hydra.training.memory_preflight import check_step_memory
 from ds_hydra.training.metrics import MetricsLogger
 from ds_hydra.training.nonfinite import NonFiniteLoss, NonFiniteWatch
@@ -496,6 +497,8 @@ def train(cfg, run_dir: Optional[Path] = None, after_training: Sequence[AfterTra
 
 
 def _train(cfg, run_dir: Path, started: float, after_training: Sequence[AfterTraining] = ()) -> Dict[str, Any]:
+    for line in fit_to_memory(cfg):  # batch_size=auto, ckpt=auto become numbers in cfg (every rank; the CLI's preflight did it already)
+        log.info(line)
     check_step_memory(cfg)  # refuses a step far over the free memory (once per config: the CLI checked already)
     plan = resume_io.plan_start(cfg, run_dir)  # refuses to start a new run over an old one
     if plan.completed is not None:
