@@ -91,6 +91,9 @@ class StepSpec:
     """The step's kernel on the device: fused, foreach or loop; None: as ``make_optimizer`` builds it."""
     autocast_dtype: Optional[torch.dtype] = None
     grad_accum_steps: int = 1
+    stored_bytes: Optional[Callable[[nn.Module], Dict[str, int]]] = None
+    """Bytes some parameters are stored in, by name, where the model built for the estimate holds them in
+    another form (a base quantized by a library whose tensors cannot be faked: built plain, counted packed)."""
     sharding: Sharding = field(default_factory=Sharding)
     knobs: Knobs = field(default_factory=Knobs)
 
@@ -290,13 +293,17 @@ def estimate_step_memory(spec: StepSpec) -> StepMemory:
             trainable = [p for p in params if p.requires_grad]
             largest = max((p.numel() * p.element_size() for p in trainable), default=0)
             trainable_shapes = [(tuple(p.shape), p.dtype) for p in trainable]
-            frozen_bytes = _bytes([p for p in params if not p.requires_grad])
+            stored = spec.stored_bytes(model) if spec.stored_bytes is not None else {}
+            named = dict(model.named_parameters())
+            stored_ids = {id(named[name]): n for name, n in stored.items() if name in named}
+            frozen_bytes = sum(stored_ids.get(id(p), _bytes([p])) for p in params if not p.requires_grad)
             tensors = [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
             batch_bytes, tokens = _bytes(tensors), (tensors[0].numel() if tensors else 0)
     finally:
         quiet.setLevel(level)
     profile = plan.profile
-    parameter_bytes, gradient_bytes = _bytes(params), _bytes(trainable)
+    parameter_bytes = sum(stored_ids.get(id(p), _bytes([p])) for p in params)
+    gradient_bytes = _bytes(trainable)
     if ckpt.get("offload") and spec.device.type == "cuda":  # saved activations wait in host memory
         block_kept = profile.kept_bytes(plan.regions) - profile.H
         peak -= max(0, block_kept - max(b.saved_bytes for b in profile.blocks))

@@ -61,9 +61,10 @@ def step_spec(cfg):
     make_optimizer = optimizer_callable(cfg.optimizer, torch.device("cpu"))  # probed on the CPU for its state's size
     kernels = {**make_optimizer.keywords, **kernel_kwargs(make_optimizer.func, make_optimizer.keywords, device)}
     shape = (int(cfg.trainer.batch_size), seq_len_of(cfg, vocab_size))
+    model_cfg, stored_bytes = _quantized_base(cfg.model)
     loss_fn = build_loss(cfg.get("loss"))
     return StepSpec(
-        build_model=lambda: build_model(cfg.model, vocab_size, cfg.get("adapter")),  # frozen base, adapters trainable
+        build_model=lambda: build_model(model_cfg, vocab_size, cfg.get("adapter")),  # frozen base, adapters trainable
         example_batch=lambda dev: (torch.zeros(shape, dtype=torch.long, device=dev),) * 2,  # (input_ids, labels)
         loss=lambda model, batch: mean_loss(model, loss_fn, {"input_ids": batch[0], "labels": batch[1]}),  # the trainer's loss step
         device=device,
@@ -73,9 +74,50 @@ def step_spec(cfg):
         optimizer_step="fused" if kernels.get("fused") else "foreach" if kernels.get("foreach") else "loop",
         autocast_dtype=resolve_precision(getattr(cfg.trainer.precision, "value", cfg.trainer.precision), device),
         grad_accum_steps=int(cfg.trainer.grad_accum_steps),
+        stored_bytes=stored_bytes,
         sharding=sharding_of(cfg.engine),
         knobs=Knobs(seq_len=seq_len_key(cfg), head_chunk="model.head_chunk_tokens" if "head_chunk_tokens" in cfg.model else None),
     )
+
+
+NF4_MAPS = 4 * (16 + 256 + 1)  # per nf4 weight: its 16-value code, the nested statistics' 256-value code, an offset
+
+
+def _quantized_base(model_cfg):
+    """(the model config the estimate builds, the bytes of its quantized weights by name or None).
+
+    bitsandbytes' quantized parameters cannot be made of fake tensors, so with ``model.quantize`` the
+    estimate builds the base plain and counts each weight ``quantize_linear_layers`` would replace (the
+    frozen linear weights but the output head's) at the bytes bitsandbytes stores it in: nf4 packs two
+    weights a byte plus a uint8 scale per 64 and an fp32 one per 16,384 (nested statistics) and its
+    code tables; int8 one
+    byte a weight plus an fp32 scale per output row. Their dequantized copies in forward and backward
+    are one layer's at a time."""
+    from ds_hydra.models.adapter_config import quantize_of
+
+    mode = quantize_of(model_cfg)
+    if mode == "none":
+        return model_cfg, None
+    from omegaconf import OmegaConf, open_dict
+
+    plain = model_cfg.copy()
+    with open_dict(plain):
+        OmegaConf.update(plain, "quantize", "none", force_add=True)
+
+    def stored_bytes(model) -> dict:
+        import torch.nn as nn
+
+        from ds_hydra.models.adapters import output_layer_names
+
+        heads = output_layer_names(model)
+        sizes = {}
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and name not in heads and not module.weight.requires_grad:
+                n, rows = module.weight.numel(), module.weight.shape[0]
+                sizes[f"{name}.weight"] = (-(-n // 2) + -(-n // 64) + 4 * -(-n // 16384) + NF4_MAPS if mode == "nf4" else n + 4 * rows)
+        return sizes
+
+    return plain, stored_bytes
 
 
 def seq_len_key(cfg) -> str:
