@@ -348,6 +348,9 @@ def test_a_directory_that_maps_its_own_code_is_refused_before_transformers_reads
 PICKLE_EXCEPTIONS = {
     # a pickle.Unpickler whose find_class refuses every class: dicts, lists, strings and numbers only
     ("ds_hydra/data/tokens.py", "_PlainUnpickler"),
+    # DCP's .metadata index: a pickle.Unpickler whose find_class admits DCP's metadata classes, torch dtypes and
+    # paths only (every global DCP writes), refusing any other class or function
+    ("ds_hydra/training/sharded_checkpoint.py", "_MetadataUnpickler"),
 }
 
 
