@@ -377,7 +377,7 @@ def test_two_ranks_under_torchrun_compute_the_step_of_one_process_with_accumulat
 
     one = train(compose(split_run(4, 2, ["trainer.eval_batches=2"])), run_dir=tmp_path / "one")
     (tmp_path / "ranks").mkdir()
-    done = torchrun(split_run(4, 1, ["trainer.eval_batches=2", "engine=ddp"]), cwd=tmp_path / "ranks")
+    done = torchrun(split_run(4, 1, ["trainer.eval_batches=2", "engine=ddp", "trainer.checkpoint_format=full"]), cwd=tmp_path / "ranks")
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = only_run_dir(tmp_path / "ranks")
 
