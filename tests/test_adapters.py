@@ -361,3 +361,31 @@ def test_two_ranks_train_the_adapter_one_process_does(base_dir, tmp_path, engine
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# -- a model of the user's own (model=custom) ----------------------------------------------------------------
+def test_custom_module_takes_adapters_by_module_name_and_needs_names(monkeypatch):
+    """README's own TinyLM (tests/byo): no architecture default, so target_modules must name modules; named,
+    only those layers' adapters train and the model starts as the base."""
+    from ds_hydra.errors import UserError
+    from ds_hydra.models.build import build_model
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "byo"))
+    custom = ["model=custom", "model._target_=my_models.build_model", "allowed_targets=[my_models]", "adapter=lora"]
+    cfg = compose(custom)
+    with pytest.raises(UserError) as caught:
+        build_model(cfg.model, VOCAB, cfg.adapter)
+    assert "\n" not in str(caught.value) and "TinyLM has no default targets" in str(caught.value)
+    assert "its linear layers: out_proj, linear1, linear2, head" in str(caught.value)
+    cfg = compose([*custom, "adapter.target_modules=[linear1,linear2]"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, VOCAB, cfg.adapter).eval()
+    trainable = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"layers.{i}.{name}" for i in range(2) for name in ("linear1", "linear2")}
+    from my_models import build_model as build_tiny
+
+    torch.manual_seed(0)
+    base = build_tiny(VOCAB).eval()
+    x = tokens(t=8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-6)
