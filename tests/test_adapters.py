@@ -389,3 +389,26 @@ def test_custom_module_takes_adapters_by_module_name_and_needs_names(monkeypatch
     x = tokens(t=8)
     with torch.no_grad():
         torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-6)
+
+
+def test_memory_preflight_counts_frozen_quantized_and_trained_bytes_apart():
+    """The preflight builds the model as it trains (fake tensors): gradients and optimizer state for the adapters
+    alone, and a quantized base at bitsandbytes' storage (its packed weights; the scales, 1/64 byte per weight
+    with nf4, are buffers beside them)."""
+    pytest.importorskip("bitsandbytes")
+    from ds_hydra.models.build import build_model
+    from ds_hydra.training.memory_estimate import estimate_step_memory
+    from ds_hydra.training.memory_preflight import step_spec
+
+    llama = ["model=hf_llama", "model.config.hidden_size=128", "model.config.intermediate_size=384", "trainer.device=cpu",
+             "data.seq_len=32", "adapter=lora"]
+    for quantize in ("none", "nf4"):
+        cfg = compose([*llama, f"model.quantize={quantize}"])
+        estimate = estimate_step_memory(step_spec(cfg))
+        model = build_model(cfg.model, VOCAB, cfg.adapter)  # the real one
+        trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        assert estimate.gradients == trained and estimate.optimizer_state == 2 * trained  # AdamW: two moments
+        stored = sum(p.numel() * p.element_size() for p in model.parameters())  # nf4: two codes per byte
+        assert estimate.parameters == stored
+
+

@@ -242,6 +242,10 @@ def quantize_linear_layers(model: nn.Module, mode: str) -> int:
 
 
 def _quantized(bnb, linear: nn.Linear, mode: str) -> nn.Module:
+    from ds_hydra.models.hf import _shapes_only
+
+    if _shapes_only():  # fake or meta tensors: bitsandbytes cannot quantize them
+        return ShapesOnlyQuantizedLinear(linear, mode)
     weight = linear.weight.detach()
     device = weight.device
     has_bias = linear.bias is not None
@@ -261,6 +265,45 @@ def _quantized(bnb, linear: nn.Linear, mode: str) -> nn.Module:
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
     return layer.to(device)  # bitsandbytes quantizes the weight when it is moved to its device
+
+
+class ShapesOnlyQuantizedLinear(nn.Linear):
+    """What a bitsandbytes layer stores and allocates, for a model built for its shapes only (the memory
+    preflight's FakeTensorMode, validate's meta device), where bitsandbytes cannot run: the packed weight
+    (nf4: half a byte per weight, int8: one) and its scales (nf4: one byte per 64 weights, the scales
+    quantized again; int8: an fp32 scale per row), frozen; forward and backward each dequantize the weight
+    into a temporary of the compute dtype, as bitsandbytes does, and keep nothing for backward."""
+
+    def __init__(self, linear: nn.Linear, mode: str):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = linear.weight.dtype
+        count = self.in_features * self.out_features
+        device = linear.weight.device
+        if mode == "nf4":
+            packed = torch.empty((count + 1) // 2, 1, dtype=torch.uint8, device=device)
+            scales = torch.empty(-(-count // 64), dtype=torch.uint8, device=device)
+        else:
+            packed = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=device)
+            scales = torch.empty(self.out_features, dtype=torch.float32, device=device)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.register_buffer("scales", scales)
+        self.bias = nn.Parameter(linear.bias.detach(), requires_grad=False) if linear.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _DequantizedMatmul.apply(x, (self.out_features, self.in_features), self.compute_dtype)
+        return y + self.bias if self.bias is not None else y
+
+
+class _DequantizedMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shape, dtype) -> torch.Tensor:  # x @ W.T with W a temporary
+        ctx.shape, ctx.dtype = shape, dtype
+        return torch.nn.functional.linear(x, x.new_empty(shape, dtype=dtype).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ grad.new_empty(ctx.shape, dtype=ctx.dtype).to(grad.dtype), None, None
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
