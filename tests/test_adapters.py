@@ -104,7 +104,7 @@ def test_export_hf_writes_the_base_plus_the_adapter_merged(lora_run, base_dir, t
     import peft
     import transformers
 
-    from ds_hydra.models.export_hf import export_hf
+    from ds_hydra.inference.export_hf import export_hf
 
     out = export_hf(compose(["task=export_hf", f"inference.checkpoint={lora_run}"]), run_dir=tmp_path / "export")
     merged = transformers.AutoModelForCausalLM.from_pretrained(out["export_dir"], local_files_only=True).eval()
@@ -315,7 +315,7 @@ def test_qlora_run_trains_resumes_and_exports_into_the_full_precision_base(base_
     import transformers
 
     import ds_hydra
-    from ds_hydra.models.export_hf import export_hf
+    from ds_hydra.inference.export_hf import export_hf
     from ds_hydra.training.state import checkpoint_path, latest_checkpoint, safe_torch_load
     from ds_hydra.training.trainer import train
 

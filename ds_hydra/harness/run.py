@@ -68,7 +68,8 @@ def load_for_harness(cfg, checkpoint: Optional[str] = None) -> HarnessModel:
     if checkpoint:
         from ds_hydra.inference.loading import load_run
 
-        run = load_run(checkpoint, icfg.device, icfg.dtype.value, allowed)
+        # an adapter run is evaluated merged (what export_hf writes): KV-cached decoding reads plain weights
+        run = load_run(checkpoint, icfg.device, icfg.dtype.value, allowed, merge_adapter=True)
         tokenizer = getattr(run.data, "tokenizer", None)
         eos = getattr(tokenizer, "eos_id", None)
         return _harness_model(

@@ -147,7 +147,8 @@ def load_run(
     try:
         data = build_data(build_cfg)
         adopt_run_tokenizer(data, run_dir)  # decode exactly as training encoded
-        keeps_base = adapter_cfg is not None and adapters.base_in_run_dir(saved.model)
+        init_from = saved.trainer.get("init_from") if "trainer" in saved else None
+        keeps_base = adapter_cfg is not None and adapters.base_in_run_dir(saved.model, init_from)
         if keeps_base and not (run_dir / adapters.BASE_FILE).is_file():
             raise UserError(f"{run_dir / adapters.BASE_FILE}: missing; this adapter run keeps its frozen base there")
         load_base = (lambda base: adapters.load_base(base, run_dir)) if keeps_base else None

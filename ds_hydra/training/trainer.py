@@ -184,7 +184,7 @@ class Trainer:
         """The base weights, before quantization and adapters: an adapter run's saved base when it resumes,
         else ``trainer.init_from``'s (the optimizer, schedule and data start afresh)."""
         base_file = self.run_dir / adapters.BASE_FILE
-        keeps_base = self.adapted and adapters.base_in_run_dir(self.cfg.model)
+        keeps_base = self.adapted and adapters.base_in_run_dir(self.cfg.model, self.cfg.trainer.get("init_from"))
         if keeps_base and base_file.is_file():
             adapters.load_base(model, self.run_dir)
             return
