@@ -129,6 +129,7 @@ def load_run(
 
     from ds_hydra.models import adapters
     from ds_hydra.models.adapter_config import adapter_on
+    from ds_hydra.training import adapter_base
 
     adapter_cfg = saved.get("adapter") if adapter_on(saved.get("adapter")) else None
     model_node = OmegaConf.to_container(saved.model, resolve=True)
@@ -149,9 +150,9 @@ def load_run(
         adopt_run_tokenizer(data, run_dir)  # decode exactly as training encoded
         init_from = saved.trainer.get("init_from") if "trainer" in saved else None
         keeps_base = adapter_cfg is not None and adapters.base_in_run_dir(saved.model, init_from)
-        if keeps_base and not (run_dir / adapters.BASE_FILE).is_file():
-            raise UserError(f"{run_dir / adapters.BASE_FILE}: missing; this adapter run keeps its frozen base there")
-        load_base = (lambda base: adapters.load_base(base, run_dir)) if keeps_base else None
+        if keeps_base and not (run_dir / adapter_base.BASE_FILE).is_file():
+            raise UserError(f"{run_dir / adapter_base.BASE_FILE}: missing; this adapter run keeps its frozen base there")
+        load_base = (lambda base: adapter_base.load_base(base, run_dir)) if keeps_base else None
         model = build_model(build_cfg.model, data.vocab_size, adapter_cfg, load_base=load_base)
         seq_len = resolve_seq_len(data, model)
     except UserError as exc:  # a refused _target_, a missing data file: say which config asked for it

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 PEFT_EXTRA = "pip install 'ds-hydra[peft]'"
 QUANT_EXTRA = "pip install 'ds-hydra[quant]'"
 ADAPTER_DIR = "adapter"  # <run dir>/adapter: adapter_config.json + adapter_model.safetensors (PEFT's format)
-BASE_FILE = "base_model.pt"  # <run dir>/base_model.pt: the frozen base of an adapter run, when no file holds it already
 ADAPTER_NAME = "default"  # peft's name of the one adapter
 PEFT_PREFIX = "base_model.model."  # PeftModel's prefix of the base model's names, as PEFT files store them
 # The built-in GPT's default targets: its fused query/key/value projection, as peft's default for GPT-2 (c_attn).
@@ -316,30 +315,6 @@ def base_in_run_dir(model_cfg, init_from: Optional[str] = None) -> bool:
     """Whether an adapter run keeps its frozen base in ``<run dir>/base_model.pt``, written once: when no
     ``model.pretrained`` directory holds it as it trains (a random initialisation, ``trainer.init_from``'s weights)."""
     return _pretrained_dir(model_cfg) is None or bool(init_from)
-
-
-def save_base(state: Dict[str, Any], run_dir: Path) -> Path:
-    """Write the frozen base weights (the model's state dict before quantization and adapters), atomically."""
-    from ds_hydra.training.state import atomic_torch_save
-
-    path = Path(run_dir) / BASE_FILE
-    atomic_torch_save({"model": state}, path)
-    return path
-
-
-def load_base(model: nn.Module, run_dir: Path) -> None:
-    """Load ``<run_dir>/base_model.pt`` into the base ``model`` (weights-only load; names and shapes must fit)."""
-    from ds_hydra.training import state as state_io
-
-    path = Path(run_dir) / BASE_FILE
-    saved = state_io.safe_torch_load(path)
-    weights = saved.get("model") if isinstance(saved, dict) else None
-    if not isinstance(weights, dict):
-        raise UserError(f"{path}: not a ds_hydra base model file (it has no 'model' weights)")
-    problems = state_io.state_dict_mismatches(model, weights)
-    if problems:
-        raise UserError(f"{path} does not fit this model: {'; '.join(problems)}")
-    model.load_state_dict(weights, strict=True)
 
 
 def is_adapted(model: nn.Module) -> bool:

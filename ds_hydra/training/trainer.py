@@ -33,6 +33,7 @@ from ds_hydra.models import adapters
 from ds_hydra.models.adapter_config import adapter_on
 from ds_hydra.models.build import build_model, num_params
 from ds_hydra.loss.step import build_loss, label_tokens, loss_sum, token_mean_loss
+from ds_hydra.training import adapter_base
 from ds_hydra.training import resume as resume_io
 from ds_hydra.common import run_lock
 from ds_hydra.common import signals
@@ -183,10 +184,10 @@ class Trainer:
     def _load_base(self, model: nn.Module) -> None:
         """The base weights, before quantization and adapters: an adapter run's saved base when it resumes,
         else ``trainer.init_from``'s (the optimizer, schedule and data start afresh)."""
-        base_file = self.run_dir / adapters.BASE_FILE
+        base_file = self.run_dir / adapter_base.BASE_FILE
         keeps_base = self.adapted and adapters.base_in_run_dir(self.cfg.model, self.cfg.trainer.get("init_from"))
         if keeps_base and base_file.is_file():
-            adapters.load_base(model, self.run_dir)
+            adapter_base.load_base(model, self.run_dir)
             return
         if self.cfg.trainer.get("init_from"):
             from ds_hydra.training.init_from import load_initial_weights
@@ -524,7 +525,7 @@ def _train(cfg, run_dir: Path, started: float, after_training: Sequence[AfterTra
         write_resolved_config(cfg, run_dir)  # only now: a run that failed to start leaves the directory as it was
         save_run_tokenizer(trainer.data, run_dir)  # <run dir>/tokenizer/: inference decodes as training encoded
         if trainer.base_to_save is not None:  # an adapter run's frozen base, when no model.pretrained holds it
-            adapters.save_base(trainer.base_to_save, run_dir)
+            adapter_base.save_base(trainer.base_to_save, run_dir)
     trainer.base_to_save = None
     data = trainer.data
     log.info(
