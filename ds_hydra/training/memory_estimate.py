@@ -292,6 +292,7 @@ def estimate_step_memory(spec: StepSpec) -> StepMemory:
             params = list(model.parameters())
             trainable = [p for p in params if p.requires_grad]
             largest = max((p.numel() * p.element_size() for p in trainable), default=0)
+            largest_numel = max((p.numel() for p in trainable), default=0)
             trainable_shapes = [(tuple(p.shape), p.dtype) for p in trainable]
             stored = spec.stored_bytes(model) if spec.stored_bytes is not None else {}
             named = dict(model.named_parameters())
@@ -313,11 +314,15 @@ def estimate_step_memory(spec: StepSpec) -> StepMemory:
     share = (lambda n, split: n // sharding.world if split else n)  # noqa: E731
     optimizer_state = 0 if sharding.optimizer_on_host else share(state_bytes, sharding.optimizer_state)
     step_temporaries = {"fused": 0, "foreach": gradient_bytes, "loop": 2 * largest}[step_kind]
+    if spec.make_optimizer is not None:  # what a library's own kernel allocates for the largest tensor's step
+        from ds_hydra.optim.state_size import kernel_temporaries_per_element
+
+        step_temporaries = max(step_temporaries, kernel_temporaries_per_element(spec.make_optimizer, spec.device.type) * largest_numel)
     unsharded_gradients = gradient_bytes - share(gradient_bytes, sharding.gradients)  # reduced and freed per block
     held_gradients = share(gradient_bytes, sharding.gradients)
     if spec.optimizer_in_backward:  # stepped and freed inside backward: the fake run's peak holds what is alive
         held_gradients, unsharded_gradients = 0, 0
-        peak += {"fused": 0, "foreach": largest, "loop": 2 * largest}[step_kind]  # one parameter's step at a time
+        peak += step_temporaries if step_kind == "loop" else {"fused": 0, "foreach": largest}[step_kind]  # one parameter's step at a time
         step_temporaries = 0
     return StepMemory(
         parameters=share(parameter_bytes, sharding.parameters),
