@@ -219,7 +219,7 @@ def test_saved_on_two_ranks_resumes_on_one_and_three(tmp_path, engine):
     want = load_checkpoint_state(saved)  # read whole in this process, no process group
 
     # Loaded on 1 rank (one process) and on 3 (the saving engine): the same tensors, bit for bit.
-    for nproc, load_engine, accum in ((1, "single", 6), (3, engine, 2)):
+    for nproc, load_engine, accum in ((1, "auto", 6), (3, engine, 2)):
         out = tmp_path / f"probe{nproc}" / "state.pt"
         out.parent.mkdir()
         args = [str(out), str(saved), *run, f"engine={load_engine}", f"trainer.grad_accum_steps={accum}"]
@@ -230,7 +230,7 @@ def test_saved_on_two_ranks_resumes_on_one_and_three(tmp_path, engine):
         assert got["step"] == 2 and got["data"] == want["data"] and same_tree(got["scheduler"], want["scheduler"])
 
     # Resumed on 1 and on 3 ranks: the next steps' losses and the final state are the uninterrupted run's.
-    for nproc, load_engine, accum in ((1, "single", 6), (3, engine, 2)):
+    for nproc, load_engine, accum in ((1, "auto", 6), (3, engine, 2)):
         resumed = tmp_path / f"resumed{nproc}"
         shutil.copytree(whole, resumed)
         checkpoint = resumed / "checkpoints" / "step_0000002"
