@@ -227,7 +227,7 @@ def test_saved_on_two_ranks_resumes_on_one_and_three(tmp_path, engine):
         assert proc.returncode == 0, proc.stderr[-3000:]
         got = safe_torch_load(out)
         assert_same_state(got, want)
-        assert got["step"] == 2 and got["data"] == want["data"] and same_tree(got["scheduler"], want["scheduler"])
+        assert got["step"] == 2 and same_tree(got["data"], want["data"]) and same_tree(got["scheduler"], want["scheduler"])
 
     # Resumed on 1 and on 3 ranks: the next steps' losses and the final state are the uninterrupted run's.
     for nproc, load_engine, accum in ((1, "auto", 6), (3, engine, 2)):
