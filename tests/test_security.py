@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import re
 from pathlib import Path
 from typing import List, Tuple
 
@@ -213,6 +214,23 @@ def test_resume_never_replays_hydra_keys_or_flags_from_a_run_directory(tmp_path,
     refused(run_cli([f"resume={run}"]), f"{run / '.hydra' / 'overrides.yaml'}: ", expected)
     assert target.read_text() == "precious\n"
     assert sorted(p.name for p in run.rglob("*")) == before  # the run directory is left as it was
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["+model@hydra.callbacks.evil=gpt_tiny", "+trainer@hydra.job_logging=default", "optimizer@hydra=adamw",
+     "+model@a:hydra.launcher=gpt_tiny"],
+)
+def test_a_saved_override_cannot_put_a_config_group_under_hydra_through_its_package(tmp_path, line):
+    """``group@package=option`` sets the keys at ``package``: a saved line whose package is ``hydra.*`` sets Hydra
+    itself (its callbacks, its logging), though its key is a group of ds_hydra's."""
+    from ds_hydra.training.resume.command_line import expand_resume_args
+
+    run = planted_overrides(tmp_path, line)
+    (run / "config_resolved.yaml").write_text(yaml.safe_dump({"task": "train"}))
+    with pytest.raises(UserError, match=rf"overrides.yaml: holds {re.escape(line)}, which sets Hydra itself"):
+        expand_resume_args([f"resume={run}"])
+    assert expand_resume_args([f"resume={planted_overrides(tmp_path / 'plain', '+model@model=gpt_tiny')}"])
 
 
 @pytest.mark.slow

@@ -81,9 +81,12 @@ def expand_resume_args(argv: Sequence[str]) -> List[str]:
 
 
 def is_hydra_override(override: str) -> bool:
-    """Whether ``override`` sets Hydra itself (``hydra.callbacks.x=...``, ``hydra/launcher=torchrun``, ``hydra=...``)."""
+    """Whether ``override`` sets Hydra itself (``hydra.callbacks.x=...``, ``hydra/launcher=torchrun``, ``hydra=...``),
+    or places a config group's option there through its package (``+model@hydra.callbacks.x=gpt_tiny``)."""
     key = override_key(override)
-    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+    head = override.strip().lstrip("+~").split("=", 1)[0]
+    packages = head.split("@", 1)[1].split(":") if "@" in head else []
+    return any(name == "hydra" or name.startswith(("hydra.", "hydra/")) for name in (key, *(p.strip() for p in packages)))
 
 
 def refuse_code_in_saved(run_dir: Path, saved: Sequence[str]) -> None:
