@@ -124,6 +124,30 @@ def test_load_model_uses_todays_allowed_targets_never_the_runs(tmp_path):
     nothing_ran(tmp_path)
 
 
+def test_a_run_directory_does_not_choose_where_its_data_is_cached(tmp_path, monkeypatch):
+    """A copied-in run's ``data.cache_dir`` would make task=infer/eval and load_model write the tokenized corpus
+    (and its ``path``: any file it names) into a directory of the run's choosing; today's cache is used instead."""
+    from ds_hydra.data.base import build_data
+    from ds_hydra.inference.loading import load_model
+    from ds_hydra.models.build import build_model
+
+    mine, elsewhere = tmp_path / "my_cache", tmp_path / "elsewhere"
+    monkeypatch.setenv("DS_HYDRA_CACHE", str(mine))
+    cfg = compose(["model=gpt_tiny", "tokenizer=bpe", "tokenizer.vocab_size=300", f"data.cache_dir={tmp_path / 'trained'}"])
+    model = build_model(cfg.model, build_data(cfg).vocab_size)
+    run = tmp_path / "copied_run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "step": 1}, run / "checkpoints" / "step_0000001.pt")
+    saved = yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))
+    saved["data"]["cache_dir"] = str(elsewhere)
+    (run / "config_resolved.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
+
+    loaded = load_model(run)
+    assert torch.equal(loaded.state_dict()["lm_head.weight"], model.state_dict()["lm_head.weight"])
+    assert not elsewhere.exists()
+    assert any(mine.rglob("tokenizer.json"))  # cached where today's settings say
+
+
 # -- 2. Hydra's own keys: callbacks pass the allowlist; a saved run never sets hydra.* -----------------------
 
 

@@ -139,7 +139,7 @@ def load_run(
     build_cfg = OmegaConf.create(
         {
             "model": model_node,
-            "data": OmegaConf.to_container(saved.data, resolve=True),
+            "data": _without_cache_dir(OmegaConf.to_container(saved.data, resolve=True)),
             "tokenizer": OmegaConf.to_container(saved.tokenizer, resolve=True) if "tokenizer" in saved else None,
             "allowed_targets": list(allowed_targets or []),
         }
@@ -179,6 +179,15 @@ def load_run(
     model.requires_grad_(False)
     step = int(state.get("step", _step_from_name(weights)))
     return LoadedRun(run_dir, weights, step, saved, model, data, torch_device, torch_dtype, seq_len)
+
+
+def _without_cache_dir(data: Any) -> Any:
+    """The run's data section with its ``cache_dir`` dropped: a run directory chooses values, not where ds_hydra
+    writes, so its tokens are cached where today's defaults say ($DS_HYDRA_CACHE, else ~/.cache/ds_hydra; the
+    cache is keyed by content, so the rebuilt data is the same)."""
+    if isinstance(data, dict) and data.get("cache_dir") is not None:
+        return {**data, "cache_dir": None}
+    return data
 
 
 def load_model(run: str, device: str = "cpu", dtype: str = "fp32", allowed_targets: Optional[List[str]] = None) -> nn.Module:
