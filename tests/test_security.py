@@ -394,6 +394,9 @@ PICKLE_EXCEPTIONS = {
     # paths only (every global DCP writes), refusing any other class or function
     ("ds_hydra/training/sharded_checkpoint.py", "_MetadataUnpickler"),
 }
+# torch.distributed.checkpoint's own FileSystemReader unpickles .metadata with pickle.load, and its converters
+# (dcp_to_torch_save) load through it: every DCP load goes through sharded_checkpoint._reader's subclass.
+DCP_UNSAFE = ("FileSystemReader", "dcp_to_torch_save", "torch_save_to_dcp", "_load_state_dict_from_keys")
 
 
 def test_torch_load_only_with_weights_only_true_everywhere():
@@ -407,6 +410,11 @@ def test_torch_load_only_with_weights_only_true_everywhere():
     assert pickles == []
     numpy_pickles = [(f, line) for f, line, name, node in calls if name in ("np.load", "numpy.load") and keyword_is(node, "allow_pickle", True)]
     assert numpy_pickles == []
+    dcp_readers = [(f, line, name) for f, line, name, _ in calls if name.rsplit(".", 1)[-1] in DCP_UNSAFE]
+    assert dcp_readers == []  # _reader subclasses it (its read_metadata replaced), never calls it
+    dcp_loads = [(f, line) for f, line, name, node in calls if name.endswith(("dcp.load", "dcp.load_state_dict"))
+                 and not any(k.arg == "storage_reader" and ast.unparse(k.value).startswith("_reader(") for k in node.keywords)]
+    assert dcp_loads == []
 
 
 def test_no_module_imports_torch_load_under_another_name():
