@@ -257,6 +257,25 @@ def test_a_saved_override_cannot_put_a_config_group_under_hydra_through_its_pack
     assert expand_resume_args([f"resume={planted_overrides(tmp_path / 'plain', '+model@model=gpt_tiny')}"])
 
 
+def test_resume_never_takes_a_harness_task_folder_from_a_run_directory(tmp_path):
+    """A harness task YAML can import Python from its folder (``!function utils.f``); a saved
+    ``lm_eval.include_path`` with ``lm_eval.after_training=true`` would run the run directory's own code."""
+    from ds_hydra.training.resume.command_line import expand_resume_args
+
+    tasks = tmp_path / "shared_run" / "tasks"
+    line = f"lm_eval.include_path={tasks}"
+    run = planted_overrides(tmp_path, "lm_eval.after_training=true", "lm_eval.tasks=[evil]", line)
+    (run / "config_resolved.yaml").write_text(yaml.safe_dump({"task": "train"}))
+    tasks.mkdir()
+    (tasks / "utils.py").write_text(f"open({str(tmp_path / 'marker')!r}, 'w').close()\ndef docs(d):\n    return d\n")
+    (tasks / "evil.yaml").write_text("task: evil\ndataset_path: json\nprocess_docs: !function utils.docs\n")
+    with pytest.raises(UserError, match=rf"overrides.yaml: sets {re.escape(line)}, a folder of harness task YAMLs, .* "
+                                        rf"repeat {re.escape(line)} on the resume command"):
+        expand_resume_args([f"resume={run}"])
+    assert not (tmp_path / "marker").exists()
+    assert line in expand_resume_args([f"resume={run}", line])  # the user's own folder, named today
+
+
 @pytest.mark.slow
 def test_resume_takes_only_a_plain_config_name_from_a_run_directory(tmp_path):
     run = planted_overrides(tmp_path)

@@ -70,6 +70,13 @@ def expand_resume_args(argv: Sequence[str]) -> List[str]:
             f"{run_dir / OVERRIDES_FILE}: sets {widening[-1]}, and a run directory may not widen the _target_ "
             f"allowlist on its own; if you trust that run, repeat {widening[-1]} on the resume command"
         )
+    tasks_folder = [o for o in saved if override_key(o) == "lm_eval.include_path" and o.split("=", 1)[-1] not in ("", "null")]
+    if tasks_folder and "lm_eval.include_path" not in user_keys:
+        raise UserError(
+            f"{run_dir / OVERRIDES_FILE}: sets {tasks_folder[-1]}, a folder of harness task YAMLs, which can import "
+            f"Python from it (the harness's !function), and a run directory may not choose code to run; if you trust "
+            f"that folder, repeat {tasks_folder[-1]} on the resume command"
+        )
     kept = [o for o in saved if override_key(o) not in user_keys and override_key(o) not in ONE_SHOT_KEYS and o != "task=resume"]
     target = checkpoint if checkpoint is not None else run_dir
     # hydra.output_subdir=null: Hydra leaves the run's .hydra/ alone; train records the continuation
