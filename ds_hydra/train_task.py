@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 
-def train(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
-    """Train from a composed config; returns the final metrics dict (with the after-training metrics)."""
+def train(cfg, run_dir: Optional[Path] = None, plan=None) -> Dict[str, Any]:
+    """Train from a composed config; returns the final metrics dict (with the after-training metrics).
+    ``plan``: the start the CLI settled (``ds_hydra.training.resume.StartPlan``); None: train settles it."""
     from ds_hydra.training.trainer import train as train_loop
 
     after = []
@@ -16,4 +17,4 @@ def train(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
         from ds_hydra.harness.run import evaluate_after_training
 
         after.append(evaluate_after_training)
-    return train_loop(cfg, run_dir, after_training=after)
+    return train_loop(cfg, run_dir, after_training=after, plan=plan)

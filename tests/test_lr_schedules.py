@@ -233,22 +233,31 @@ def test_exports_from_the_package():
     assert ds_hydra.DeepSpeedSchedulerCallable.__origin__ is ds_hydra.DeepSpeedOptimizerCallable.__origin__
 
 
-# -- what DeepSpeed rejects, and an unknown warmup_type ---------------------------------------------
+# -- what DeepSpeed rejects, and an unknown warmup_type (every refusal of a schedule's arguments) ------
 @pytest.mark.parametrize(
     "build,fragment",
     [
         (lambda o: WarmupLR(o, warmup_num_steps=0), "warmup_num_steps must be a positive integer, got 0"),
         (lambda o: WarmupLR(o, warmup_num_steps=-3), "warmup_num_steps must be a positive integer"),
+        (lambda o: WarmupLR(o, warmup_num_steps=None), "warmup_num_steps must be a positive integer, got None"),
+        (lambda o: WarmupDecayLR(o, 100, warmup_num_steps=None), "warmup_num_steps must be a positive integer, got None"),
+        (lambda o: WarmupCosineLR(o, 100, warmup_num_steps=-5), "warmup_num_steps must be a positive integer, got -5"),
         (lambda o: WarmupDecayLR(o, 100, warmup_num_steps=2.5), "warmup_num_steps must be a positive integer, got 2.5"),
         (lambda o: WarmupCosineLR(o, 100, warmup_num_steps=True), "warmup_num_steps must be a positive integer"),
         (lambda o: WarmupLR(o, warmup_type="cos"), "warmup_type='cos': allowed values: log, linear"),
         (lambda o: WarmupCosineLR(o, 100, warmup_type="exp"), "warmup_type='exp': allowed values: log, linear"),
         (lambda o: WarmupLR(o, warmup_min_lr=[0.0, 0.0, 0.0]), "warmup_min_lr: expected 2 values (one per param group), got 3"),
         (lambda o: LRRangeTest(o, lr_range_test_step_size=0), "lr_range_test_step_size must be a positive integer"),
+        (lambda o: LRRangeTest(o, lr_range_test_step_size=-5), "lr_range_test_step_size must be a positive integer"),
         (lambda o: LRRangeTest(o, lr_range_test_min_lr=[1e-3]), "lr_range_test_min_lr: expected 2 values"),
         (lambda o: OneCycle(o, 0.01, 0.1, cycle_first_step_size=0), "cycle_first_step_size must be positive"),
+        (lambda o: OneCycle(o, 0.01, 0.1, cycle_first_step_size=0, cycle_second_step_size=100), "cycle_first_step_size must be positive"),
+        (lambda o: OneCycle(o, 0.01, 0.1, cycle_first_step_size=-1), "cycle_first_step_size must be positive"),
         (lambda o: OneCycle(o, 0.01, 0.1, cycle_second_step_size=-1), "cycle_second_step_size must be non-negative"),
+        (lambda o: OneCycle(o, [0.001] * 3, 0.1), "cycle_min_lr: expected 2 values"),
         (lambda o: OneCycle(o, 0.01, [0.1, 0.1, 0.1]), "cycle_max_lr: expected 2 values"),
+        (lambda o: OneCycle(o, 0.01, 0.1, cycle_min_mom=[0.8] * 3), "cycle_min_mom: expected 2 values"),
+        (lambda o: OneCycle(o, 0.01, 0.1, cycle_max_mom=[0.9] * 3), "cycle_max_mom: expected 2 values"),
         (lambda o: WarmupStableDecay(o, warmup_steps=5, decay_steps=6, total_steps=10), "warmup_steps + decay_steps <= total_steps"),
         (lambda o: WarmupStableDecay(o, decay_shape="step"), "decay_shape='step': allowed values: linear, cosine, sqrt"),
     ],

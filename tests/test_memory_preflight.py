@@ -26,7 +26,6 @@ def free_24_gib(monkeypatch):
     from ds_hydra.training import memory_estimate
 
     monkeypatch.setattr(memory_estimate, "free_memory", lambda device, processes_on_host=1: (24 * GiB, "available host memory"))
-    monkeypatch.setattr("ds_hydra.training.memory_preflight._checked", set())
 
 
 def test_live_bytes_follows_allocations_and_frees_exactly():
@@ -97,15 +96,23 @@ def test_sharded_engines_divide_the_state_over_the_ranks(monkeypatch):
     assert (zero1.parameters, zero1.gradients, zero1.optimizer_state) == (single.parameters, single.gradients, single.optimizer_state // 4)
 
 
-def test_the_block_size_typo_is_refused_naming_what_dominates_and_the_knobs(free_24_gib):
+def test_the_block_size_typo_is_refused_naming_what_dominates_and_the_knobs(free_24_gib, monkeypatch):
+    from ds_hydra.activation_checkpointing.config import format_bytes
     from ds_hydra.errors import UserError
-    from ds_hydra.training.memory_preflight import check_step_memory
+    from ds_hydra.training import memory_estimate
+    from ds_hydra.training.memory_preflight import check_step_memory, judge_step_memory
 
+    estimates = []
+    real = memory_estimate.estimate_step_memory
+    monkeypatch.setattr(memory_estimate, "estimate_step_memory", lambda *a, **k: estimates.append(a) or real(*a, **k))
     started = time.perf_counter()
     with pytest.raises(UserError) as refused:
         check_step_memory(compose(["model.block_size=100000", "trainer.device=cpu"]))
     seconds = time.perf_counter() - started
+    assert len(estimates) == 1  # the alternative it offers is replayed inside that one estimate
     message = str(refused.value)
+    full = judge_step_memory(compose(["model.block_size=100000", "trainer.device=cpu", "ckpt=full"])).estimate.total
+    assert f"; ckpt=full needs {format_bytes(full)} (fits)" in message  # the same bytes as estimating ckpt=full itself
     assert message.startswith("memory: one training step needs about 39.") and " GiB (activations 3" in message
     assert "far over the 24.0 GiB available host memory" in message and "\n" not in message
     assert "activations dominate: lower trainer.batch_size or model.block_size, or recompute activations (ckpt=full)" in message

@@ -12,8 +12,9 @@ import sys
 from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
+from ds_hydra.cli.startup import StartUp
 from ds_hydra.errors import EXIT_USAGE, UserError, describe_exception, user_error_in
 
 log = logging.getLogger("ds_hydra")
@@ -26,36 +27,32 @@ def config_dir() -> str:
     return str(Path(__file__).resolve().parents[2] / "conf")
 
 
-# A user error (or a stop on request) of a single (non-sweep) run, handed from the task function to
-# ``cli_main``: raising it through Hydra would add Hydra's own "Error executing job" line to our line.
-_run_error: Optional[BaseException] = None
-
-
 def run_task(cfg) -> Optional[Dict[str, Any]]:
-    """Hydra's task function: in a sweep, errors propagate so the sweep records the job as failed."""
-    global _run_error
+    """Hydra's task function: in a sweep, errors propagate so the sweep records the job as failed; a single
+    run's user error goes back to ``cli_main`` in the command's ``StartUp`` (raised when there is none)."""
     from ds_hydra.cli.launch import on_task_start
     from ds_hydra.cli.torchrun_job import launcher_runs_this, run_under_torchrun
-    from ds_hydra.sweeps import note_job_metrics, select_objective
-    from ds_hydra.cli.preflight import say_deferred
     from ds_hydra.common.signals import Stopped
+    from ds_hydra.sweeps import note_job_metrics, select_objective
 
+    startup = StartUp.current()
     on_task_start()  # several processes: rank 0 shares its run dir; the others log quietly
-    say_deferred()  # e.g. the run dir's name was taken: into the run's log, now that it has one
+    if startup is not None:
+        startup.say_notes()  # e.g. the run dir's name was taken: into the run's log, now that it has one
     try:
         # hydra/launcher=torchrun on a single run: its ranks run under torchrun, in this run's directory
-        metrics = run_under_torchrun() if launcher_runs_this() else dispatch(cfg)
+        metrics = run_under_torchrun() if launcher_runs_this() else dispatch(cfg, startup)
         note_job_metrics(metrics)  # the sweep report shows every metric, even when `objective` picks one
         return select_objective(cfg, metrics)
     except (UserError, OSError, Stopped) as exc:  # OSError: a full disk, an unwritable file
-        if _in_multirun():
+        if _in_multirun() or startup is None:
             raise
-        _run_error = exc
+        startup.error = exc
         return None
     except Exception as exc:  # a UserError raised inside a _target_ arrives wrapped by Hydra's instantiate
-        if _in_multirun() or user_error_in(exc) is None:
+        if _in_multirun() or startup is None or user_error_in(exc) is None:
             raise
-        _run_error = user_error_in(exc)
+        startup.error = user_error_in(exc)
         return None
 
 
@@ -85,15 +82,20 @@ TASKS = {
 TASK_SECTIONS = {"prepare": ["task", "tokenizer", "prepare"]}
 
 
-def dispatch(cfg) -> Dict[str, Any]:
-    """Validate a composed config and run its task; returns the task's metrics (for sweepers)."""
+# The tasks that train: they take the start plan the CLI settled (``plan=``).
+TRAINING_TASKS = ("train", "resume")
+
+
+def dispatch(cfg, startup: Optional[StartUp] = None) -> Dict[str, Any]:
+    """Validate a composed config (unless the CLI's callback did) and run its task; returns the task's
+    metrics (for sweepers)."""
+    from ds_hydra.deepspeed.command_line import log_import
     from ds_hydra.validation import validate_config
 
     task = cfg.task.value
-    from ds_hydra.deepspeed.command_line import log_import
-
-    log_import(cfg)  # what deepspeed_config=<file> mapped to, what it left to ds_hydra, what it ignored
-    if task != "validate":  # task=validate collects these problems together with its own
+    imports = startup.deepspeed_imports if startup is not None else {}
+    log_import(cfg, imports)  # what deepspeed_config=<file> mapped to, what it left to ds_hydra, what it ignored
+    if task != "validate" and not (startup is not None and startup.validated):  # task=validate reports its own
         validate_config(cfg)
     module, _, function = TASKS[task].partition(":")
     from omegaconf import OmegaConf
@@ -105,7 +107,12 @@ def dispatch(cfg) -> Dict[str, Any]:
         log.info("%s", line)
     shown = OmegaConf.masked_copy(cfg, TASK_SECTIONS[task]) if task in TASK_SECTIONS else cfg
     log.info("task=%s; resolved config:\n%s", task, OmegaConf.to_yaml(shown, resolve=True).rstrip(), extra=FILE_ONLY)
-    return getattr(import_module(module), function)(cfg)
+    settled: Dict[str, Any] = {}  # what the CLI settled already, for the tasks that use it
+    if startup is not None and startup.plan is not None and task in TRAINING_TASKS:
+        settled["plan"] = startup.plan
+    if task == "import_deepspeed" and imports.get(cfg.get("deepspeed_config")) is not None:
+        settled["imported"] = imports[cfg.deepspeed_config]
+    return getattr(import_module(module), function)(cfg, **settled)
 
 
 def run_summary(cfg, task: str) -> List[str]:
@@ -182,38 +189,32 @@ def _cli_main() -> None:
     # Let composition errors reach us as exceptions so each is reported as one clear line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     main = hydra.main(version_base=None, config_path=config_dir(), config_name="config")(run_task)
+    from ds_hydra.cli.launch import after_hydra, before_hydra, wait_for_all_ranks
     from ds_hydra.cli.preflight import RunRefused
-    from ds_hydra.deepspeed.command_line import expand_deepspeed_config_args
-    from ds_hydra.training.resume import expand_resume_args
     from ds_hydra.common.run_lock import release_all
     from ds_hydra.common.signals import Stopped, stop_on_signals
-    from ds_hydra.cli.launch import after_hydra, before_hydra, strip_local_rank, wait_for_all_ranks
     from ds_hydra.instantiate import hydra_callbacks_checked
 
     try:
         refuse_unpickling_flags(sys.argv[1:])
-        # resume=<run>: the run's saved overrides, in its own directory (before Hydra parses argv)
-        sys.argv = [sys.argv[0], *strip_local_rank(sys.argv[1:])]  # launchers may pass --local-rank=N
-        # deepspeed_config=<ds_config.json>: the file's settings as overrides, before the command line's own
-        # (checked against the world size of the run: the launcher's environment, or the torchrun launcher's)
-        sys.argv = [sys.argv[0], *expand_deepspeed_config_args(sys.argv[1:], world_size=_run_world_size(sys.argv[1:]))]
-        sys.argv = [sys.argv[0], *expand_resume_args(sys.argv[1:])]
-        if _only_help(sys.argv[1:]):  # drawn from one composition; Hydra's --help takes 8x as long
-            from ds_hydra.help import print_help
+        with StartUp.opened() as startup:
+            args = hydra_arguments(sys.argv[1:], startup)
+            if _only_help(args):  # drawn from one composition; Hydra's --help takes 8x as long
+                from ds_hydra.help import print_help
 
-            print_help(config_dir(), [a for a in sys.argv[1:] if a not in ("--help", "-h")])
-            return
-        # several processes (torchrun): one process group, one run dir, a log per rank
-        sys.argv = [sys.argv[0], *before_hydra(sys.argv[1:])]
-        # hydra.callbacks pass the _target_ allowlist before Hydra builds them (Hydra has no allowlist of its own)
-        with stop_on_signals(), hydra_callbacks_checked():  # signals: finish the step, save, exit 75 (130 for Ctrl-C)
-            try:
-                main()
-            except RunRefused as refused:  # found before Hydra wrote into the run dir
-                raise refused.error from None
-        _exit_if_sweep_failed()
-        if _run_error is not None:
-            raise _run_error
+                print_help(config_dir(), [a for a in args if a not in ("--help", "-h")])
+                return
+            # several processes (torchrun): one process group, one run dir, a log per rank
+            sys.argv = [sys.argv[0], *before_hydra(args)]  # the one rewrite of the command line
+            # hydra.callbacks pass the _target_ allowlist before Hydra builds them (Hydra has no allowlist of its own)
+            with stop_on_signals(), hydra_callbacks_checked():  # signals: finish the step, save, exit 75 (130 for Ctrl-C)
+                try:
+                    main()
+                except RunRefused as refused:  # found before Hydra wrote into the run dir
+                    raise refused.error from None
+            _exit_if_sweep_failed()
+            if startup.error is not None:
+                raise startup.error
     except Stopped as exc:
         _exit_if_sweep_failed(exit=False)
         _say(f"ds_hydra: {exc}")
@@ -251,6 +252,26 @@ def refuse_unpickling_flags(argv) -> None:
                 "--experimental-rerun: unpickles a saved config file, which can run code, so ds_hydra refuses it; "
                 "continue a run with resume=<run dir>, or repeat its overrides (<run>/.hydra/overrides.yaml)"
             )
+
+
+def hydra_arguments(args: Sequence[str], startup: Optional[StartUp] = None) -> List[str]:
+    """The command line Hydra parses, from the one typed (several processes then add their run dir and
+    log, ``launch.before_hydra``):
+
+    1. launchers may pass ``--local-rank=N``: removed (N goes to ``LOCAL_RANK``);
+    2. ``deepspeed_config=<ds_config.json>``: the file's settings as overrides, before the command line's own;
+    3. ``resume=<run>``: the run's saved overrides, in its own directory.
+    """
+    from ds_hydra.cli.launch import strip_local_rank
+    from ds_hydra.deepspeed.command_line import expand_deepspeed_config_args
+    from ds_hydra.training.resume import expand_resume_args
+
+    imports = startup.deepspeed_imports if startup is not None else None
+    args = strip_local_rank(args)
+    # deepspeed_config's batch triple is checked against the run's world size: the launcher's environment,
+    # or the torchrun launcher's
+    args = expand_deepspeed_config_args(args, world_size=_run_world_size(args), imports=imports)
+    return expand_resume_args(args)
 
 
 def _say(line: str) -> None:

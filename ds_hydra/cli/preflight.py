@@ -20,6 +20,10 @@ an earlier run (``resume=<run>``, or ``hydra.run.dir=<run>``) it would overwrite
 4. the directory does not already hold a run, unless ``resume=`` continues it;
 5. when resuming, the checkpoint loads safely and was saved by the same model.
 
+What it settles goes into the command's ``StartUp`` (``ds_hydra.cli.startup``): the config validated,
+the start plan (checkpoint to continue from, memory verdict) and lines for the run's log, so the task
+checks none of it again.
+
 A refused run leaves nothing behind: the lock is released and a directory created here removed.
 ``on_multirun_start`` claims and locks the sweep directory the same way (``hydra.sweep.dir``); sweep
 jobs are checked by the task itself, each in its own fresh job directory.
@@ -33,17 +37,16 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import read_write
 
+from ds_hydra.cli.startup import StartUp
 from ds_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
-
-# (level, line) for the run's log, said once Hydra has set up logging into the run dir (``say_deferred``).
-_deferred: List[Tuple[int, str]] = []
+Note = Callable[[int, str], None]  # (level, line) for the run's log, said once the task starts
 
 
 class RunRefused(BaseException):
@@ -60,12 +63,13 @@ class Preflight(Callback):
     ``on_multirun_start``: take the sweep directory."""
 
     def on_run_start(self, config, **kwargs: Any) -> None:
+        startup = StartUp.current() or StartUp()  # outside cli_main: checked here, and by the task again
         taken = None
         try:
-            check_config(config)
+            memory = check_config(config, startup)
             continue_after_torchrun_restart(config)
-            taken = take_run_dir(config)
-            check_run_dir(config)
+            taken = take_run_dir(config, startup.note)
+            startup.plan = check_run_dir(config, memory)
         except Exception as exc:  # a user error, or a bug in a check: either way the run must not start
             if taken is not None:
                 taken.give_back()
@@ -96,8 +100,8 @@ def _task(config) -> str:
     return getattr(config.task, "value", config.task)
 
 
-def check_config(config) -> None:
-    """The config's own problems, and a CUDA device it asks for."""
+def check_config(config, startup: StartUp):
+    """The config's own problems, a CUDA device it asks for, and one training step's memory (its verdict)."""
     from hydra.core.hydra_config import HydraConfig
 
     from ds_hydra.validation import validate_config
@@ -106,35 +110,43 @@ def check_config(config) -> None:
     task = _task(config)
     if task != "validate":  # task=validate reports these problems itself, with its own
         validate_config(config)
+        startup.validated = True
     if task in ("train", "resume"):
         check_device(config)
         from ds_hydra.training.memory_fit import fit_to_memory
 
         for line in fit_to_memory(config):  # batch_size=auto, ckpt=auto become numbers in the config the run gets
-            _deferred.append((logging.INFO, line))
+            startup.note(logging.INFO, line)
+        memory = None
         if not _other_rank():  # rank 0 speaks for all; the free memory changes once it starts
             from ds_hydra.training.memory_preflight import check_step_memory
 
-            check_step_memory(config, say=lambda level, line: _deferred.append((level, line)))  # refuses far over
+            memory = check_step_memory(config, say=startup.note)  # refuses far over
         from ds_hydra.training.seq_vocab import check_data_fits
 
         check_data_fits(config)  # empty splits, SFT examples cut or with nothing to train on: before step 1
+        return memory
+    return None
 
 
-def check_run_dir(config) -> None:
-    """Training: the run dir holds no other run, and a checkpoint to continue fits this model."""
+def check_run_dir(config, memory=None):
+    """Training: the run dir holds no other run, and a checkpoint to continue fits this model; returns the
+    start plan for ``train`` (None for other tasks, and on ranks other than 0, which plan for themselves)."""
     from ds_hydra.training.resume import check_compatible, plan_start
 
-    if _task(config) not in ("train", "resume"):
-        return
+    if _task(config) not in ("train", "resume") or _other_rank():
+        return None
     run_dir = Path(str(config.hydra.run.dir))
     ensure_writable(run_dir, key="hydra.run.dir")
     plan = plan_start(config, run_dir)
+    plan.memory = memory
     if plan.checkpoint is not None:
         from ds_hydra.training.sharded_checkpoint import load_resume_state
 
         saved = load_resume_state(plan.checkpoint, mmap=True)  # maps the tensors; reads only the index
         check_compatible(saved["config"], config, plan.checkpoint, strict=False)
+        plan.checkpoint_checked = True
+    return plan
 
 
 @dataclass
@@ -171,15 +183,15 @@ def continue_after_torchrun_restart(config) -> None:
             continue_run(config, found)
 
 
-def take_run_dir(config) -> Optional[TakenDir]:
+def take_run_dir(config, note: Note) -> Optional[TakenDir]:
     """Claim (a name from the clock) or create ``hydra.run.dir``, then lock it for this process."""
     if _other_rank():
         return None
-    taken = _take(config, "run")
+    taken = _take(config, "run", note)
     if taken.path != Path(str(config.hydra.run.dir)):
         wanted = str(config.hydra.run.dir)
         _set_hydra_dir(config, "run", taken.path)
-        _deferred.append((logging.INFO, f"hydra.run.dir: {wanted} was taken by another run; this run writes into {taken.path}"))
+        note(logging.INFO, f"hydra.run.dir: {wanted} was taken by another run; this run writes into {taken.path}")
     return taken
 
 
@@ -197,7 +209,7 @@ def take_sweep_dir(config) -> TakenDir:
     return taken
 
 
-def _take(config, kind: str) -> TakenDir:
+def _take(config, kind: str, note: Optional[Note] = None) -> TakenDir:
     from omegaconf import OmegaConf
 
     from ds_hydra.common.run_dir import claim_new_dir, names_the_clock
@@ -220,8 +232,8 @@ def _take(config, kind: str) -> TakenDir:
     except BaseException:
         taken.give_back()
         raise
-    if lock.took_over and kind == "run":
-        _deferred.append((logging.WARNING, lock.took_over))
+    if lock.took_over and note is not None:
+        note(logging.WARNING, lock.took_over)
     if kind == "run":
         from ds_hydra.training.resume.torchrun_restart import record_job
 
@@ -234,12 +246,6 @@ def _set_hydra_dir(config, kind: str, path: Path) -> None:
     node = config.hydra[kind]
     with read_write(node):
         node.dir = str(path)
-
-
-def say_deferred() -> None:
-    """Log what preflight found before the run's log existed (called first in the task function)."""
-    while _deferred:
-        log.log(*_deferred.pop(0))
 
 
 def check_device(config) -> None:

@@ -15,18 +15,19 @@ from ds_hydra.errors import UserError
 log = logging.getLogger(__name__)
 
 _ARG = re.compile(r"^(\+\+|\+)?deepspeed_config=(.*)$")
-_IMPORTS: Dict[str, Imported] = {}  # deepspeed_config value -> what it mapped to, for the run's log
 
 
 def deepspeed_installed() -> bool:
     return find_spec("deepspeed") is not None
 
 
-def expand_deepspeed_config_args(argv: Sequence[str], world_size: Optional[int] = None) -> List[str]:
+def expand_deepspeed_config_args(argv: Sequence[str], world_size: Optional[int] = None,
+                                 imports: Optional[Dict[str, Imported]] = None) -> List[str]:
     """``argv`` with the overrides ``deepspeed_config=<file>`` maps to in front (unchanged if there is
     none); the command's own overrides follow and win, and ``deepspeed_config`` itself is kept (the run
     records it). ``world_size``: what the batch triple is checked against (None: the launcher's
-    environment, else 1; the CLI passes its torchrun launcher's ``nnodes x nproc_per_node``)."""
+    environment, else 1; the CLI passes its torchrun launcher's ``nnodes x nproc_per_node``).
+    ``imports``: where to note what the file mapped to (for the run's log and the task)."""
     argv = list(argv)
     found = [m for a in argv if (m := _ARG.match(a))]
     if not found:
@@ -42,21 +43,18 @@ def expand_deepspeed_config_args(argv: Sequence[str], world_size: Optional[int] 
         read_deepspeed_json(value), value, world_size=launch_env.world_size() if world_size is None else world_size,
         deepspeed_available=deepspeed_installed(), command_line=overrides,
     )
-    _IMPORTS[value] = imported
+    if imports is not None:
+        imports[value] = imported
     return [*flags, *imported.override_texts, f"deepspeed_config={quote(value)}", *overrides]
 
 
-def imported_for(value: str) -> Optional[Imported]:
-    """What ``deepspeed_config=<value>`` mapped to on this command line, if it was expanded here."""
-    return _IMPORTS.get(value)
-
-
-def log_import(cfg) -> None:
-    """Log what the run's ``deepspeed_config`` mapped to (the CLI computed it before Hydra set up logging)."""
+def log_import(cfg, imports: Optional[Dict[str, Imported]] = None) -> None:
+    """Log what the run's ``deepspeed_config`` mapped to (the CLI computed it before Hydra set up logging
+    and noted it in ``imports``)."""
     value = cfg.get("deepspeed_config")
     if not value:
         return
-    imported = _IMPORTS.get(value)
+    imported = (imports or {}).get(value)
     if imported is None:  # a resumed run: its saved overrides hold what the file mapped to at its start
         log.info("deepspeed_config=%s: the settings imported when this run started (in its saved overrides)", value)
         return

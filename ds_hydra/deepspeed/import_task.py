@@ -10,15 +10,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ds_hydra.common import launch_env
-from ds_hydra.deepspeed.command_line import deepspeed_installed, imported_for
+from ds_hydra.deepspeed.command_line import deepspeed_installed
 from ds_hydra.deepspeed.json_import import Imported, Override, import_deepspeed_config, read_deepspeed_json
 from ds_hydra.errors import UserError
 
 EXPERIMENT_DIR = "experiment"  # under the run dir: <run dir>/experiment/<name>.yaml
 
-def import_task(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
+def import_task(cfg, run_dir: Optional[Path] = None, imported: Optional[Imported] = None) -> Dict[str, Any]:
     """``task=import_deepspeed``: write the file's overrides as an experiment preset into the run dir and
-    print them; train nothing."""
+    print them; train nothing. ``imported``: what the command line's ``deepspeed_config`` mapped to
+    (the CLI's); without it the file is mapped again here."""
     from hydra.core.hydra_config import HydraConfig
 
     from ds_hydra.common.run_dir import resolve_run_dir
@@ -26,7 +27,7 @@ def import_task(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     value = cfg.get("deepspeed_config")
     if not value:
         raise UserError("task=import_deepspeed: name the DeepSpeed config to import, deepspeed_config=<ds_config.json>")
-    imported = imported_for(value) or import_deepspeed_config(
+    imported = imported or import_deepspeed_config(
         read_deepspeed_json(value), value, world_size=launch_env.world_size(), deepspeed_available=deepspeed_installed())
     run_dir = resolve_run_dir(run_dir)
     others = []

@@ -33,7 +33,7 @@ import contextlib
 import logging
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -123,6 +123,8 @@ class StepMemory:
     """The part of ``parameters`` that does not train (no gradient, no optimizer state): a frozen base."""
     gradients_in_backward: bool = False
     """Each gradient is freed once its parameter steps inside backward (``optimizer_in_backward``)."""
+    alternatives: Dict[str, int] = field(default_factory=dict)
+    """What the step would need under each alternative asked for (``estimate_step_memory(alternatives=)``)."""
 
     @property
     def total(self) -> int:
@@ -271,9 +273,15 @@ def _forward_backward_peak(spec: StepSpec, model: nn.Module, batch: Any, ckpt: D
     return tracker.peak
 
 
-def estimate_step_memory(spec: StepSpec) -> StepMemory:
+def estimate_step_memory(spec: StepSpec, alternatives: Optional[Callable[[StepMemory], Dict[str, StepSpec]]] = None) -> StepMemory:
     """Bytes of one training step of ``spec`` (see the module docstring); allocates no real tensors
-    beyond the optimizer's probes (at most ``state_size.PROBE_ELEMENTS`` elements each)."""
+    beyond the optimizer's probes (at most ``state_size.PROBE_ELEMENTS`` elements each).
+
+    ``alternatives(estimate)``: specs of the same model under other settings (activation checkpointing,
+    a chunked head) worth estimating given this estimate (e.g. only when it does not fit); each is
+    replayed in the same estimate, sharing the parameter, gradient and optimizer numbers, and its total
+    goes into ``StepMemory.alternatives``.
+    """
     ckpt = dict(spec.ckpt)
     quiet = logging.getLogger("ds_hydra.activation_checkpointing")
     level = quiet.level
@@ -324,7 +332,7 @@ def estimate_step_memory(spec: StepSpec) -> StepMemory:
         held_gradients, unsharded_gradients = 0, 0
         peak += step_temporaries if step_kind == "loop" else {"fused": 0, "foreach": largest}[step_kind]  # one parameter's step at a time
         step_temporaries = 0
-    return StepMemory(
+    estimate = StepMemory(
         parameters=share(parameter_bytes, sharding.parameters),
         gradients=held_gradients,
         optimizer_state=optimizer_state,
@@ -339,6 +347,25 @@ def estimate_step_memory(spec: StepSpec) -> StepMemory:
         frozen_parameters=share(frozen_bytes, sharding.parameters),
         gradients_in_backward=spec.optimizer_in_backward,
     )
+    for name, other in (alternatives(estimate) if alternatives is not None else {}).items():
+        peak = _replayed_peak(other)
+        estimate.alternatives[name] = replace(estimate, forward_backward_peak=peak - unsharded_gradients).total
+    return estimate
+
+
+def _replayed_peak(spec: StepSpec) -> int:
+    """The forward-backward peak of ``spec`` alone (its model rebuilt on fake tensors, replayed once)."""
+    quiet = logging.getLogger("ds_hydra.activation_checkpointing")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), FakeTensorMode(), torch.device(spec.device):
+            warnings.simplefilter("ignore", FutureWarning)
+            model = spec.build_model()
+            model.train()
+            return _forward_backward_peak(spec, model, spec.example_batch(spec.device), dict(spec.ckpt))
+    finally:
+        quiet.setLevel(level)
 
 
 def _optimizer_state(make_optimizer, trainable_shapes, per_parameter: bool) -> Tuple[int, str]:

@@ -1,7 +1,7 @@
 """The memory preflight: a run's step estimated from its config, compared with the device's free memory.
 
-Before anything heavy is built (in ``Preflight`` for a CLI run, at the start of ``train`` otherwise,
-once per config and process), ``check_step_memory(cfg)`` estimates one training step with
+Before anything heavy is built (in ``Preflight`` for a CLI run, which hands its verdict to ``train``;
+at the start of ``train`` otherwise), ``check_step_memory(cfg)`` estimates one training step with
 ``memory_estimate`` and compares it with what the device has free (host memory on the CPU, shared
 by the ranks of a launch on one host; GPU memory on CUDA):
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional, Set
+from typing import Any, List, Optional, Tuple
 
 from ds_hydra.common import launch_env
 from ds_hydra.errors import UserError
@@ -30,8 +30,6 @@ ERROR_MARGIN = 0.15  # bench/memory.py: estimates within 15% of the measured ste
 REFUSE_ABOVE = 1 / (1 - ERROR_MARGIN)  # even an estimate 15% too high would not fit
 WARN_ABOVE = 1 - ERROR_MARGIN
 
-# The configs checked in this process (train() after Preflight, or a second train of one config, checks nothing twice).
-_checked: Set[str] = set()
 
 
 @dataclass
@@ -170,8 +168,15 @@ def judge_step_memory(cfg) -> MemoryVerdict:
     from ds_hydra.training.memory_estimate import estimate_step_memory, free_memory
 
     spec = step_spec(cfg)
-    estimate = estimate_step_memory(spec)
     on_host = spec.device.type == "cpu"
+    free, source = free_memory(spec.device, launch_env.local_world_size() if on_host else 1)
+
+    def alternatives(estimate) -> dict:  # replayed in the same estimate, only for a step that may not fit
+        if free is None or estimate.total <= WARN_ABOVE * free:
+            return {}
+        return {name: step_spec(changed) for name, changed in _alternative_configs(cfg)}
+
+    estimate = estimate_step_memory(spec, alternatives)
     device = str(spec.device)
     needs = f"memory: one training step needs about {estimate.describe()} on {device}"
     limit = cfg.trainer.get("memory_limit", None)
@@ -184,14 +189,13 @@ def judge_step_memory(cfg) -> MemoryVerdict:
             return MemoryVerdict(estimate, allowed, "trainer.memory_limit", device, logging.INFO, f"{needs}, within {versus}")
         advice = f"{estimate.dominant()} dominate: {estimate.advice()}"
         return MemoryVerdict(estimate, allowed, "trainer.memory_limit", device, logging.ERROR, f"{needs}, over {versus}; {advice}")
-    free, source = free_memory(spec.device, launch_env.local_world_size() if on_host else 1)
     if free is None:
         return MemoryVerdict(estimate, None, source, device, logging.INFO, f"{needs}; free memory {source}")
     ratio = estimate.total / max(free, 1)
     versus = f"{format_bytes(free)} {source} ({ratio:.0%})"
     if ratio <= WARN_ABOVE:
         return MemoryVerdict(estimate, free, source, device, logging.INFO, f"{needs}, of {versus}")
-    advice = "; ".join([f"{estimate.dominant()} dominate: {estimate.advice()}", *_alternatives(cfg, estimate.total, free)])
+    advice = "; ".join([f"{estimate.dominant()} dominate: {estimate.advice()}", *_alternatives(estimate, free)])
     if ratio > REFUSE_ABOVE:
         return MemoryVerdict(estimate, free, source, device, logging.ERROR, f"{needs}, far over the {versus}; {advice}")
     return MemoryVerdict(estimate, free, source, device, logging.WARNING, f"{needs}, close to the {versus}: it may not fit; {advice}")
@@ -212,12 +216,9 @@ def _head_chunks(cfg) -> dict:
     return {"model.head_chunk_tokens": max(1024, -(-per_chunk // 1024) * 1024)}
 
 
-def _alternatives(cfg, total: int, free: int) -> List[str]:
-    """``ckpt=full needs 13.9 GiB (fits)``-style lines for the changes that save at least a tenth."""
+def _alternative_configs(cfg) -> List[Tuple[str, Any]]:
+    """(override, changed config) for what a refusal offers: every block recomputed; the head in chunks."""
     from omegaconf import OmegaConf, open_dict
-
-    from ds_hydra.activation_checkpointing.config import format_bytes
-    from ds_hydra.training.memory_estimate import estimate_step_memory
 
     found = []
     chunked = _head_chunks(cfg) if "head_chunk_tokens" in cfg.model and not cfg.model.head_chunk_tokens else None
@@ -228,22 +229,25 @@ def _alternatives(cfg, total: int, free: int) -> List[str]:
         with open_dict(changed):
             for key, value in changes.items():
                 OmegaConf.update(changed, key, value)
-        needs = estimate_step_memory(step_spec(changed)).total
-        if needs < 0.9 * total:
-            found.append(f"{name} needs {format_bytes(needs)}{' (fits)' if needs <= WARN_ABOVE * free else ''}")
+        found.append((name, changed))
     return found
+
+
+def _alternatives(estimate, free: int) -> List[str]:
+    """``ckpt=full needs 13.9 GiB (fits)``-style lines for the alternatives that save at least a tenth."""
+    from ds_hydra.activation_checkpointing.config import format_bytes
+
+    return [f"{name} needs {format_bytes(needs)}{' (fits)' if needs <= WARN_ABOVE * free else ''}"
+            for name, needs in estimate.alternatives.items() if needs < 0.9 * estimate.total]
 
 
 def check_step_memory(cfg, say=None) -> Optional[MemoryVerdict]:
     """Refuse (``UserError``) a step far over the free memory (or over ``trainer.memory_limit``);
     ``say(level, line)`` the verdict otherwise (default: log it). ``trainer.batch_size=auto`` and
     ``ckpt=auto`` must be resolved first (``memory_fit.fit_to_memory``, which the callers run).
-    Once per config and process; ranks other than 0 leave the check to rank 0."""
+    Ranks other than 0 leave the check to rank 0."""
     mode = getattr(cfg.run.memory_check, "value", cfg.run.memory_check) if "run" in cfg else "refuse"
     if mode == "off" or launch_env.other_rank():
-        return None
-    key = _config_key(cfg)
-    if key in _checked:
         return None
     say = say or log.log
     try:
@@ -253,7 +257,6 @@ def check_step_memory(cfg, say=None) -> Optional[MemoryVerdict]:
     except Exception as exc:  # a model the estimate cannot run on fake tensors: train without it
         say(logging.WARNING, f"memory: could not estimate one training step ({_one_line(exc)}); run.memory_check=off skips this")
         return None
-    _checked.add(key)
     if verdict.level >= logging.ERROR:
         if mode == "refuse":
             raise UserError(f"{verdict.line}; or run.memory_check=warn to try anyway")
@@ -265,10 +268,3 @@ def check_step_memory(cfg, say=None) -> Optional[MemoryVerdict]:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return f"{type(exc).__name__}: {text}"[:300]
-
-
-def _config_key(cfg) -> str:
-    from omegaconf import OmegaConf
-
-    parts = ("model", "data", "trainer", "ckpt", "optimizer", "engine", "run")
-    return "\n".join(OmegaConf.to_yaml(cfg[k], resolve=True) for k in parts if k in cfg)

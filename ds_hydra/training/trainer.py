@@ -346,15 +346,17 @@ class Trainer:
         self.loss_steps = window.get("steps", 0)
         self.skipped_nonfinite = state.get("skipped_nonfinite", 0)
 
-    def load(self, path: Path, strict: bool = False) -> None:
+    def load(self, path: Path, strict: bool = False, checked: bool = False) -> None:
         """Continue from ``path`` (weights-only load); refuses a checkpoint of another model.
 
-        ``strict`` (sweep jobs) also refuses one saved under any other config.
+        ``strict`` (sweep jobs) also refuses one saved under any other config; ``checked``: the CLI
+        compared the configs already, before the run started.
         """
         path = Path(path)
         sharded = path.is_dir()
         state = sharded_checkpoint.load_resume_state(path)
-        resume_io.check_compatible(state["config"], self.cfg, path, strict=strict)
+        if not checked:
+            resume_io.check_compatible(state["config"], self.cfg, path, strict=strict)
         try:
             if sharded:  # each rank reads the parts of the shards it holds now (any world size)
                 self.load_trainer_state(sharded_checkpoint.load_sharded(self.engine, path))
@@ -488,20 +490,28 @@ def resolve_checkpoint_format(tcfg, engine_name: str, adapted: bool = False) -> 
 AfterTraining = Callable[[Any, Path, int, Callable[..., None]], Dict[str, Any]]
 
 
-def train(cfg, run_dir: Optional[Path] = None, after_training: Sequence[AfterTraining] = ()) -> Dict[str, Any]:
+def train(cfg, run_dir: Optional[Path] = None, after_training: Sequence[AfterTraining] = (),
+          plan: Optional[resume_io.StartPlan] = None) -> Dict[str, Any]:
     """Train from a composed config; returns the final metrics dict. ``ds_hydra.train`` (the task) adds
-    what the config asks to run after training (``lm_eval.after_training``) as ``after_training``."""
+    what the config asks to run after training (``lm_eval.after_training``) as ``after_training``.
+
+    ``plan``: the start the CLI settled before Hydra wrote into the run dir (memory checked, checkpoint
+    found and checked); without one (a library call, a sweep job) ``train`` settles it here, the same way.
+    """
     started = time.perf_counter()
     run_dir = resolve_run_dir(run_dir if run_dir is not None else resume_io.resume_target(cfg)[0])
     with run_lock.holding(run_dir, cfg):  # one writer per run dir (the CLI took the lock already)
-        return _train(cfg, run_dir, started, after_training)
+        return _train(cfg, run_dir, started, after_training, plan)
 
 
-def _train(cfg, run_dir: Path, started: float, after_training: Sequence[AfterTraining] = ()) -> Dict[str, Any]:
-    for line in fit_to_memory(cfg):  # batch_size=auto, ckpt=auto become numbers in cfg (every rank; the CLI's preflight did it already)
-        log.info(line)
-    check_step_memory(cfg)  # refuses a step far over the free memory (once per config: the CLI checked already)
-    plan = resume_io.plan_start(cfg, run_dir)  # refuses to start a new run over an old one
+def _train(cfg, run_dir: Path, started: float, after_training: Sequence[AfterTraining] = (),
+           plan: Optional[resume_io.StartPlan] = None) -> Dict[str, Any]:
+    if plan is None:  # a library call or a sweep job; the CLI's preflight settled all of this already
+        for line in fit_to_memory(cfg):  # batch_size=auto, ckpt=auto become numbers in cfg
+            log.info(line)
+        memory = check_step_memory(cfg)  # refuses a step far over the free memory
+        plan = resume_io.plan_start(cfg, run_dir)  # refuses to start a new run over an old one
+        plan.memory = memory
     if plan.completed is not None:
         log.info("%s finished earlier (%s): returning its final metrics", run_dir, resume_io.COMPLETED_FILE)
         return plan.completed
@@ -511,7 +521,7 @@ def _train(cfg, run_dir: Path, started: float, after_training: Sequence[AfterTra
         remove_partial_checkpoints(run_dir)  # sharded writes a crash interrupted: never complete, never loaded
     earlier_records = []
     if plan.checkpoint is not None:
-        trainer.load(plan.checkpoint, strict=resume_io.in_multirun())
+        trainer.load(plan.checkpoint, strict=resume_io.in_multirun(), checked=plan.checkpoint_checked)
         if is_main:
             earlier_records = resume_io.continue_from(run_dir, trainer.step, plan.checkpoint)
         log.info("resumed from %s at step %d", plan.checkpoint, trainer.step)

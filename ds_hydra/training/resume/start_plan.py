@@ -20,10 +20,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StartPlan:
-    """Where ``train`` starts: from scratch, from ``checkpoint``, or not at all (``completed``)."""
+    """Where ``train`` starts: from scratch, from ``checkpoint``, or not at all (``completed``), settled once
+    per run: by the CLI before Hydra writes into the run dir (``ds_hydra.cli.preflight``), which hands it to
+    ``train``, or by ``train`` itself when called as a library or in a sweep job."""
 
     checkpoint: Optional[Path] = None
     completed: Optional[Dict[str, Any]] = None
+    checkpoint_checked: bool = False
+    """The checkpoint's saved config was found compatible with this one already (``check_compatible``)."""
+    memory: Optional[Any] = None
+    """The memory verdict of one training step (``memory_preflight.check_step_memory``), once it was judged."""
 
 
 def resume_target(cfg) -> Tuple[Optional[Path], Optional[Path]]:

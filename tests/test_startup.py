@@ -1,0 +1,80 @@
+"""One start-up path: a command line run validates, locks, checks memory, plans its start and checks the
+checkpoint it continues once each (the CLI's callback settles them; the task uses what it settled), and
+``train(cfg)`` called as a library does the same checks itself, once each."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, TINY, tiny_run_args
+
+# Each guard, as "module:function"; counted wherever it is called from.
+GUARDS = {
+    "validate_config": "ds_hydra.validation:validate_config",
+    "lock": "ds_hydra.common.run_lock:acquire",
+    "memory check": "ds_hydra.training.memory_preflight:check_step_memory",
+    "memory estimate": "ds_hydra.training.memory_estimate:estimate_step_memory",
+    "plan_start": "ds_hydra.training.resume:plan_start",
+    "check_compatible": "ds_hydra.training.resume:check_compatible",
+}
+
+# Replaces each guard by a counting wrapper before anything imports it, runs `body`, prints the counts.
+COUNTING = """
+import collections, importlib, json, sys
+counts = collections.Counter()
+def count(name, target):
+    module, _, function = target.partition(":")
+    mod = importlib.import_module(module)
+    real = getattr(mod, function)
+    def counted(*args, **kwargs):
+        counts[name] += 1
+        return real(*args, **kwargs)
+    setattr(mod, function, counted)
+for name, target in {guards!r}.items():
+    count(name, target)
+try:
+{body}
+finally:
+    print("COUNTS " + json.dumps(counts), flush=True)
+"""
+
+
+def counted_run(body: str) -> dict:
+    code = COUNTING.format(guards=GUARDS, body="\n".join("    " + line for line in body.splitlines()))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("COUNTS ")]
+    assert lines, proc.stderr[-3000:]
+    return {"returncode": proc.returncode, "stderr": proc.stderr, **json.loads(lines[-1][len("COUNTS "):])}
+
+
+def cli(args) -> str:
+    return f"sys.argv = ['ds_hydra', *{list(args)!r}]\nfrom ds_hydra.cli import main\nmain()"
+
+
+def test_a_command_line_run_checks_everything_once(tmp_path):
+    run_dir = tmp_path / "run"
+    first = counted_run(cli(tiny_run_args(run_dir, "trainer.max_steps=2")))
+    assert first["returncode"] == 0, first["stderr"][-2000:]
+    assert {k: first.get(k, 0) for k in GUARDS} == {
+        "validate_config": 1, "lock": 1, "memory check": 1, "memory estimate": 1, "plan_start": 1, "check_compatible": 0}
+    # continuing it: the checkpoint is checked against the config once too
+    again = counted_run(cli([*TINY, f"resume={run_dir}", "trainer.max_steps=4"]))
+    assert again["returncode"] == 0, again["stderr"][-2000:]
+    assert {k: again.get(k, 0) for k in GUARDS} == {
+        "validate_config": 1, "lock": 1, "memory check": 1, "memory estimate": 1, "plan_start": 1, "check_compatible": 1}
+
+
+def test_train_as_a_library_checks_everything_once(tmp_path):
+    body = (
+        "sys.path.insert(0, 'tests')\nfrom conftest import compose\nfrom ds_hydra import train\n"
+        f"train(compose({[*TINY, 'trainer.max_steps=2']!r}), run_dir={str(tmp_path / 'run')!r})"
+    )
+    counts = counted_run(body)
+    assert counts["returncode"] == 0, counts["stderr"][-2000:]
+    # compose() validates nothing: a library caller validates with ds_hydra.validation when it wants to
+    assert {k: counts.get(k, 0) for k in GUARDS if k != "validate_config"} == {
+        "lock": 1, "memory check": 1, "memory estimate": 1, "plan_start": 1, "check_compatible": 0}
