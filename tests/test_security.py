@@ -517,3 +517,25 @@ def test_deepspeeds_checkpoint_loader_reads_weights_only_while_ds_hydra_resumes(
     assert loaded["optimizer_state_dict"]["loss_scaler"].cur_scale == 1.0 and torch.equal(loaded["module"]["w"], torch.ones(2))
     assert not (tmp_path / "marker").exists()
     assert "load" not in vars(engine.checkpoint_engine)  # DeepSpeed's own method is back after the resume
+
+
+def test_a_deepspeed_json_sets_values_never_interpolations():
+    """Hydra resolves ``${...}`` inside quoted override values: a JSON string ``${oc.env:SECRET}`` would copy the
+    environment into the run's saved config, and ``${oc.create:{_target_:...}}`` would build a node to instantiate."""
+    from ds_hydra.deepspeed.json_import import import_deepspeed_config
+    from ds_hydra.errors import ConfigError
+
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": "${oc.create:{_target_:builtins.open,file:VICTIM,mode:w}}"}},
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "nvme_path": "${oc.env:HOME}"}},
+    }
+    with pytest.raises(ConfigError) as refused_json:
+        import_deepspeed_config(config, path="ds.json")
+    lines = str(refused_json.value).splitlines()
+    assert any(line.strip().startswith("- deepspeed_config=ds.json: optimizer.params.lr='${oc.create:") and
+               "an interpolation" in line for line in lines), lines
+    assert any("zero_optimization.offload_optimizer.nvme_path='${oc.env:HOME}': an interpolation" in line for line in lines), lines
+    config["optimizer"]["params"]["lr"] = 3e-4
+    config["zero_optimization"]["offload_optimizer"]["nvme_path"] = "/local_nvme"
+    assert import_deepspeed_config(config, path="ds.json").overrides  # plain values pass

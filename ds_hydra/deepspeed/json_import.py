@@ -40,7 +40,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ds_hydra.deepspeed.keys import (  # the tables the mapper reads
     ACTIVATION_CHECKPOINTING_KEYS,
@@ -183,6 +183,9 @@ def import_deepspeed_config(
         for where in _unsafe_keys(override.source, override.key, override.value):
             mapper.problems.append(f"key {where!r} cannot be passed on: DeepSpeed's keys are names "
                                    f"(letters, digits, _ and -); rename or remove it")
+        for where, text in _interpolations(override.source, override.value):  # a JSON sets values, never resolvers
+            mapper.problems.append(f"{where}={text!r}: an interpolation (${{...}}: reads the environment, other keys, "
+                                   f"or builds nodes); a DeepSpeed JSON holds plain values: write the value itself")
     if mapper.problems:
         raise ConfigError([f"deepspeed_config={path}: {p}" for p in mapper.problems])
     imported = Imported(path=str(path), world_size=world_size, notes=mapper.notes, auto=mapper.auto,
@@ -196,6 +199,17 @@ def import_deepspeed_config(
         else:
             imported.overrides.append(override)
     return imported
+
+
+def _interpolations(where: str, value: Any) -> List[Tuple[str, str]]:
+    """``(DeepSpeed path, text)`` of every string in ``value`` that OmegaConf would resolve (``${...}``)."""
+    if isinstance(value, str):
+        return [(where, value)] if "${" in value else []
+    if isinstance(value, dict):
+        return [hit for k, v in value.items() for hit in _interpolations(f"{where}.{k}", v)]
+    if isinstance(value, (list, tuple)):
+        return [hit for i, v in enumerate(value) for hit in _interpolations(f"{where}[{i}]", v)]
+    return []
 
 
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
