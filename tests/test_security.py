@@ -539,3 +539,24 @@ def test_a_deepspeed_json_sets_values_never_interpolations():
     config["optimizer"]["params"]["lr"] = 3e-4
     config["zero_optimization"]["offload_optimizer"]["nvme_path"] = "/local_nvme"
     assert import_deepspeed_config(config, path="ds.json").overrides  # plain values pass
+
+
+@pytest.mark.parametrize("shard", ["/etc/hostname", "../../other_run/checkpoints/step_0000001/__0_0.distcp", ".."])
+def test_a_sharded_checkpoint_reads_only_the_shards_beside_its_index(tmp_path, shard):
+    """DCP opens each shard at the ``relative_path`` its ``.metadata`` names: an index naming a path outside its
+    directory would read another run's (or any) file into the model."""
+    import pickle
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+
+    from ds_hydra.training.sharded_checkpoint import read_metadata
+
+    checkpoint = tmp_path / "step_0000001"
+    checkpoint.mkdir()
+    index = lambda name: Metadata(state_dict_metadata={}, storage_data={MetadataIndex("model.w"): _StorageInfo(name, 0, 8)})  # noqa: E731
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(index(shard)))
+    with pytest.raises(UserError, match=rf"\.metadata: names the shard file '{re.escape(shard)}', outside its own directory"):
+        read_metadata(checkpoint)
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(index("__0_0.distcp")))
+    assert read_metadata(checkpoint).storage_data[MetadataIndex("model.w")].relative_path == "__0_0.distcp"

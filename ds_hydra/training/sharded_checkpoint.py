@@ -102,7 +102,7 @@ def read_metadata(path: Path):
     file = Path(path) / DCP_METADATA
     try:
         with open(file, "rb") as f:
-            return _MetadataUnpickler(f).load()
+            metadata = _MetadataUnpickler(f).load()
     except FileNotFoundError:
         raise UserError(f"{path}: not a sharded checkpoint (no {DCP_METADATA}: a write that never finished?)") from None
     except Exception as exc:
@@ -110,6 +110,12 @@ def read_metadata(path: Path):
             f"{file}: refused or damaged ({str(exc)[:200]}); sharded checkpoints are loaded only when their index "
             f"holds DCP's own metadata; use a checkpoint written by ds_hydra"
         ) from None
+    for where in (getattr(metadata, "storage_data", None) or {}).values():  # the shard files DCP will open
+        name = str(getattr(where, "relative_path", ""))
+        if name in ("", ".", "..") or Path(name).is_absolute() or Path(name).name != name:
+            raise UserError(f"{file}: names the shard file {name!r}, outside its own directory; a checkpoint "
+                            f"reads only the files beside its index; use a checkpoint written by ds_hydra")
+    return metadata
 
 
 def _reader(path: Path):
