@@ -733,8 +733,11 @@ def test_train_reports_activation_bytes(tmp_path):
 def test_every_ckpt_option_applies_to_gpt_tiny(option):
     from ds_hydra.validation import config_problems
 
-    cfg = compose(["model=gpt_tiny", f"ckpt={option}"])
+    from ds_hydra.training.memory_fit import fit_to_memory
+
+    cfg = compose(["model=gpt_tiny", f"ckpt={option}", "trainer.memory_limit=64MiB"])
     assert config_problems(cfg) == []
+    fit_to_memory(cfg)  # ckpt=auto: its budget fitted to the limit, as a run does before anything is built
     from omegaconf import OmegaConf
 
     model = checkpoint_activations(gpt(), example_input=GPT_BATCH, **OmegaConf.to_container(cfg.ckpt))

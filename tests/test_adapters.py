@@ -393,8 +393,8 @@ def test_custom_module_takes_adapters_by_module_name_and_needs_names(monkeypatch
 
 def test_memory_preflight_counts_frozen_quantized_and_trained_bytes_apart():
     """The preflight builds the model as it trains (fake tensors): gradients and optimizer state for the adapters
-    alone, and a quantized base at bitsandbytes' storage (its packed weights; the scales, 1/64 byte per weight
-    with nf4, are buffers beside them)."""
+    alone, and a quantized base at bitsandbytes' storage (its packed weights and the quantization state kept
+    beside them: scales, code tables)."""
     pytest.importorskip("bitsandbytes")
     from ds_hydra.models.build import build_model
     from ds_hydra.training.memory_estimate import estimate_step_memory
@@ -409,6 +409,21 @@ def test_memory_preflight_counts_frozen_quantized_and_trained_bytes_apart():
         trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         assert estimate.gradients == trained and estimate.optimizer_state == 2 * trained  # AdamW: two moments
         stored = sum(p.numel() * p.element_size() for p in model.parameters())  # nf4: two codes per byte
-        assert estimate.parameters == stored
+        assert estimate.parameters == stored + _quant_state_bytes(model)
+
+
+def _quant_state_bytes(model) -> int:
+    """Bytes bitsandbytes keeps beside each nf4 weight: its scales, code table and, nested, the scales'
+    own scales, code table and offset."""
+    total = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        if state is None:
+            continue
+        tensors = [state.absmax, state.code]
+        if getattr(state, "nested", False):
+            tensors += [state.state2.absmax, state.state2.code, state.offset]
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
 
 

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 
 from ds_hydra.activation_checkpointing.blocks import find_blocks, original_class
 from ds_hydra.activation_checkpointing.config import (
+    AUTO_BUDGET,
     TYPICAL_BLOCK_SAVE_RATIO,
     CkptConfig,
     any_policy,
@@ -408,6 +409,11 @@ def _choose_regions(cfg: CkptConfig, n: int, profile: Optional[ActivationProfile
         return per_block_regions(range(n), selective)
     if cfg.every_n:
         return per_block_regions(every_n_blocks(n, cfg.every_n), selective)
+    if cfg.memory_budget == AUTO_BUDGET:  # a run resolves it first (ds_hydra.training.memory_fit); a library call cannot
+        raise ValueError(
+            "memory_budget='auto' is fitted to trainer.memory_limit when a run starts; called directly, "
+            "checkpoint_activations needs the budget itself (memory_budget='2GiB', or a percentage such as '40%')"
+        )
     budget = parse_budget(cfg.memory_budget)
     if budget is not None:
         kind, value = budget
