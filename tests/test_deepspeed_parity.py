@@ -298,14 +298,14 @@ def test_deepspeed_initialize_accepts_our_callables(single_process_group):
     import deepspeed
 
     from conftest import compose
-    from ds_hydra.instantiate import instantiate
+    from ds_hydra.models.build import build_model
     from ds_hydra.optim.build import optimizer_callable, param_groups_for, scheduler_callable
     from ds_hydra.models.contract import CausalLMLoss
 
     cfg = compose(["model=gpt_tiny", "optimizer=adamw", "scheduler=warmup_cosine_lr", "trainer.max_steps=12",
                    "scheduler.warmup_num_steps=3", "param_groups.lr_rules=[{pattern:'^wte',lr_mult:0.5}]"])
     torch.manual_seed(0)
-    model = instantiate(cfg.model, vocab_size=65)
+    model = build_model(cfg.model, 65)
     groups = param_groups_for(model, cfg.optimizer, cfg.param_groups)
     base_lrs = [g.get("lr", cfg.optimizer.lr) for g in groups]  # before the optimizer and scheduler own the dicts
     assert base_lrs == [1e-3, 1e-3, 5e-4]

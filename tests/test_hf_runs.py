@@ -95,7 +95,8 @@ def test_hf_two_ranks_train_what_one_process_does(tmp_path, one_process, engine)
 
     if engine == "fsdp" and fsdp_unsupported(torch.device("cpu")):
         pytest.skip(fsdp_unsupported(torch.device("cpu")))
-    proc = torchrun([*RUN, f"engine={engine}", "trainer.save_every=2"], cwd=tmp_path)
+    # a full checkpoint to compare (several ranks write sharded ones by default)
+    proc = torchrun([*RUN, f"engine={engine}", "trainer.save_every=2", "trainer.checkpoint_format=full"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     assert f"{engine}: rank 0 of 2" in (run_dir / "rank0.log").read_text()

@@ -255,7 +255,7 @@ def test_infer_in_process_from_a_step_file(trained_run, tmp_path, caplog):
     with caplog.at_level("INFO"):
         metrics = infer(cfg, run_dir=tmp_path / "out")
     assert metrics["samples"][0].startswith("ROMEO:") and len(metrics["samples"][0]) == 26
-    assert metrics["same_tokens"] is True  # greedy, 6 + 20 tokens <= block_size 32
+    assert "same_tokens" not in metrics  # generated once (cache vs no cache: test_greedy_is_identical_..., bench/inference.py)
     assert "fused SDPA" in caplog.text
     assert (tmp_path / "out" / "samples.txt").read_text().startswith("ROMEO:")
 

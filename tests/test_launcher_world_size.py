@@ -68,4 +68,4 @@ def test_print_and_validate_under_torchrun_start_no_process_group(tmp_path):
     validate = run_cli(["task=validate", "model=gpt_tiny", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'v'}"], cwd=tmp_path,
                        env={**NOBODY_LISTENS, "RANK": "0", "WORLD_SIZE": "2"}, timeout=120)
     assert validate.returncode == 0, validate.stderr
-    assert "task=validate; resolved config" in validate.stdout
+    assert "task=validate: model=gpt_tiny" in validate.stdout

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from conftest import REPO, compose
 from ds_hydra.errors import ConfigError, UserError
 from ds_hydra.instantiate import instantiate
+from ds_hydra.models.build import build_model
 from ds_hydra.models.contract import CausalLMLoss
 from ds_hydra.optim import build
 from ds_hydra.optim.build import (
@@ -31,7 +32,7 @@ VOCAB = 65
 
 def gpt(cfg):
     torch.manual_seed(0)
-    return instantiate(cfg.model, vocab_size=VOCAB)
+    return build_model(cfg.model, VOCAB)
 
 
 def split(overrides=(), model_overrides=("model=gpt_tiny",)):
