@@ -359,7 +359,8 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(t
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **ONE_THREAD}
     env.pop("HYDRA_FULL_ERROR", None)
-    args = [*TINY, "trainer.max_steps=2000", "trainer.log_interval=1", "trainer.eval_interval=0", "engine=ddp", f"hydra.run.dir={run_dir}"]
+    args = [*TINY, "trainer.max_steps=2000", "trainer.log_interval=1", "trainer.eval_interval=0", "engine=ddp",
+            "trainer.checkpoint_format=full", f"hydra.run.dir={run_dir}"]  # one file to look for (sharded: a folder)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ds_hydra", *args]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
