@@ -395,7 +395,7 @@ def test_torchrun_restart_continues_the_run_it_interrupted(tmp_path):
     torchrun restarts them, and they continue the same run from its checkpoint (no second run dir),
     ending with the weights of an uninterrupted 2-rank run."""
     args = [*TINY, "trainer.max_steps=300", "trainer.batch_size=16", "trainer.log_interval=1", "trainer.eval_interval=0",
-            "engine=ddp"]
+            "engine=ddp", "trainer.checkpoint_format=full"]  # final_state reads one file
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.Popen([*head, "--max-restarts=1", "-m", "ds_hydra", *args], cwd=tmp_path, env=_torchrun_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
