@@ -108,3 +108,20 @@ def pytest_runtest_logreport(report):
 def pytest_collectreport(report):
     if report.skipped:
         _note_skipped(report.nodeid)
+
+
+# A launcher's variables: in-process runs may set some (DeepSpeed's engine insists on LOCAL_RANK, a
+# --local-rank flag is turned into it), and a later test's library would read them as a distributed
+# launch (accelerate, inside the harness's own hf model, then waits for a RANK).
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def launcher_variables_stay_as_they_were():
+    saved = {name: os.environ.get(name) for name in LAUNCHER_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
