@@ -8,7 +8,6 @@ from typing import Any, Dict
 
 import torch.nn as nn
 
-from ds_hydra.errors import UserError
 
 BASE_FILE = "base_model.pt"
 
@@ -28,10 +27,4 @@ def load_base(model: nn.Module, run_dir: Path) -> None:
 
     path = Path(run_dir) / BASE_FILE
     saved = state_io.safe_torch_load(path)
-    weights = saved.get("model") if isinstance(saved, dict) else None
-    if not isinstance(weights, dict):
-        raise UserError(f"{path}: not a ds_hydra base model file (it has no 'model' weights)")
-    problems = state_io.state_dict_mismatches(model, weights)
-    if problems:
-        raise UserError(f"{path} does not fit this model: {'; '.join(problems)}")
-    model.load_state_dict(weights, strict=True)
+    state_io.load_checked_weights(model, saved.get("model") if isinstance(saved, dict) else None, str(path), "base model file")

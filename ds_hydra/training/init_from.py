@@ -39,11 +39,6 @@ def load_initial_weights(model: nn.Module, value: str) -> Path:
 
     state = load_checkpoint_state(path, with_optimizer=False)
     weights = state.get("model") if isinstance(state, dict) else None
-    if not isinstance(weights, dict):
-        raise UserError(f"{KEY}={value}: {path} is not a ds_hydra training checkpoint (it has no 'model' weights)")
-    problems = state_io.state_dict_mismatches(model, weights)
-    if problems:
-        raise UserError(f"{KEY}={value}: {path} does not fit this model: {'; '.join(problems)}")
-    model.load_state_dict(weights, strict=True)
+    state_io.load_checked_weights(model, weights, f"{KEY}={value}: {path}", "training checkpoint")
     log.info("initial weights from %s (step %s); optimizer, schedule and data start afresh", path, state.get("step", "?"))
     return path

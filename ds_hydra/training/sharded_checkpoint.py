@@ -163,14 +163,10 @@ def read_trainer_state(path: Path) -> Dict[str, Any]:
     path = Path(path)
     if not is_sharded_checkpoint(path):
         raise UserError(f"{path}: not a complete sharded checkpoint (it needs {DCP_METADATA} and {TRAINER_STATE_FILE})")
+    from ds_hydra.training.state import checked_state
+
     state = _safe_load(path / TRAINER_STATE_FILE)
-    if not isinstance(state, dict) or state.get("format") != SHARDED_STATE_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise UserError(f"{path}: not a ds_hydra sharded checkpoint (format {found!r}, expected {SHARDED_STATE_FORMAT})")
-    missing = [key for key in SHARDED_STATE_KEYS if key not in state]
-    if missing:
-        raise UserError(f"{path}: incomplete sharded checkpoint (no {', '.join(missing)})")
-    return state
+    return checked_state(state, path, SHARDED_STATE_FORMAT, SHARDED_STATE_KEYS, "sharded checkpoint")
 
 
 def read_rng_state(path: Path, rank: int) -> Optional[Dict[str, Any]]:

@@ -116,14 +116,30 @@ def _load_failure(exc: Exception) -> str:
 
 def load_train_state(path: Path, mmap: bool = False) -> Dict[str, Any]:
     """A resumable training state written by ``Trainer.save``: safely loaded, its keys checked."""
-    state = safe_torch_load(path, mmap=mmap)
-    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+    return checked_state(safe_torch_load(path, mmap=mmap), path, TRAIN_STATE_FORMAT, TRAIN_STATE_KEYS, "training checkpoint")
+
+
+def checked_state(state: Any, path: Path, expected_format: str, keys, what: str) -> Dict[str, Any]:
+    """``state`` if it is a dict of ``expected_format`` holding every one of ``keys``; else one line naming
+    ``path`` and what is wrong (a file of another kind, or one written only in part)."""
+    if not isinstance(state, dict) or state.get("format") != expected_format:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise UserError(f"{path}: not a ds_hydra training checkpoint (format {found!r}, expected {TRAIN_STATE_FORMAT})")
-    missing = [key for key in TRAIN_STATE_KEYS if key not in state]
+        raise UserError(f"{path}: not a ds_hydra {what} (format {found!r}, expected {expected_format})")
+    missing = [key for key in keys if key not in state]
     if missing:
-        raise UserError(f"{path}: incomplete training checkpoint (no {', '.join(missing)})")
+        raise UserError(f"{path}: incomplete {what} (no {', '.join(missing)})")
     return state
+
+
+def load_checked_weights(model: nn.Module, weights: Any, where: str, what: str) -> None:
+    """Load ``weights`` (a state dict read from a file) into ``model``, strictly; one line naming ``where``
+    when it is not a state dict of ``what`` or does not fit the model (every mismatch listed)."""
+    if not isinstance(weights, dict):
+        raise UserError(f"{where} is not a ds_hydra {what} (it has no 'model' weights)")
+    problems = state_dict_mismatches(model, weights)
+    if problems:
+        raise UserError(f"{where} does not fit this model: {'; '.join(problems)}")
+    model.load_state_dict(weights, strict=True)
 
 
 def seed_everything(seed: int) -> None:
