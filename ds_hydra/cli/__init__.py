@@ -211,7 +211,9 @@ def _cli_main() -> None:
                 try:
                     main()
                 except RunRefused as refused:  # found before Hydra wrote into the run dir
-                    raise refused.error from None
+                    # the error itself, not the carrier; its own cause stays (Hydra's instantiate wraps a
+                    # _target_'s error, and the torchrun report names the error underneath)
+                    raise refused.error from refused.error.__cause__
             _exit_if_sweep_failed()
             if startup.error is not None:
                 raise startup.error
