@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import ds_hydra.cli as cli
-from conftest import TINY, compose, run_cli
+from conftest import REPO, TINY, compose, run_cli
 from ds_hydra.cli import config_dir, run_task
 from ds_hydra.config_store import register_configs
 from ds_hydra.errors import UserError
@@ -229,7 +229,8 @@ def test_submitit_local_launcher(tmp_path):
 @pytest.mark.slow
 def test_every_experiment_preset_trains_two_steps(tmp_path):
     sweep_dir = tmp_path / "experiments"
-    presets = sorted(p.stem for p in (Path(cli.__file__).resolve().parent.parent / "conf" / "experiment").glob("*.yaml"))
+    presets = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+    assert presets  # a wrong folder would make the comparison below vacuous
     # each preset as it is, but 2 steps of 2 short sequences: a smoke test of the preset, not its cost
     proc = run_cli(["-m", "experiment=glob(*)", "trainer.max_steps=2", "trainer.batch_size=2", "trainer.eval_batches=1",
                     "trainer.grad_accum_steps=1", "model.block_size=64",
