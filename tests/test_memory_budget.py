@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import TINY, compose
+from test_resume import assert_same_tree
 
 # gpt_tiny 128 wide: its matrices (128 x 128 = 16,384 elements) are above the 4,096 under which
 # 8-bit optimizers keep fp32 state, so the quantized state is what is measured
@@ -121,23 +122,6 @@ def _final_state(run_dir):
     return safe_torch_load(latest_checkpoint(run_dir))
 
 
-def _assert_same(a, b, where="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif key_is_timing(where):
-        return
-    else:
-        assert a == b, (where, a, b)
-
-
 def key_is_timing(where: str) -> bool:
     return where.endswith(".config")  # the resumed run's config names resume=
 
@@ -160,7 +144,7 @@ def test_a_resumed_run_ends_exactly_where_the_uninterrupted_one_does(setting, tm
     train(compose(run), run_dir=run_dir)
     reference = _final_state(run_dir)
     train(compose([*run, f"resume={checkpoint_path(run_dir, 2)}"]), run_dir=run_dir)
-    _assert_same(reference, _final_state(run_dir))
+    assert_same_tree(reference, _final_state(run_dir), "state", key_is_timing)
 
 
 def test_in_backward_steps_give_the_weights_of_ordinary_steps(tmp_path):
