@@ -125,3 +125,15 @@ def launcher_variables_stay_as_they_were():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test: tiny models gain nothing from more, and on a busy machine extra
+    threads stall each op. Put back afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,13 +25,7 @@ from ds_hydra.models.gpt import GPT, Block, KVCache
 from ds_hydra.validation import config_problems
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine extra threads stall each op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per test
 
 
 # -- the config ------------------------------------------------------------------------------------

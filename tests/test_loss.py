@@ -24,12 +24,7 @@ SFT_STEP = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per test
 
 
 def split_run(batch_size: int, accum: int, extra=()):
