@@ -40,6 +40,8 @@ TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "m
 
 @pytest.mark.parametrize("group,option", ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
 def test_option_composes_and_resolves(group, option):
+    if group == "optimizer" and option in {"adamw8bit": "bitsandbytes", "adamw4bit": "torchao"}:
+        pytest.importorskip({"adamw8bit": "bitsandbytes", "adamw4bit": "torchao"}[option], reason="optimizer=" + option + " needs the quant extra")
     if (group, option) == ("hparams_search", "optuna"):
         pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the optuna sweeper is an optional extra (sweeps)")
     if group == "logger" and option in TRACKER_PACKAGES:  # a tracker without its package is refused (test_tracking)
@@ -86,6 +88,8 @@ def test_data_options_instantiate(option, tmp_path):
 
 @pytest.mark.parametrize("option", options("optimizer"))
 def test_optimizer_options_are_callables_over_params(option):
+    if option in {"adamw8bit": "bitsandbytes", "adamw4bit": "torchao"}:
+        pytest.importorskip({"adamw8bit": "bitsandbytes", "adamw4bit": "torchao"}[option], reason="optimizer=" + option + " needs the quant extra")
     cfg = compose([f"optimizer={option}"])
     param = torch.nn.Parameter(torch.ones(3))
     optimizer = optimizer_callable(cfg.optimizer)([param])  # drops arguments this torch lacks, if left at their default

@@ -139,6 +139,8 @@ def test_param_group_table_is_logged(caplog):
 # -- every optimizer option -------------------------------------------------------------------------
 @pytest.mark.parametrize("option", OPTIMIZERS)
 def test_optimizer_option_builds_over_gpt_groups_and_steps(option):
+    if option in {"adamw8bit": "bitsandbytes", "adamw4bit": "torchao"}:
+        pytest.importorskip({"adamw8bit": "bitsandbytes", "adamw4bit": "torchao"}[option], reason="optimizer=" + option + " needs the quant extra")
     cfg = compose(["model=gpt_tiny", f"optimizer={option}"])
     model = gpt(cfg)
     optimizer = build_optimizer(cfg.optimizer, model, torch.device("cpu"), cfg.param_groups)

@@ -127,6 +127,7 @@ def test_load_model_uses_todays_allowed_targets_never_the_runs(tmp_path):
 def test_a_run_directory_does_not_choose_where_its_data_is_cached(tmp_path, monkeypatch):
     """A copied-in run's ``data.cache_dir`` would make task=infer/eval and load_model write the tokenized corpus
     (and its ``path``: any file it names) into a directory of the run's choosing; today's cache is used instead."""
+    pytest.importorskip("tokenizers", reason="the run trains a BPE tokenizer (the tokenizers extra)")
     from ds_hydra.data.base import build_data
     from ds_hydra.inference.loading import load_model
     from ds_hydra.models.build import build_model
