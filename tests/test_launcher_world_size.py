@@ -4,6 +4,7 @@ launcher's process. Commands that only print or check the config start no proces
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,35 @@ def test_print_and_validate_under_torchrun_start_no_process_group(tmp_path):
                        env={**NOBODY_LISTENS, "RANK": "0", "WORLD_SIZE": "2"}, timeout=120)
     assert validate.returncode == 0, validate.stderr
     assert "task=validate: model=gpt_tiny" in validate.stdout
+
+
+def test_import_task_checks_the_config_against_the_composed_launchers_world_size(tmp_path, monkeypatch):
+    """``task=import_deepspeed`` mapping the file itself (a Python call, a sweep job: no command line mapped
+    it) uses the launching rule too: the composed ``hydra/launcher=torchrun``'s nnodes x nproc_per_node
+    where no launcher started this process, else the launch environment's WORLD_SIZE."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from conftest import compose
+    from ds_hydra.deepspeed.import_task import import_task
+    from ds_hydra.errors import UserError
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # set below; restored after the test
+    path = _config(tmp_path)
+
+    def imported(*launcher):
+        cfg = compose(["task=import_deepspeed", f"deepspeed_config={path}", *launcher], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        return import_task(cfg, run_dir=tmp_path / "run")
+
+    result = imported("hydra/launcher=torchrun", "hydra.launcher.nproc_per_node=4", "hydra.launcher.nnodes=2")
+    assert {"trainer.batch_size=16", "trainer.grad_accum_steps=4"} <= set(result["overrides"])
+    assert "(world size 8)" in Path(result["experiment"]).read_text().splitlines()[1]
+
+    with pytest.raises(UserError, match="written for world size 8, but this run has 1"):
+        imported()  # the basic launcher: one process
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # inside a launcher's process its world size wins
+    with pytest.raises(UserError, match="written for world size 8, but this run has 2"):
+        imported("hydra/launcher=torchrun", "hydra.launcher.nproc_per_node=8")

@@ -163,13 +163,12 @@ def _exit_without_collecting() -> None:
     gc.freeze()
 
 
-def _run_world_size(argv) -> Optional[int]:
-    """The ranks the run will have where it is not yet running under them: ``hydra/launcher=torchrun``'s
-    ``nnodes x nproc_per_node`` (None: a launcher's environment says, or one process)."""
+def _run_world_size(argv) -> int:
+    """The ranks the run will have (``torchrun_config.run_world_size``: the launch environment's, else
+    ``hydra/launcher=torchrun``'s ``nnodes x nproc_per_node``, else 1)."""
     from ds_hydra.cli.torchrun_config import launcher_world_size
-    from ds_hydra.common import launch_env
 
-    return None if launch_env.launched() else launcher_world_size(argv)
+    return launcher_world_size(argv)
 
 
 def cli_main() -> None:

@@ -96,12 +96,23 @@ _LAUNCHER_CHOICE = re.compile(r"^(?:\+\+|\+)?hydra/launcher=(.*)$")
 _LAUNCHER_KEY = re.compile(r"^(?:\+\+|\+)?hydra\.launcher\.(nproc_per_node|nnodes)=(.*)$")
 
 
-def launcher_world_size(overrides: Sequence[str]) -> Optional[int]:
-    """The world size of the run a command line asks ds_hydra's torchrun launcher for
-    (``hydra/launcher=torchrun``, ``hydra.launcher.nnodes`` x ``hydra.launcher.nproc_per_node``), read before
-    Hydra composes (for ``deepspeed_config=``, whose batch triple depends on it); None without that launcher."""
+def launcher_world_size(overrides: Sequence[str]) -> int:
+    """``run_world_size`` of a command line, read before Hydra composes (for ``deepspeed_config=``, whose
+    batch triple depends on it): ``hydra/launcher=torchrun`` and its ``hydra.launcher.*`` overrides."""
     choice = [m.group(1).strip("'\"") for a in overrides if (m := _LAUNCHER_CHOICE.match(a))]
-    if not choice or choice[-1] != "torchrun":
-        return None
     given = {m.group(1): m.group(2).strip("'\"") for a in overrides if (m := _LAUNCHER_KEY.match(a))}
-    return TorchrunSettings(**given).world_size()
+    return run_world_size(choice[-1] if choice else None, given)
+
+
+def run_world_size(launcher: Optional[str], launcher_cfg: Any) -> int:
+    """The ranks a run gets, by one rule for the command line and the tasks: a launcher's environment
+    where one started this process (torchrun, the deepspeed launcher: WORLD_SIZE); else, with
+    ``hydra/launcher=torchrun`` (``launcher`` is the chosen option's name), its ``nnodes x nproc_per_node``
+    (``launcher_cfg``: the ``hydra.launcher`` node or its overrides); else one process."""
+    from ds_hydra.common import launch_env
+
+    if launch_env.launched():
+        return launch_env.world_size()
+    if launcher == "torchrun":
+        return TorchrunSettings.from_config(launcher_cfg).world_size()
+    return 1

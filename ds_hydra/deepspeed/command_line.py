@@ -26,7 +26,8 @@ def expand_deepspeed_config_args(argv: Sequence[str], world_size: Optional[int] 
     """``argv`` with the overrides ``deepspeed_config=<file>`` maps to in front (unchanged if there is
     none); the command's own overrides follow and win, and ``deepspeed_config`` itself is kept (the run
     records it). ``world_size``: what the batch triple is checked against (None: the launcher's
-    environment, else 1; the CLI passes its torchrun launcher's ``nnodes x nproc_per_node``).
+    environment, else 1; the CLI passes ``torchrun_config.run_world_size``'s, which also counts its torchrun
+    launcher's ``nnodes x nproc_per_node``).
     ``imports``: where to note what the file mapped to (for the run's log and the task)."""
     argv = list(argv)
     found = [m for a in argv if (m := _ARG.match(a))]

@@ -9,7 +9,6 @@ import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ds_hydra.common import launch_env
 from ds_hydra.deepspeed.command_line import deepspeed_installed
 from ds_hydra.deepspeed.json_import import Imported, Override, import_deepspeed_config, read_deepspeed_json
 from ds_hydra.errors import UserError
@@ -28,7 +27,7 @@ def import_task(cfg, run_dir: Optional[Path] = None, imported: Optional[Imported
     if not value:
         raise UserError("task=import_deepspeed: name the DeepSpeed config to import, deepspeed_config=<ds_config.json>")
     imported = imported or import_deepspeed_config(
-        read_deepspeed_json(value), value, world_size=launch_env.world_size(), deepspeed_available=deepspeed_installed())
+        read_deepspeed_json(value), value, world_size=job_world_size(), deepspeed_available=deepspeed_installed())
     run_dir = resolve_run_dir(run_dir)
     others = []
     if HydraConfig.initialized():
@@ -39,6 +38,19 @@ def import_task(cfg, run_dir: Optional[Path] = None, imported: Optional[Imported
     command = " ".join(["python -m ds_hydra", *(shlex.quote(o) for o in [*imported.override_texts, *others])])
     print(f"# {path}: run it with\n#   {run_command(path, others)}\n# or pass the overrides directly:\n{command}")
     return {"experiment": str(path), "overrides": imported.override_texts}
+
+
+def job_world_size() -> int:
+    """The ranks this job's run gets, by the rule the command line uses (``run_world_size``): the launch
+    environment's, else the composed ``hydra/launcher=torchrun``'s ``nnodes x nproc_per_node``, else 1."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from ds_hydra.cli.torchrun_config import run_world_size
+
+    if not HydraConfig.initialized():
+        return run_world_size(None, {})
+    hydra_cfg = HydraConfig.get()
+    return run_world_size(hydra_cfg.runtime.choices.get("hydra/launcher"), hydra_cfg.launcher)
 
 
 def experiment_name(path: str) -> str:
