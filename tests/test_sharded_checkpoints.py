@@ -118,6 +118,29 @@ def test_async_save_returns_a_copy_taken_before_training_goes_on(tmp_path):
         assert torch.equal(saved[name], tensor), name
 
 
+def test_async_staging_refills_one_copy_and_follows_a_changed_layout():
+    """Staging copies into buffers allocated once: each save's copy lands in the same memory, holds the state
+    as it was at that save, and takes the current non-tensor entries (a scheduled lr); new buffers only when
+    the layout changes (the optimizer's moments appear at its first step)."""
+    from ds_hydra.training.sharded_checkpoint import StagingBuffers
+
+    staging = StagingBuffers()
+    state = {"model": {"w": torch.arange(4.0)}, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": ["w"]}]}}
+    first = staging.stage(state)
+    state["model"]["w"].add_(1.0)
+    assert torch.equal(first["model"]["w"], torch.arange(4.0))  # a copy, not the live tensor
+    buffer = first["model"]["w"].data_ptr()
+    state["optimizer"]["param_groups"][0]["lr"] = 0.2
+    second = staging.stage(state)
+    assert second["model"]["w"].data_ptr() == buffer and torch.equal(second["model"]["w"], torch.arange(4.0) + 1)
+    assert second["optimizer"]["param_groups"][0]["lr"] == 0.2
+    state["optimizer"]["state"] = {"w": {"step": torch.tensor(1.0), "exp_avg": torch.full((4,), 3.0)}}
+    third = staging.stage(state)
+    assert torch.equal(third["optimizer"]["state"]["w"]["exp_avg"], torch.full((4,), 3.0))
+    assert torch.equal(third["optimizer"]["state"]["w"]["step"], torch.tensor(1.0))
+    assert torch.equal(third["model"]["w"], torch.arange(4.0) + 1)
+
+
 def test_convert_between_formats_and_load_model_reads_a_sharded_checkpoint(runs, tmp_path):
     from ds_hydra import load_model
     from ds_hydra.training.checkpoint_convert import main

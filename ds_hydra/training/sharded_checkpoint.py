@@ -15,14 +15,16 @@ under its final name is complete on every rank. Loading is safe as ``weights_onl
 index is unpickled with an allowlist of DCP's own metadata classes, non-tensor entries (param groups)
 are loaded with ``torch.load(weights_only=True)``, and the small files likewise.
 
-``async_checkpoint``: DCP's ``async_save`` copies the state to CPU memory, returns, and writes from a
-thread over a gloo process group of its own (training's collectives never share it); ``PendingSave``
+``async_checkpoint``: DCP's ``async_save`` copies the state into CPU buffers kept between saves
+(``StagingBuffers``), returns, and writes from a thread over a gloo process group of its own (training's
+collectives never share it); the small files are written by that thread too (``_writer_class``). ``PendingSave``
 is finished (waited for, renamed, older ones pruned) by the next save, the end of the run, a stop
 signal, or as soon as ``poll`` sees it done.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -42,7 +44,7 @@ from ds_hydra.common.checkpoint_files import (
     is_sharded_checkpoint,
     partial_path,
 )
-from ds_hydra.common.files import fsync_dir
+from ds_hydra.common.files import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +180,95 @@ def read_rng_state(path: Path, rank: int) -> Optional[Dict[str, Any]]:
 
 
 # -- saving ----------------------------------------------------------------------------------------
+class StagingBuffers:
+    """The CPU copy an asynchronous save writes from, allocated at the first save and reused by every later
+    one (pinned where CUDA is available, so device-to-host copies run at full speed).
+
+    DCP's own staging allocates a new copy at every save and, for FSDP's DTensors on the CPU, deep-copies
+    each shard before copying into the new tensor: three passes over the state and fresh pages to fault in,
+    all while training waits. Reused, staging is one copy into memory already mapped. At most one save is
+    in flight (the trainer finishes the previous one first), so the buffers are never read while refilled.
+    The price is that copy held for the whole run, not just during a save."""
+
+    def __init__(self) -> None:
+        self._layout: Optional[tuple] = None
+        self._buffers: Optional[Dict[str, Any]] = None
+
+    def stage(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        """``state`` with every tensor copied into the buffers (new ones if its layout changed: the
+        optimizer's moments appear at its first step); other entries as they are now (the lr of each group)."""
+        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+
+        layout = _layout(state)
+        if layout != self._layout:
+            self._buffers = None  # the old copy goes before the new one is allocated
+            self._buffers = _create_cpu_state_dict(state, pin_memory=torch.cuda.is_available())
+            self._layout = layout
+        return _copy_state_dict(state, self._buffers)
+
+    @staticmethod
+    def supported() -> bool:
+        """torch's helpers for a reusable copy (torch >= 2.4 has them; without, DCP's own staging is used)."""
+        try:
+            from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+
+def _layout(node: Any) -> Any:
+    """What decides the shape of the staging buffers: the nesting, and each tensor's type, shape and dtype."""
+    if isinstance(node, torch.Tensor):
+        local = getattr(node, "_local_tensor", node)  # a DTensor's buffer is its local shard
+        return (type(node).__name__, tuple(local.shape), local.dtype)
+    if isinstance(node, dict):
+        return tuple((key, _layout(value)) for key, value in node.items())
+    if isinstance(node, (list, tuple)):
+        return tuple(_layout(value) for value in node)
+    return None  # ints, floats, strings: passed through as they are at each save
+
+
+def _file_writer(path: Path, files: Dict[str, bytes], staging: Optional[StagingBuffers] = None):
+    """DCP's file writer for ``path``, which also writes ``files`` (name: bytes) there; with ``staging``,
+    its async staging copies into those buffers."""
+    return _writer_class()(str(path), files, staging if staging is not None and StagingBuffers.supported() else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _writer_class():
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class ShardWriter(FileSystemWriter):
+        """Writes this rank's small files (its generators; rank 0: the trainer's state) beside its shards,
+        in ``write_data``: in the background with async saves, and before this rank reports its shards
+        written, so ``.metadata`` (written once every rank has) means every rank's files are there too."""
+
+        def __init__(self, path: str, files: Dict[str, bytes], staging: Optional[StagingBuffers]) -> None:
+            super().__init__(path)
+            self._files = files
+            self._staging = staging
+
+        def stage(self, state_dict):
+            if self._staging is None:
+                return super().stage(state_dict)
+            self.per_thread_copy_ahead = 0  # as FileSystemWriter.stage: the staged state is in CPU memory
+            return self._staging.stage(state_dict)
+
+        def write_data(self, plan, planner):
+            for name, data in self._files.items():
+                atomic_write(Path(self.path) / name, lambda f, data=data: f.write(data), binary=True)
+            return super().write_data(plan, planner)
+
+    return ShardWriter
+
+
+def _serialized(obj: Any) -> bytes:
+    """``torch.save``'s bytes of ``obj``: a snapshot taken now, written later (tensors copied in)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 @dataclass
 class PendingSave:
     """An asynchronous save in flight: DCP's future, and where its directory goes once it is complete."""
@@ -222,26 +313,24 @@ def save_sharded(
     asynchronous: bool = False,
     process_group=None,
     on_complete: Callable[[Path], None] = lambda path: None,
+    staging: Optional[StagingBuffers] = None,
 ) -> Optional[PendingSave]:
     """Every rank writes its shards of the engine's model and optimizer state into ``final``'s partial
     directory; the directory gets its final name once all ranks are done. Synchronous: returns None once
     it has (``on_complete`` called on rank 0). Asynchronous: returns a ``PendingSave`` once the state is
-    copied to CPU memory. Every rank calls it at the same step."""
+    copied to CPU memory (into ``staging``'s buffers when given). Every rank calls it at the same step."""
     import torch.distributed.checkpoint as dcp
-
-    from ds_hydra.training.state import atomic_torch_save
 
     partial = partial_path(final)
     if engine.is_main:
         shutil.rmtree(partial, ignore_errors=True)  # what an interrupted write of this step left
         partial.mkdir(parents=True)
     engine.barrier()  # the directory is fresh before any rank writes into it
-    atomic_torch_save(rng, partial / rng_file(engine.rank))
+    files = {rng_file(engine.rank): _serialized(rng)}
     if engine.is_main:
-        atomic_torch_save({"format": SHARDED_STATE_FORMAT, "world_size": engine.world_size, **trainer_state},
-                          partial / TRAINER_STATE_FILE)
+        files[TRAINER_STATE_FILE] = _serialized({"format": SHARDED_STATE_FORMAT, "world_size": engine.world_size, **trainer_state})
     state = engine.sharded_state_dict()
-    writer = dcp.FileSystemWriter(str(partial))
+    writer = _file_writer(partial, files, staging if asynchronous else None)
     if not asynchronous:
         try:
             with _alone():

@@ -180,6 +180,9 @@ class Trainer:
         self.pending_save: Optional[sharded_checkpoint.PendingSave] = None  # at most one background write
         # Background writes coordinate over a gloo group of their own (collective: every rank creates it).
         self.checkpoint_group = sharded_checkpoint.checkpoint_process_group(self.engine.world_size) if self.async_checkpoint else None
+        # The CPU copy background writes read, allocated at the first save and refilled by every later one.
+        self.staging = sharded_checkpoint.StagingBuffers() if self.async_checkpoint else None
+        self._config_yaml: Optional[str] = None  # the resolved config every checkpoint holds (it never changes)
 
     def _load_base(self, model: nn.Module) -> None:
         """The base weights, before quantization and adapters: an adapter run's saved base when it resumes,
@@ -317,8 +320,13 @@ class Trainer:
             "data": self.train_batches.state_dict(),  # global batches taken: the same at any world size
             "loss_window": {"sum": self.loss_sum, "steps": self.loss_steps},
             "skipped_nonfinite": self.skipped_nonfinite,
-            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+            "config": self.config_yaml(),
         }
+
+    def config_yaml(self) -> str:
+        if self._config_yaml is None:
+            self._config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True)
+        return self._config_yaml
 
     def model_state(self) -> Dict[str, Any]:
         state = self.engine.model_state_dict()
@@ -387,6 +395,7 @@ class Trainer:
                 self.pending_save = sharded_checkpoint.save_sharded(
                     self.engine, self.trainer_state(), state_io.rng_state(), path,
                     asynchronous=self.async_checkpoint, process_group=self.checkpoint_group, on_complete=self._prune,
+                    staging=self.staging,
                 )
             else:
                 self.engine.save_engine_checkpoint(self.run_dir, self.step)  # DeepSpeed: every rank's shards
