@@ -10,9 +10,9 @@ For each policy, and for torch's own checkpoint_sequential and per-block torch.u
 * saved: bytes kept for backward, counted exactly (SavedActivationCounter), and its ratio to none;
 * kept / peak: what the allocator holds after forward and its peak over forward + backward, above
   the parameters (torch.profiler with profile_memory=True on the CPU, max_memory_allocated on CUDA),
-  each next to the prediction of the formulas from H (bytes saved outside the blocks), b (one
-  block's input), A (one block's saved bytes), S (a selective block's saved op outputs) and G
-  (parameter gradients), all measured by the probe and printed;
+  each next to the prediction of the formulas (the peak by ``analytic_peak``'s walk of backward) from
+  H (bytes saved outside the blocks), b (one block's input), A (one block's saved bytes), S (a
+  selective block's saved op outputs) and G (parameter gradients), all measured by the probe and printed;
 * time: step time (forward + backward) relative to none, the fastest of interleaved rounds; on the
   CPU it is CPU time with one thread (--threads), so other processes on a shared machine barely
   disturb it.
@@ -46,6 +46,7 @@ from ds_hydra.activation_checkpointing import (  # noqa: E402
 )
 from ds_hydra.activation_checkpointing.policies import Region, per_block_regions, segment_regions  # noqa: E402
 from ds_hydra.activation_checkpointing.selective import SaveOps  # noqa: E402
+from bench.analytic_peak import transient_bytes, walked_peak  # noqa: E402
 from ds_hydra.models.contract import CausalLMLoss  # noqa: E402
 from ds_hydra.models.gpt import GPT  # noqa: E402
 
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
 
     p = probe(base, list(find_blocks(base)[1]), batch, SaveOps(None))
     H, b, A, S, G = p.H, p.b, p.A, p.S, p.gradient_bytes
-    T_ = p.transient_bytes()
+    T_ = transient_bytes(p)
     none_bytes = p.kept_bytes([])
     budget = int(args.budget * none_bytes)
     kind = type(base.lm).__name__
@@ -258,7 +259,7 @@ def main(argv=None) -> int:
         kept, peak = allocator_kept_and_peak(model, batch, device)
         results[name] = dict(
             saved=saved, kept=kept, peak=peak, regions=regions, formula=formula,
-            kept_pred=closed_form_kept(regions, L, H, b, A, S), peak_pred=p.peak_bytes(regions), times=[],
+            kept_pred=closed_form_kept(regions, L, H, b, A, S), peak_pred=walked_peak(p, regions), times=[],
         )
     for _ in range(args.rounds):
         for name, model in models.items():

@@ -208,7 +208,7 @@ def _plot_lr(curve, names, title: str):
 def _checkpoint_plan_section(cfg, model, report: ValidationReport, ckpt: dict) -> None:
     """The plan of the ``ckpt`` policy on the meta model: which blocks recompute in backward."""
     from ds_hydra.activation_checkpointing import checkpoint_activations, find_blocks
-    from ds_hydra.activation_checkpointing.planner import describe_regions
+    from ds_hydra.activation_checkpointing.policies import describe_regions
 
     if ckpt.get("memory_budget") is not None:  # a budget is planned on a batch of the run's shape, which meta tensors lack
         report.add("activation checkpointing", f"ckpt.memory_budget={ckpt['memory_budget']}: the recomputed blocks are planned "

@@ -27,8 +27,7 @@ from ds_hydra.activation_checkpointing import (
     remove_activation_checkpointing,
 )
 from ds_hydra.activation_checkpointing.config import CkptConfig, parse_budget, validate_ckpt
-from ds_hydra.activation_checkpointing.planner import plan_for_budget
-from ds_hydra.activation_checkpointing.policies import Region, best_segment_count, segment_regions
+from ds_hydra.activation_checkpointing.policies import Region, best_segment_count, plan_for_budget, segment_regions
 from ds_hydra.activation_checkpointing.selective import selective_available
 from ds_hydra.errors import UserError
 from ds_hydra.models.contract import CausalLMLoss
@@ -671,13 +670,13 @@ def test_offload_on_cpu_is_a_logged_no_op(caplog):
 @pytest.mark.parametrize("policy", [dict(offload=True), dict(offload=True, full=True), dict(offload=True, segments=2)])
 def test_offload_hooks_copy_saved_activations_and_keep_gradients(policy):
     """The offload machinery, exercised on the CPU: every saved activation is copied out and back."""
-    from ds_hydra.activation_checkpointing.offload import Offload
+    from ds_hydra.activation_checkpointing.offload import OffloadHooks
 
     reference = step(gpt(), GPT_BATCH)
     model = checkpoint_activations(gpt(), **policy)
     state = checkpointing_state(model)
     state.offload.remove()
-    state.offload = Offload(model, _copy_on_cpu=True)
+    state.offload = OffloadHooks(model, _copy_on_cpu=True)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(1234)
     with SavedActivationCounter(model) as saved:

@@ -27,32 +27,27 @@ from torch.utils._pytree import tree_leaves
 
 from ds_hydra.activation_checkpointing.blocks import find_blocks, original_class
 from ds_hydra.activation_checkpointing.config import (
-    AUTO_BUDGET,
     TYPICAL_BLOCK_SAVE_RATIO,
     CkptConfig,
-    any_policy,
     deepspeed_key_notes,
-    effective_segments,
     format_bytes,
-    parse_budget,
-    validate_ckpt,
+    map_ckpt,
 )
 from ds_hydra.activation_checkpointing.counter import note_kept
-from ds_hydra.activation_checkpointing.offload import Offload
-from ds_hydra.activation_checkpointing.planner import (
+from ds_hydra.activation_checkpointing.measure import (
     ActivationProfile,
-    _norm_buffers,
-    describe_regions,
-    plan_for_budget,
     probe,
     restore_buffers,
-    segment_advice,
+    running_stat_buffers,
 )
+from ds_hydra.activation_checkpointing.offload import OffloadHooks
 from ds_hydra.activation_checkpointing.policies import (
+    Checkpointing,
+    MemoryBudget,
     Region,
-    every_n_blocks,
-    per_block_regions,
-    segment_regions,
+    Segments,
+    describe_regions,
+    from_config,
 )
 from ds_hydra.activation_checkpointing.rng import replaying_tracker
 from ds_hydra.activation_checkpointing.selective import (
@@ -71,7 +66,7 @@ log = logging.getLogger(__name__)
 STATE_ATTR = "_ds_hydra_checkpointing"  # on the model: its CheckpointingState
 ROLE_ATTR = "_ds_hydra_ckpt_role"  # on each checkpointed block: its place in a region
 
-__all__ = ["checkpoint_activations", "remove_activation_checkpointing", "find_blocks", "CheckpointingState"]
+__all__ = ["checkpoint_activations", "remove_activation_checkpointing", "find_blocks", "CheckpointingState", "plan_checkpointing"]
 
 
 # -- the swapped classes --------------------------------------------------------------------------------
@@ -141,7 +136,7 @@ class _Runner:
         self.pending: Optional[_Pending] = None
         self.in_forward = False
         self.inside = False  # running a later block of the region from within the region
-        self.norm_buffers = _norm_buffers(blocks)
+        self.norm_buffers = running_stat_buffers(blocks)
         self.context_fn = make_context_fn(state.save_ops, state.recorder) if region.selective else None
 
     # the region's blocks, run as the parent would: each takes the previous one's output
@@ -341,22 +336,22 @@ class _Role:
 
 # -- per-model state ------------------------------------------------------------------------------------
 class CheckpointingState:
-    """Everything checkpointing keeps for one model: its config, plan, profile and timing records."""
+    """Everything checkpointing keeps for one model: its policy, plan, profile and timing records."""
 
-    def __init__(self, cfg: CkptConfig, path: str, regions: List[Region], n_blocks: int,
+    def __init__(self, policy: Checkpointing, path: str, regions: List[Region], n_blocks: int,
                  save_ops: Optional[SaveOps], profile: Optional[ActivationProfile]):
-        self.cfg = cfg
+        self.policy = policy
         self.path = path
         self.regions = regions
         self.n_blocks = n_blocks
         self.save_ops = save_ops
         self.activation_profile = profile
-        self.use_reentrant = cfg.use_reentrant
-        self.preserve_rng_state = cfg.preserve_rng_state
-        self.synchronize = cfg.synchronize_checkpoint_boundary
-        self.profile = cfg.profile
-        self.recorder = OpRecorder() if cfg.selective else None
-        self.offload: Optional[Offload] = None
+        self.use_reentrant = policy.options.use_reentrant
+        self.preserve_rng_state = policy.options.preserve_rng_state
+        self.synchronize = policy.options.synchronize
+        self.profile = policy.options.profile
+        self.recorder = OpRecorder() if policy.selective is not None else None
+        self.offload: Optional[OffloadHooks] = None
         self.blocks: List[nn.Module] = []
         self.times: Dict[int, Dict[str, float]] = {}
         self.last_times: Dict[int, Dict[str, float]] = {}
@@ -398,32 +393,6 @@ def ckpt_config(ckpt: Dict[str, Any]) -> CkptConfig:
     return CkptConfig(**ckpt)
 
 
-def _choose_regions(cfg: CkptConfig, n: int, profile: Optional[ActivationProfile],
-                    save_ops: Optional[SaveOps]) -> List[Region]:
-    selective = bool(cfg.selective)
-    segments = effective_segments(cfg)
-    if segments:
-        # One segment is always recomputed: "leave the last one" would mean checkpointing nothing.
-        return segment_regions(n, segments, cfg.checkpoint_last or segments == 1, selective)
-    if cfg.full:
-        return per_block_regions(range(n), selective)
-    if cfg.every_n:
-        return per_block_regions(every_n_blocks(n, cfg.every_n), selective)
-    if cfg.memory_budget == AUTO_BUDGET:  # a run resolves it first (ds_hydra.training.memory_fit); a library call cannot
-        raise ValueError(
-            "memory_budget='auto' is fitted to trainer.memory_limit when a run starts; called directly, "
-            "checkpoint_activations needs the budget itself (memory_budget='2GiB', or a percentage such as '40%')"
-        )
-    budget = parse_budget(cfg.memory_budget)
-    if budget is not None:
-        kind, value = budget
-        limit = int(value * profile.kept_bytes([])) if kind == "fraction" else value
-        return plan_for_budget(profile, limit, selective=save_ops is not None)
-    if selective:
-        return per_block_regions(range(n), True)
-    return []
-
-
 @dataclass
 class CheckpointPlan:
     """Which blocks a policy recomputes, and (given a batch) what they save."""
@@ -435,58 +404,79 @@ class CheckpointPlan:
     profile: Optional[ActivationProfile]
     """The probe's measurements on the example batch; None without one (unless a policy needs it)."""
     save_ops: Optional[SaveOps]
+    policy: Checkpointing
+    """The policy the plan is of."""
 
 
-def plan_checkpointing(model: nn.Module, cfg: CkptConfig, example_input: Any = None, forward: Optional[Callable] = None,
+def plan_checkpointing(model: nn.Module, policy, example_input: Any = None, forward: Optional[Callable] = None,
                        measure: bool = False) -> CheckpointPlan:
-    """The plan of policy ``cfg`` for ``model``'s blocks, without applying it.
+    """The plan of ``policy`` (a ``Checkpointing``, or a ``CkptConfig`` of the ``ckpt`` group's keys) for
+    ``model``'s blocks, without applying it.
 
     ``example_input``: a batch of the real shape, run through ``forward`` (default: the model itself;
     the trainer passes model plus loss, so the loss's saved tensors are measured too). The probe runs
     when a policy needs it, or always with ``measure`` (what the memory preflight asks)."""
-    path, container = find_blocks(model, cfg.blocks)
+    if isinstance(policy, Checkpointing):
+        path, container = find_blocks(model, policy.options.blocks)
+        problems = policy.problems(len(container))
+        if problems:
+            raise ConfigError(problems)
+    else:  # the ckpt keys: checked against the model's block count, in their own names
+        path, container = find_blocks(model, policy.blocks)
+        policy = from_config(policy, n_blocks=len(container))
     blocks = list(container)
-    problems = validate_ckpt(cfg, len(blocks))
-    if problems:
-        raise ConfigError(problems)
-    budget = cfg.memory_budget is not None
-    if cfg.selective:
+    budget = policy.block if isinstance(policy.block, MemoryBudget) else None
+    if policy.selective is not None:
         require_selective()
-    use_selective = (cfg.selective or budget) and selective_available() and not cfg.use_reentrant
-    save_ops = SaveOps(cfg.save_ops) if use_selective else None
-    if budget and example_input is None:
+    saves_ops = policy.saves_ops(selective_available())
+    save_ops = SaveOps(policy.save_ops()) if saves_ops else None
+    if budget is not None and example_input is None:
         raise UserError(
-            f"ckpt.memory_budget={cfg.memory_budget}: the plan is measured on a batch; pass "
+            f"ckpt.memory_budget={budget.config.budget}: the plan is measured on a batch; pass "
             f"checkpoint_activations(model, example_input=<a batch>, ...) (the trainer does)"
         )
     profile = None
-    if example_input is not None and (measure or budget or cfg.selective or effective_segments(cfg) or cfg.full or cfg.every_n):
+    if example_input is not None and (measure or policy.recomputes_blocks):
         profile = probe(model, blocks, example_input, save_ops, forward=forward)
-        if cfg.selective:
+        if policy.selective is not None:
             check_matched(save_ops, profile.ops)
-    return CheckpointPlan(path, blocks, _choose_regions(cfg, len(blocks), profile, save_ops), profile, save_ops)
+    regions = policy.regions(len(blocks), profile, saves_ops=save_ops is not None)
+    return CheckpointPlan(path, blocks, regions, profile, save_ops, policy)
 
 
-def checkpoint_activations(model: nn.Module, example_input: Any = None, forward: Optional[Callable] = None, **ckpt) -> nn.Module:
-    """Apply the activation-checkpointing policy ``ckpt`` (the fields of ``CkptConfig``) to ``model``
-    in place and return it. ``example_input``: a batch of the real shape (a tensor, a tuple of
+def checkpoint_activations(model: nn.Module, example_input: Any = None, forward: Optional[Callable] = None,
+                           policy=None, **ckpt) -> nn.Module:
+    """Apply an activation-checkpointing policy to ``model`` in place and return it: either the
+    ``ckpt`` group's keys as keyword arguments (the fields of ``CkptConfig``: ``segments=4``,
+    ``full=True``, ...), or ``policy``: policy objects (``Segments(segments=4)``, ``[Full(), Selective()]``)
+    or a whole ``Checkpointing``. ``example_input``: a batch of the real shape (a tensor, a tuple of
     arguments, a dict of keyword arguments, or a callable returning one); ``memory_budget`` needs it,
     and with it the plan's memory is measured and logged. ``forward`` runs the example (default: the
     model; the trainer passes model plus loss, so the plan counts the loss's memory too). Applying
     again replaces the previous plan; with every policy off the model is left untouched."""
-    cfg = ckpt_config(ckpt)
     remove_activation_checkpointing(model)
-    for note in deepspeed_key_notes(cfg):
-        log.info(note)
-    if not any_policy(cfg):
-        problems = validate_ckpt(cfg, None)  # e.g. profile=true with nothing to profile
-        if problems:
+    if policy is not None:
+        if ckpt:
+            raise UserError(
+                f"checkpoint_activations: pass policy objects or the ckpt keywords, not both (got policy={policy!r} "
+                f"and {', '.join(sorted(ckpt))})"
+            )
+        policy = Checkpointing.of(policy)
+        asked = policy.any
+    else:
+        policy = ckpt_config(ckpt)
+        configs, problems = map_ckpt(policy)
+        for note in deepspeed_key_notes(policy):
+            log.info(note)
+        asked = configs.any
+        if not asked and problems:  # e.g. profile=true with nothing to profile
             raise ConfigError(problems)
+    if not asked:
         return model
-    plan = plan_checkpointing(model, cfg, example_input, forward=forward)
-    path, blocks, regions, n, save_ops, profile = plan.path, plan.blocks, plan.regions, len(plan.blocks), plan.save_ops, plan.profile
+    plan = plan_checkpointing(model, policy, example_input, forward=forward)
+    policy, path, blocks, regions, save_ops, profile = plan.policy, plan.path, plan.blocks, plan.regions, plan.save_ops, plan.profile
 
-    state = CheckpointingState(cfg, path, regions, n, save_ops, profile)
+    state = CheckpointingState(policy, path, regions, len(blocks), save_ops, profile)
     if profile is not None and state.recorder is not None:
         state.recorder.checked = True
     for index, region in enumerate(regions):
@@ -501,37 +491,33 @@ def checkpoint_activations(model: nn.Module, example_input: Any = None, forward:
             setattr(block, ROLE_ATTR, _Role(runner, position))
             block.__class__ = _checkpointed_class(type(block))
             state.blocks.append(block)
-    if cfg.offload or cfg.cpu_checkpointing:
-        state.offload = Offload(model)
+    if policy.offload is not None:
+        state.offload = OffloadHooks(model)
     model.__dict__[STATE_ATTR] = state
-    _log_plan(state, cfg, path, blocks)
+    _log_plan(state, path, blocks)
     return model
 
 
-def _log_plan(state: CheckpointingState, cfg: CkptConfig, path: str, blocks: Sequence[nn.Module]) -> None:
+def _log_plan(state: CheckpointingState, path: str, blocks: Sequence[nn.Module]) -> None:
     n = len(blocks)
     kind = original_class(blocks[0]).__name__
     line = f"activation checkpointing: {path} ({n} x {kind}): {describe_regions(state.regions, n)}"
     if state.offload is not None:
         line += "; saved activations offloaded to host memory on CUDA"
-    profile = state.activation_profile
-    if profile is not None:
+    profile, block = state.activation_profile, state.policy.block
+    if profile is not None:  # measured bytes; the step's peak is the memory estimate's (ds_hydra.training.memory_estimate)
         none = profile.kept_bytes([])
         kept = profile.kept_bytes(state.regions)
         line += (
-            f"; kept for backward {format_bytes(kept)} (none: {format_bytes(none)}, {kept / max(none, 1):.2f}x), "
-            f"predicted step peak {format_bytes(profile.peak_bytes(state.regions))} above the parameters "
-            f"(none: {format_bytes(profile.peak_bytes([]))}); {profile.describe()}"
+            f"; kept for backward {format_bytes(kept)} (none: {format_bytes(none)}, {kept / max(none, 1):.2f}x); "
+            f"{profile.describe()}"
         )
-        if cfg.memory_budget is not None:
-            kind_value = parse_budget(cfg.memory_budget)
-            limit = int(kind_value[1] * none) if kind_value[0] == "fraction" else kind_value[1]
-            line += f"; budget {format_bytes(limit)}"
+        if isinstance(block, MemoryBudget):
+            line += f"; budget {format_bytes(block.limit(profile))}"
     log.info(line)
-    segments = effective_segments(cfg)
-    if segments:
+    if isinstance(block, Segments):
         ratio = profile.A / max(profile.b, 1) if profile is not None else TYPICAL_BLOCK_SAVE_RATIO
-        advice = segment_advice(n, segments, ratio)
+        advice = block.advice(n, ratio)
         if advice:
             assumed = "" if profile is not None else f" (A/b assumed {ratio:.0f}; pass example_input to measure it)"
             log.info("%s%s", advice, assumed)

@@ -1,22 +1,24 @@
-"""Schema of the ``ckpt`` config group: which blocks recompute their activations in backward (torch-free).
+"""Schema of the ``ckpt`` config group, and the one mapping of its keys to policies (torch-free).
 
 The fields are the keyword arguments of ``ds_hydra.checkpoint_activations(model, **ckpt)``, so
 ``python -m ds_hydra ckpt.segments=4`` and ``checkpoint_activations(model, segments=4)`` do the same.
-At most one of the block-choosing policies is set (``segments``/``number_checkpoints``, ``full``,
-``every_n``, ``memory_budget``); ``selective`` and ``offload`` combine with any of them.
+``map_ckpt`` turns them into the small config of each policy class
+(``ds_hydra.activation_checkpointing.policies``): at most one block-choosing policy (``SegmentsConfig``,
+``FullConfig``, ``EveryNConfig``, ``MemoryBudgetConfig``), plus the modifiers that combine with any of
+them (``SelectiveConfig``, ``OffloadConfig``) and the options of every checkpointed region
+(``RunOptions``). Which key wins, and which keys conflict, is decided there and nowhere else.
 
-DeepSpeed's ``activation_checkpointing`` keys are accepted with their meaning without tensor parallelism,
-so that section of a DeepSpeed JSON config can be passed as it is. They also configure
-``ds_hydra.checkpointing`` (DeepSpeed's checkpointing module surface) for models that call it.
+DeepSpeed's ``activation_checkpointing`` keys are fields too (``ds_hydra.deepspeed.activation_checkpointing_config``
+declares them and says what each means here), so that section of a DeepSpeed JSON config can be passed as it is.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import List, Optional, Union
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple, Union
 
-# The policies that choose which blocks to recompute; at most one may be set.
-BLOCK_POLICIES = ("segments", "number_checkpoints", "full", "every_n", "memory_budget")
+from ds_hydra.deepspeed import activation_checkpointing_config as deepspeed_keys
+from ds_hydra.deepspeed.activation_checkpointing_config import DeepSpeedCheckpointingKeys
 
 # What a block of a transformer typically saves for backward, in units of its input's bytes (measured
 # for GPT blocks: 18x without dropout, up to 30x with dropout masks and attention weights).
@@ -30,8 +32,8 @@ DEFAULT_SAVE_OPS = ("matmul", "attention")
 
 
 @dataclass
-class CkptConfig:
-    """Activation checkpointing policy; every field is a keyword argument of ``checkpoint_activations``."""
+class CkptPolicyKeys:
+    """ds_hydra's own keys of the ``ckpt`` group (the first fields of ``CkptConfig``)."""
 
     segments: int = 0
     """Split the block list into this many contiguous segments and recompute them in backward (0: off).
@@ -70,22 +72,100 @@ class CkptConfig:
     """torch's older reentrant checkpoint (no keyword arguments to blocks, no ``selective``)."""
     preserve_rng_state: bool = True
     """Replay the RNG state on recompute so dropout masks match (gradients equal the un-checkpointed ones)."""
-    number_checkpoints: Optional[int] = None
-    """DeepSpeed's name for ``segments``."""
-    cpu_checkpointing: bool = False
-    """DeepSpeed's name for ``offload``."""
-    synchronize_checkpoint_boundary: bool = False
-    """DeepSpeed: synchronize the CUDA device before and after each checkpointed segment, in forward and in
-    recompute (no-op on CPU); also for the model's own ``ds_hydra.checkpointing.checkpoint`` calls."""
+
+
+@dataclass
+class CkptConfig(DeepSpeedCheckpointingKeys, CkptPolicyKeys):
+    """Activation checkpointing policy; every field is a keyword argument of ``checkpoint_activations``."""
+
+
+# -- the policies' own configs (what ``map_ckpt`` makes of the keys) ------------------------------------
+@dataclass(frozen=True)
+class SegmentsConfig:
+    """``Segments``: contiguous segments of blocks, each recomputed as one region."""
+
+    segments: int
+    """K, 1..number of blocks; K = number of blocks is per-block checkpointing."""
+    checkpoint_last: bool = False
+    """Recompute the last segment too (K = 1 always recomputes its only segment)."""
+
+
+@dataclass(frozen=True)
+class FullConfig:
+    """``Full``: every block recomputed on its own."""
+
+
+@dataclass(frozen=True)
+class EveryNConfig:
+    """``EveryN``: blocks n-1, 2n-1, ... recomputed on their own."""
+
+    n: int
+    """1..number of blocks; 1 is ``Full``."""
+
+
+@dataclass(frozen=True)
+class MemoryBudgetConfig:
+    """``MemoryBudget``: the fewest recomputed blocks whose saved activations fit a budget."""
+
+    budget: Union[int, str]
+    """Bytes (123456789), a size (``8GiB``, ``500MB``), a share of the un-checkpointed bytes (``40%``), or
+    ``auto`` (fitted to the step's memory limit by a run before it starts)."""
+    save_ops: Optional[Tuple[str, ...]] = None
+    """What a block the plan recomputes selectively keeps (null: ``DEFAULT_SAVE_OPS``)."""
+
+    def parsed(self):
+        """("bytes", n) or ("fraction", f); a ValueError names the key for a budget of no known form."""
+        return parse_budget(self.budget)
+
+
+@dataclass(frozen=True)
+class SelectiveConfig:
+    """``Selective``: inside each recomputed block, keep the outputs of ``save_ops`` and recompute the rest."""
+
+    save_ops: Optional[Tuple[str, ...]] = None
+    """Op aliases or aten names; null: ``DEFAULT_SAVE_OPS``."""
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """``Offload``: saved activations wait for backward in pinned host memory (CUDA)."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How every checkpointed region runs, whatever the policy."""
+
+    blocks: Optional[str] = None
+    """Dotted path of the block list; None: found in the model."""
+    use_reentrant: bool = False
+    preserve_rng_state: bool = True
+    synchronize: bool = False
+    """Synchronize the CUDA device around each region's forward and recompute."""
     profile: bool = False
-    """DeepSpeed: log every step's forward and recompute time of each checkpointed segment (and of the
-    model's own ``ds_hydra.checkpointing.checkpoint`` calls)."""
-    partition_activations: bool = False
-    """DeepSpeed: split checkpointed activations across tensor-parallel ranks. Without tensor parallelism
-    DeepSpeed keeps each input whole, and so does ds_hydra: accepted, logged, no effect."""
-    contiguous_memory_optimization: bool = False
-    """DeepSpeed: copy partitioned activations into one preallocated buffer; nothing is partitioned without
-    tensor parallelism: accepted, logged, no effect."""
+    """Log each region's forward and recompute time every step."""
+
+
+BlockConfig = Union[SegmentsConfig, FullConfig, EveryNConfig, MemoryBudgetConfig]
+
+
+@dataclass(frozen=True)
+class PolicyConfigs:
+    """What one ``ckpt`` config asks for, as the configs of the policy classes."""
+
+    block: Optional[BlockConfig] = None
+    """The block-choosing policy; None: none (with ``selective`` alone every block is recomputed selectively)."""
+    selective: Optional[SelectiveConfig] = None
+    offload: Optional[OffloadConfig] = None
+    options: RunOptions = field(default_factory=RunOptions)
+
+    @property
+    def recomputes_blocks(self) -> bool:
+        return self.block is not None or self.selective is not None
+
+    @property
+    def any(self) -> bool:
+        """Whether anything is asked at all (False: the model is left untouched)."""
+        return self.recomputes_blocks or self.offload is not None
 
 
 _UNITS = {
@@ -135,15 +215,13 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def effective_segments(cfg) -> int:
-    """``segments``, or DeepSpeed's ``number_checkpoints`` when that is the one given."""
-    if cfg.number_checkpoints not in (None, 0) and not cfg.segments:
-        return int(cfg.number_checkpoints)
-    return int(cfg.segments)
+def map_ckpt(cfg, n_blocks: Optional[int] = None, prefix: str = "ckpt") -> Tuple[PolicyConfigs, List[str]]:
+    """The policy configs a ``ckpt`` config (``CkptConfig`` or its DictConfig) asks for, and every problem of
+    it, one line each (an empty list: valid); ``n_blocks`` is the model's block count if known.
 
-
-def validate_ckpt(cfg, n_blocks: Optional[int], prefix: str = "ckpt") -> List[str]:
-    """Every problem of a ``ckpt`` config, one line each; ``n_blocks`` is the model's block count if known."""
+    At most one block-choosing policy may be set; ``selective`` and ``offload`` combine with any of them.
+    With problems the configs are what the keys ask for taken in the order segments, full, every_n,
+    memory_budget (callers refuse the config then)."""
     problems: List[str] = []
     n_text = f" (the model has {n_blocks} blocks)" if n_blocks is not None else ""
     upper = n_blocks if n_blocks is not None else "n_blocks"
@@ -154,12 +232,9 @@ def validate_ckpt(cfg, n_blocks: Optional[int], prefix: str = "ckpt") -> List[st
             continue
         if value < 0 or (n_blocks is not None and value > n_blocks):
             problems.append(f"{prefix}.{key}={value}: must be 0..{upper}{n_text}; 0 disables it")
-    if cfg.segments and cfg.number_checkpoints and cfg.segments != cfg.number_checkpoints:
-        problems.append(
-            f"{prefix}.number_checkpoints={cfg.number_checkpoints}: is DeepSpeed's name for {prefix}.segments, "
-            f"which is {cfg.segments}; set one of them"
-        )
-    segments = effective_segments(cfg) if not problems else 0
+    deepspeed = deepspeed_keys.translate(cfg, prefix)  # number_checkpoints is segments, cpu_checkpointing offload
+    problems += deepspeed.problems
+    segments = deepspeed.segments if not problems else 0
     if cfg.checkpoint_last and not segments:
         problems.append(f"{prefix}.checkpoint_last=true: applies only with {prefix}.segments=K (K >= 1)")
 
@@ -172,7 +247,7 @@ def validate_ckpt(cfg, n_blocks: Optional[int], prefix: str = "ckpt") -> List[st
 
     chosen = [
         name for name, on in (
-            ("segments" if cfg.segments else "number_checkpoints", bool(segments)),
+            (deepspeed.segments_key, bool(segments)),
             ("full", bool(cfg.full)),
             ("every_n", bool(cfg.every_n)),
             ("memory_budget", budget is not None or cfg.memory_budget is not None),
@@ -189,38 +264,34 @@ def validate_ckpt(cfg, n_blocks: Optional[int], prefix: str = "ckpt") -> List[st
             problems.append(f"{prefix}.save_ops=[]: selective checkpointing needs ops to keep (e.g. [matmul, attention])")
         if cfg.use_reentrant:
             problems.append(f"{prefix}.selective=true: needs the non-reentrant checkpoint; set {prefix}.use_reentrant=false")
-    return problems
+
+    save_ops = tuple(cfg.save_ops) if cfg.save_ops is not None else None
+    block: Optional[BlockConfig] = None
+    if deepspeed.segments:
+        block = SegmentsConfig(deepspeed.segments, bool(cfg.checkpoint_last))
+    elif cfg.full:
+        block = FullConfig()
+    elif cfg.every_n:
+        block = EveryNConfig(int(cfg.every_n))
+    elif cfg.memory_budget is not None:
+        block = MemoryBudgetConfig(cfg.memory_budget, save_ops)
+    configs = PolicyConfigs(
+        block=block,
+        selective=SelectiveConfig(save_ops) if cfg.selective else None,
+        offload=OffloadConfig() if deepspeed.offload else None,
+        options=RunOptions(
+            blocks=cfg.blocks, use_reentrant=bool(cfg.use_reentrant), preserve_rng_state=bool(cfg.preserve_rng_state),
+            synchronize=bool(cfg.synchronize_checkpoint_boundary), profile=bool(cfg.profile),
+        ),
+    )
+    return configs, problems
+
+
+def validate_ckpt(cfg, n_blocks: Optional[int], prefix: str = "ckpt") -> List[str]:
+    """Every problem of a ``ckpt`` config, one line each; ``n_blocks`` is the model's block count if known."""
+    return map_ckpt(cfg, n_blocks, prefix)[1]
 
 
 def deepspeed_key_notes(cfg) -> List[str]:
-    """One line for each DeepSpeed key that is set and does nothing in this run, saying why (logged, not
-    refused: DeepSpeed accepts them too and, without tensor parallelism, does nothing with them either)."""
-    notes = []
-    if cfg.partition_activations:
-        notes.append(
-            "ckpt.partition_activations=true: DeepSpeed splits each checkpoint's inputs across the tensor-parallel "
-            "ranks; with none (a tensor-parallel size of 1, as here) every rank keeps its whole input, as in DeepSpeed: "
-            "no effect (ckpt.cpu_checkpointing=true moves them to host memory instead)"
-        )
-    if cfg.contiguous_memory_optimization:
-        notes.append(
-            "ckpt.contiguous_memory_optimization=true: DeepSpeed copies partitioned checkpoint inputs into one "
-            "preallocated buffer; without tensor parallelism nothing is partitioned: no effect"
-        )
-    for key in ("profile", "synchronize_checkpoint_boundary"):
-        if getattr(cfg, key) and not recomputes_blocks(cfg):
-            notes.append(
-                f"ckpt.{key}=true: no block policy is set, so it applies to the model's own "
-                f"ds_hydra.checkpointing.checkpoint calls only (add ckpt.segments=K, ckpt.full=true, ... for ds_hydra's)"
-            )
-    return notes
-
-
-def recomputes_blocks(cfg) -> bool:
-    """Whether a policy chooses blocks to recompute."""
-    return bool(effective_segments(cfg) or cfg.full or cfg.every_n or cfg.selective or cfg.memory_budget is not None)
-
-
-def any_policy(cfg) -> bool:
-    """Whether the config asks for anything at all (False: the model is left untouched)."""
-    return recomputes_blocks(cfg) or bool(cfg.offload or cfg.cpu_checkpointing)
+    """One line for each DeepSpeed key that is set and does nothing in this run (logged, not refused)."""
+    return deepspeed_keys.notes(cfg, map_ckpt(cfg)[0].recomputes_blocks)

@@ -52,7 +52,7 @@ class HostOffload(torch.autograd.graph.save_on_cpu):
         self.pack_hook, self.unpack_hook = pack, unpack
 
 
-class Offload:
+class OffloadHooks:
     """Forward pre-hook and hook on the model that open and close the offloading context."""
 
     def __init__(self, model: nn.Module, _copy_on_cpu: bool = False):

@@ -13,7 +13,7 @@ the precision and how the engine shards state, and returns the bytes by part:
   gradients), exactly as the allocator would see it, for any model and any policy. With gradient
   accumulation two micro-batches run (the second adds to the first one's gradients);
 * the bytes kept for backward and the part of them saved outside the blocks (the logits and the
-  loss), from the activation-checkpointing planner's probe (``plan_checkpointing``);
+  loss), from the activation-checkpointing probe (``plan_checkpointing``);
 * parameters (quantized ones by the bytes their storage holds), gradients (one per trainable
   parameter, in its dtype; frozen parameters have none) and the optimizer state of the trainable
   parameters, asked of the real optimizer class at their real shapes and dtypes
@@ -313,7 +313,7 @@ def estimate_step_memory(spec: StepSpec, alternatives: Optional[Callable[[StepMe
     profile = plan.profile
     parameter_bytes = sum(stored_ids.get(id(p), _bytes([p])) for p in params)
     gradient_bytes = _bytes(trainable)
-    if ckpt.get("offload") and spec.device.type == "cuda":  # saved activations wait in host memory
+    if plan.policy.offload is not None and spec.device.type == "cuda":  # saved activations wait in host memory
         block_kept = profile.kept_bytes(plan.regions) - profile.H
         peak -= max(0, block_kept - max(b.saved_bytes for b in profile.blocks))
     state_bytes, step_kind = _optimizer_state(spec.make_optimizer, trainable_shapes, spec.optimizer_in_backward)

@@ -14,7 +14,7 @@ deterministic, so no trial steps run:
   that ``grad_accum_steps = G / (world * b)`` keeps the global batch exactly. With ``ckpt=auto`` too, the
   micro-batch is fitted under per-block recompute (what lets the largest one fit), then the budget;
 * ``ckpt=auto``: no recompute when the whole step fits; else the largest ``ckpt.memory_budget`` (bytes
-  of saved activations, which the planner meets with the fewest recomputed blocks) with which the step
+  of saved activations, which the ``MemoryBudget`` policy meets with the fewest recomputed blocks) with which the step
   fits: start from the un-checkpointed saved bytes less the overshoot, and lower by the remaining
   overshoot until it fits (a few estimates); per-block recompute when no budget does.
 """

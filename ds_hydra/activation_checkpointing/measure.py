@@ -1,4 +1,4 @@
-"""Measuring what each block saves for backward, predicting a plan's memory, and fitting a budget.
+"""Measuring what each block saves for backward (the probe), and counting what a plan keeps.
 
 ``probe`` runs one forward of the model on an example batch of the real shape, one block at a time
 (each block's input is detached, so only one block's activations are alive at once), and records for
@@ -9,15 +9,15 @@ state are left as they were.
 
 ``ActivationProfile.kept_bytes(regions)`` is the exact bytes held between forward and backward for
 a plan: H, plus every un-checkpointed block's saved bytes, plus each region's input (and, for a
-selective region, its saved op outputs), each storage counted once. ``peak_bytes`` walks the
-backward pass block by block (recompute adds a region's activations, a block's backward frees them
-and allocates its parameter gradients) to predict the step's allocator peak.
+selective region, its saved op outputs), each storage counted once: a sum of measured bytes, not a
+model (tests hold it equal to what ``SavedActivationCounter`` counts), which is what
+``MemoryBudget`` plans on. The step's peak is predicted in one place only: the memory estimate
+replays the whole step on fake tensors (``ds_hydra.training.memory_estimate``).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ds_hydra.activation_checkpointing.config import format_bytes
 from ds_hydra.activation_checkpointing.counter import storage_of
-from ds_hydra.activation_checkpointing.policies import Region, segment_regions
+from ds_hydra.activation_checkpointing.policies import Region
 from ds_hydra.activation_checkpointing.selective import OpObserver, SaveOps
 from ds_hydra.errors import UserError
 
@@ -146,39 +146,6 @@ class ActivationProfile:
             )
             total += size * held
         return total
-
-    def transient_bytes(self) -> int:
-        """Backward's temporaries beyond the saved tensors while a block is differentiated: the gradient
-        arriving at the block and the one it passes on, each the size of its input (an op's output
-        gradient mostly replaces the saved tensor that op frees)."""
-        return 2 * max(b.input_bytes for b in self.blocks)
-
-    def peak_bytes(self, regions: Sequence[Region]) -> int:
-        """Predicted allocator peak of forward + backward above the parameters (gradients included,
-        allocated as backward reaches each block; the head's and embeddings' at its start)."""
-        region_at_end = {r.end - 1: r for r in regions}
-        mem = self.kept_bytes(regions) + self.outside_param_bytes
-        transient = self.transient_bytes()
-        peak = mem + transient
-        i = self.n_blocks - 1
-        while i >= 0:
-            region = region_at_end.get(i)
-            if region is None:  # a block whose activations were kept: backward, then free them
-                block = self.blocks[i]
-                peak = max(peak, mem + block.param_bytes + transient)
-                mem += block.param_bytes - block.inner_bytes - block.input_bytes * block.saves_input
-                i -= 1
-                continue
-            span = self.blocks[region.start:region.end]
-            kept_sel = sum(b.selective_inner_bytes for b in span) if region.selective else 0
-            held = span[0].input_bytes + kept_sel
-            # the recompute re-creates what the blocks save, except the region's input and kept outputs
-            recreated = sum(b.saved_bytes for b in span) - span[0].input_bytes * span[0].saves_input - kept_sel
-            mem += recreated
-            peak = max(peak, mem + max(b.param_bytes for b in span) + transient)
-            mem += sum(b.param_bytes for b in span) - recreated - held
-            i = region.start - 1
-        return peak
 
     def describe(self) -> str:
         return (
@@ -307,7 +274,7 @@ class _Probe:
         return _detach(output)
 
 
-def _norm_buffers(modules) -> List[torch.Tensor]:
+def running_stat_buffers(modules) -> List[torch.Tensor]:
     """Buffers a forward pass updates in place: running statistics of batch/instance norms."""
     found = []
     for module in modules:
@@ -397,85 +364,3 @@ def probe(
         outside_param_bytes=outside_params,
         ops=state.ops,
     )
-
-
-# -- the budget planner -------------------------------------------------------------------------------
-def _regions_of(modes: Sequence[Optional[str]]) -> List[Region]:
-    return [Region(i, i + 1, mode == "selective") for i, mode in enumerate(modes) if mode is not None]
-
-
-def plan_for_budget(profile: ActivationProfile, budget: int, selective: bool) -> List[Region]:
-    """The cheapest plan whose kept bytes fit ``budget``: fewest fully recomputed blocks first, then
-    fewest selectively recomputed ones (when ``selective``), each chosen where it saves the most.
-    If recomputing every block on its own does not fit, blocks are merged into fewer segments; if
-    even one segment does not fit, a UserError says by how much."""
-    L = profile.n_blocks
-    none: List[Optional[str]] = [None] * L
-
-    def kept(modes) -> int:
-        return profile.kept_bytes(_regions_of(modes))
-
-    if kept(none) <= budget:
-        return []
-
-    def ranked(mode: str, fixed: Sequence[Optional[str]]) -> List[int]:
-        base = kept(fixed)
-        gains = []
-        for i in range(L):
-            if fixed[i] is None:
-                trial = list(fixed)
-                trial[i] = mode
-                gains.append((base - kept(trial), -i))
-        return [-neg_i for _, neg_i in sorted(gains, reverse=True)]
-
-    full_order = ranked("full", none)
-    for m in range(L + 1):
-        modes = list(none)
-        for i in full_order[:m]:
-            modes[i] = "full"
-        filled = [mode or ("selective" if selective else None) for mode in modes]
-        if kept(filled) > budget:
-            continue
-        if selective:
-            order = ranked("selective", modes)
-            for s in range(len(order) + 1):
-                trial = list(modes)
-                for i in order[:s]:
-                    trial[i] = "selective"
-                if kept(trial) <= budget:
-                    return _regions_of(trial)
-        return _regions_of(modes)
-    for k in range(L - 1, 0, -1):  # every block recomputed and still too much: fewer, longer segments
-        regions = segment_regions(L, k, checkpoint_last=True)
-        if profile.kept_bytes(regions) <= budget:
-            return regions
-    least = profile.kept_bytes(segment_regions(L, 1, checkpoint_last=True))
-    raise UserError(
-        f"ckpt.memory_budget={format_bytes(budget)}: does not fit even with every block recomputed as one segment, "
-        f"which keeps {format_bytes(least)} ({format_bytes(least - budget)} over; {profile.describe()}); raise the "
-        f"budget, lower the batch size, or add ckpt.offload=true on CUDA"
-    )
-
-
-def describe_regions(regions: Sequence[Region], n_blocks: int) -> str:
-    if not regions:
-        return "no block recomputed"
-    covered = sum(r.size for r in regions)
-    parts = ", ".join(r.describe() for r in regions) if len(regions) <= 12 else (
-        f"{len(regions)} regions ({sum(r.selective for r in regions)} selective)"
-    )
-    return f"{covered}/{n_blocks} blocks recomputed: {parts}"
-
-
-def segment_advice(n_blocks: int, segments: int, ratio: float) -> Optional[str]:
-    """A hint when ``segments`` is far from the memory-optimal K = sqrt(L*A/b) (ratio = A/b)."""
-    k_opt = math.sqrt(n_blocks * ratio)
-    best = min(n_blocks, max(1, round(k_opt)))
-    if segments == best or 0.5 <= segments / k_opt <= 2.0:
-        return None
-    per_block = " (per-block checkpointing)" if best == n_blocks else ""
-    return (
-        f"ckpt.segments={segments}: the step peak H + K*b + ceil(L/K)*A is smallest near K = sqrt(L*A/b) = "
-        f"sqrt({n_blocks}*{ratio:.1f}) = {k_opt:.1f}; consider ckpt.segments={best}{per_block}"
-    )
-
