@@ -342,10 +342,9 @@ def test_qlora_run_trains_resumes_and_exports_into_the_full_precision_base(base_
 def test_two_ranks_train_the_adapter_one_process_does(base_dir, tmp_path, engine):
     """torchrun, gloo: two ranks of 4 sequences train the adapter that one process does with two micro-batches
     of 4; the checkpoint and adapter/ hold only the adapter."""
-    from test_distributed import only_run_dir, torchrun
+    from test_distributed import final_checkpoint, only_run_dir, torchrun
 
     from ds_hydra.engine.fsdp import fsdp_unsupported
-    from ds_hydra.training.state import latest_checkpoint, safe_torch_load
     from ds_hydra.training.trainer import train
 
     if engine == "fsdp" and fsdp_unsupported(torch.device("cpu")):
@@ -356,11 +355,87 @@ def test_two_ranks_train_the_adapter_one_process_does(base_dir, tmp_path, engine
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = only_run_dir(tmp_path / "two")
     assert f"{engine}: rank 0 of 2" in (run_dir / "rank0.log").read_text()
-    got, want = (safe_torch_load(latest_checkpoint(d))["model"] for d in (run_dir, tmp_path / "one"))
+    got, want = (final_checkpoint(d)["model"] for d in (run_dir, tmp_path / "one"))
     assert got.keys() == want.keys() and all("lora_" in k for k in want)
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _saved_entries(checkpoint: Path):
+    """The model and optimizer entries a sharded checkpoint's index lists (nothing else read)."""
+    from ds_hydra.training.sharded_checkpoint import read_metadata
+
+    metadata = read_metadata(checkpoint)
+    paths = [metadata.planner_data[key] for key in metadata.state_dict_metadata]
+    model = {p[1] for p in paths if p[0] == "model"}
+    moments = {p[2] for p in paths if p[:2] == ("optimizer", "state")}
+    return model, moments
+
+
+def test_one_process_sharded_adapter_checkpoint_holds_the_adapter_and_resumes_exactly(base_dir, tmp_path):
+    """checkpoint_format=dcp with an adapter: the adapter's parameters and their optimizer state alone (no base
+    weight or buffer), <run dir>/adapter written beside; resumed, the next losses and the final state are the
+    uninterrupted run's."""
+    from test_distributed import final_checkpoint
+    from test_sharded_checkpoints import _losses, assert_same_state
+
+    import ds_hydra
+    from ds_hydra.models.adapters import trainable_names
+    from ds_hydra.models.build import build_model
+    from ds_hydra.training.checkpoint_convert import convert_checkpoint
+    from ds_hydra.training.sharded_checkpoint import load_checkpoint_state
+    from ds_hydra.training.trainer import train
+
+    run = [*llama_run(base_dir), "trainer.checkpoint_format=dcp"]
+    train(compose(run), run_dir=tmp_path / "whole")
+    step2 = tmp_path / "whole" / "checkpoints" / "step_0000002"
+    cfg = compose(run)
+    lora = set(trainable_names(build_model(cfg.model, VOCAB, cfg.adapter)))
+    assert len(lora) == 2 * 2 * 2  # lora_A and lora_B of q_proj and v_proj in 2 layers
+    assert _saved_entries(step2) == (lora, lora)
+    assert (tmp_path / "whole" / "adapter" / "adapter_model.safetensors").is_file()
+    final = final_checkpoint(tmp_path / "whole")
+    loaded = dict(ds_hydra.load_model(str(tmp_path / "whole")).named_parameters())  # the base with the adapter in place
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in final["model"].items())
+    converted = convert_checkpoint(step2, tmp_path / "step_0000002.pt")
+    assert_same_state(load_checkpoint_state(converted), load_checkpoint_state(step2))
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_0000004")
+    train(compose([*run, f"resume={tmp_path / 'resumed' / 'checkpoints' / 'step_0000002'}"]))
+    got, want = _losses(tmp_path / "resumed"), _losses(tmp_path / "whole")
+    assert [got[s] for s in (3, 4)] == [want[s] for s in (3, 4)]
+    assert_same_state(final_checkpoint(tmp_path / "resumed"), final)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_ranks_shard_the_adapter_alone_and_resume_it_exactly(base_dir, tmp_path, engine):
+    """torchrun, gloo, 2 ranks: the default (dcp) checkpoint of an adapter run holds the adapter's parameters and
+    their optimizer state alone, in each rank's shards; resumed on 2 ranks from step 2, the next losses and the
+    final state are the uninterrupted run's."""
+    from test_distributed import final_checkpoint, torchrun
+    from test_sharded_checkpoints import _losses, assert_same_state
+
+    from ds_hydra.engine.fsdp import fsdp_unsupported
+
+    if engine == "fsdp" and fsdp_unsupported(torch.device("cpu")):
+        pytest.skip(fsdp_unsupported(torch.device("cpu")))
+    whole = tmp_path / "whole"
+    proc = torchrun([*llama_run(base_dir), f"engine={engine}", f"hydra.run.dir={whole}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step2 = whole / "checkpoints" / "step_0000002"
+    assert {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in step2.iterdir()}
+    model, moments = _saved_entries(step2)
+    assert model and model == moments and all("lora_" in name for name in model)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000004")
+    proc = torchrun([f"resume={resumed / 'checkpoints' / 'step_0000002'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = _losses(resumed), _losses(whole)
+    assert [got[s] for s in (3, 4)] == pytest.approx([want[s] for s in (3, 4)], rel=1e-6)
+    assert_same_state(final_checkpoint(resumed), final_checkpoint(whole), exact=engine == "ddp")
 
 
 # -- a model of the user's own (model=custom) ----------------------------------------------------------------

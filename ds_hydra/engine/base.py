@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -140,8 +140,9 @@ class Engine:
             dist.barrier()
 
     # -- checkpoints: the full state, in a single process's format -------------------------------
-    def model_state_dict(self) -> Dict[str, Any]:
-        """The unwrapped model's full state dict (sharding engines: on rank 0, empty elsewhere)."""
+    def model_state_dict(self, trainable_only: bool = False) -> Dict[str, Any]:
+        """The unwrapped model's full state dict (sharding engines: on rank 0, empty elsewhere);
+        ``trainable_only``: an engine that gathers may leave the frozen parameters out (an adapter run's base)."""
         return self.model.state_dict()
 
     def optimizer_state_dict(self, step: int) -> Dict[str, Any]:
@@ -159,20 +160,26 @@ class Engine:
         self.optimizer.load_state_dict(state)
 
     # -- checkpoints: each rank's own shards (trainer.checkpoint_format=dcp) ------------------------
-    def sharded_state_dict(self) -> Dict[str, Any]:
+    def sharded_state_dict(self, trainable: Optional[Collection[str]] = None) -> Dict[str, Any]:
         """``{"model", "optimizer"}`` as this rank holds them, keyed by parameter path (torch's
         ``get_state_dict``: FSDP's DTensor shards, DDP's and one process's whole tensors): what
-        torch.distributed.checkpoint saves and, as a template filled in place, loads."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        torch.distributed.checkpoint saves and, as a template filled in place, loads. ``trainable``: the
+        model's entries of these parameter paths alone (an adapter run's; not its frozen base)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        model, optimizer = get_state_dict(self.model, self.optimizer)
+        options = StateDictOptions(ignore_frozen_params=trainable is not None)
+        model, optimizer = get_state_dict(self.model, self.optimizer, options=options)
+        if trainable is not None:  # the base's buffers too stay out: the base is model.pretrained or base_model.pt
+            model = {name: value for name, value in model.items() if name in trainable}
         return {"model": model, "optimizer": optimizer}
 
-    def load_sharded_state_dict(self, state: Dict[str, Any]) -> None:
-        """Load what ``sharded_state_dict`` gave, once torch.distributed.checkpoint has filled it."""
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+    def load_sharded_state_dict(self, state: Dict[str, Any], strict: bool = True) -> None:
+        """Load what ``sharded_state_dict`` gave, once torch.distributed.checkpoint has filled it;
+        ``strict=False``: the model's entries it has alone (an adapter run's trainable parameters)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(strict=strict))
 
     def save_engine_checkpoint(self, run_dir: Path, step: int) -> None:
         """An engine's own checkpoint files beside ``step_N.pt`` (DeepSpeed's shards); none here."""

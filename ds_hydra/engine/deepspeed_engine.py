@@ -24,7 +24,7 @@ import re
 import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -145,7 +145,7 @@ class DeepSpeedEngine(ProcessGroupEngine):
         raise UserError("trainer.skip_nonfinite: not with engine=deepspeed (DeepSpeed skips fp16 overflow steps itself)")
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def model_state_dict(self) -> Dict[str, torch.Tensor]:
+    def model_state_dict(self, trainable_only: bool = False) -> Dict[str, torch.Tensor]:
         """The whole model in fp32 on the CPU (rank 0; empty elsewhere): ZeRO-3 gathers its shards."""
         import deepspeed
 
@@ -179,10 +179,10 @@ class DeepSpeedEngine(ProcessGroupEngine):
         if path is None:
             raise UserError(f"{folder / tag}: DeepSpeed could not load this checkpoint")
 
-    def sharded_state_dict(self) -> Dict[str, Any]:
+    def sharded_state_dict(self, trainable: Optional[Collection[str]] = None) -> Dict[str, Any]:
         raise UserError(DCP_REFUSED)
 
-    def load_sharded_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_sharded_state_dict(self, state: Dict[str, Any], strict: bool = True) -> None:
         raise UserError(DCP_REFUSED)
 
     def save_engine_checkpoint(self, run_dir: Path, step: int) -> None:

@@ -1,6 +1,6 @@
 """``engine=fsdp``: torch FSDP2. ``fully_shard`` on every block, then on the root: parameters, gradients
-and optimizer state are sharded across ranks and gathered per block for compute. Checkpoints hold
-the full state in a single process's format (gathered to rank 0's CPU)."""
+and optimizer state are sharded across ranks and gathered per block for compute. ``full`` checkpoints
+hold the state in a single process's format (gathered to rank 0's CPU); ``dcp`` ones each rank's shards."""
 from __future__ import annotations
 
 import warnings
@@ -30,10 +30,11 @@ class FSDPEngine(ProcessGroupEngine):
         return shard_model(model, blocks, self.cfg, self.device, autocast_dtype)
 
     # FSDP gathers in these calls: every rank must make them, at the same step.
-    def model_state_dict(self) -> Dict[str, Any]:
+    def model_state_dict(self, trainable_only: bool = False) -> Dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(self.model, options=_full_options(cpu_offload=True))
+        options = _full_options(cpu_offload=True, ignore_frozen_params=trainable_only)  # an adapter's base: not gathered
+        return get_model_state_dict(self.model, options=options)
 
     def optimizer_state_dict(self, step: int) -> Dict[str, Any]:
         """Gathered to rank 0 on the CPU (empty elsewhere); torch names parameters by their path there,
@@ -57,10 +58,10 @@ class FSDPEngine(ProcessGroupEngine):
         set_optimizer_state_dict(self.model, self.optimizer, named, options=_full_options())
 
 
-def _full_options(cpu_offload: bool = False, strict: bool = True):
+def _full_options(cpu_offload: bool = False, strict: bool = True, ignore_frozen_params: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, strict=strict)
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, strict=strict, ignore_frozen_params=ignore_frozen_params)
 
 
 def fsdp_unsupported(device: torch.device) -> Optional[str]:

@@ -93,7 +93,8 @@ class TrainerConfig:
     writes its own shards of model and optimizer state (no gather), the trainer's state beside them; it
     resumes on any number of ranks and engine (ddp, fsdp, one process). auto: dcp with engine=ddp or fsdp,
     full in one process. engine=deepspeed always writes DeepSpeed's own checkpoint (its save_checkpoint)
-    beside a full step_N.pt. Convert with python -m ds_hydra.training.checkpoint_convert."""
+    beside a full step_N.pt. An adapter run's checkpoints hold its trainable parameters and their optimizer
+    state alone, in either format. Convert with python -m ds_hydra.training.checkpoint_convert."""
     async_checkpoint: bool = False
     """dcp only: a save returns once the state is copied to CPU memory and the shards are written in the
     background while training goes on (at most one save in flight; the next save, the end of the run and

@@ -33,7 +33,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Collection, Dict, Optional
 
 import torch
 
@@ -314,11 +314,13 @@ def save_sharded(
     process_group=None,
     on_complete: Callable[[Path], None] = lambda path: None,
     staging: Optional[StagingBuffers] = None,
+    trainable: Optional[Collection[str]] = None,
 ) -> Optional[PendingSave]:
     """Every rank writes its shards of the engine's model and optimizer state into ``final``'s partial
     directory; the directory gets its final name once all ranks are done. Synchronous: returns None once
     it has (``on_complete`` called on rank 0). Asynchronous: returns a ``PendingSave`` once the state is
-    copied to CPU memory (into ``staging``'s buffers when given). Every rank calls it at the same step."""
+    copied to CPU memory (into ``staging``'s buffers when given). ``trainable``: of the model, these
+    parameters alone (an adapter run's). Every rank calls it at the same step."""
     import torch.distributed.checkpoint as dcp
 
     partial = partial_path(final)
@@ -329,7 +331,7 @@ def save_sharded(
     files = {rng_file(engine.rank): _serialized(rng)}
     if engine.is_main:
         files[TRAINER_STATE_FILE] = _serialized({"format": SHARDED_STATE_FORMAT, "world_size": engine.world_size, **trainer_state})
-    state = engine.sharded_state_dict()
+    state = engine.sharded_state_dict(trainable)
     writer = _file_writer(partial, files, staging if asynchronous else None)
     if not asynchronous:
         try:
@@ -389,17 +391,18 @@ def checkpoint_process_group(world_size: int):
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def load_sharded(engine, path: Path) -> Dict[str, Any]:
+def load_sharded(engine, path: Path, trainable: Optional[Collection[str]] = None) -> Dict[str, Any]:
     """Load model and optimizer shards into ``engine`` (any number of ranks: DCP reshards), and return
-    the trainer's state with this rank's generators under ``rng``."""
+    the trainer's state with this rank's generators under ``rng``. ``trainable``: the model's parameters
+    the checkpoint holds (an adapter run's); the others stay as they are."""
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
     trainer_state = read_trainer_state(path)
-    state = engine.sharded_state_dict()  # the layout this run holds (its shards), filled in place
+    state = engine.sharded_state_dict(trainable)  # the layout this run holds (its shards), filled in place
     with _alone():
         dcp.load(state, storage_reader=_reader(path), planner=_load_planner(), no_dist=_one_process())
-    engine.load_sharded_state_dict(state)
+    engine.load_sharded_state_dict(state, strict=trainable is None)
     trainer_state["rng"] = read_rng_state(path, engine.rank)
     return trainer_state
 
@@ -423,6 +426,20 @@ def read_sharded_state(path: Path, only: Optional[str] = None) -> Dict[str, Any]
     with _alone():
         dcp.load(nested, storage_reader=_reader(path), planner=_load_planner(), no_dist=True)
     return nested
+
+
+def saved_model_shapes(path: Path) -> Dict[str, torch.Tensor]:
+    """The model entries a sharded checkpoint holds, as empty tensors of their shapes (nothing read but
+    the index): to check an adapter checkpoint against the adapter being resumed."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = read_metadata(Path(path))
+    shapes = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        where = metadata.planner_data.get(key, (key,)) if metadata.planner_data else (key,)
+        if where[0] == "model" and len(where) == 2 and isinstance(meta, TensorStorageMetadata):
+            shapes[where[1]] = torch.empty(meta.size, dtype=meta.properties.dtype, device="meta")
+    return shapes
 
 
 def _set_nested(root: Dict[str, Any], where, value: Any) -> None:

@@ -175,7 +175,9 @@ class Trainer:
         self.nonfinite = NonFiniteWatch(self.device)  # first NaN/inf step, kept on the device (no sync)
         self.skipped_nonfinite = 0
         self.last_saved: Optional[Path] = None  # the newest complete checkpoint this run wrote or resumed from
-        self.checkpoint_format = resolve_checkpoint_format(tcfg, self.engine.name, self.adapted)
+        self.checkpoint_format = resolve_checkpoint_format(tcfg, self.engine.name)
+        # An adapter run's checkpoints hold its trainable parameters (and their optimizer state) alone.
+        self.trainable = frozenset(adapters.trainable_names(self.model)) if self.adapted else None
         self.async_checkpoint = bool(tcfg.get("async_checkpoint"))
         self.pending_save: Optional[sharded_checkpoint.PendingSave] = None  # at most one background write
         # Background writes coordinate over a gloo group of their own (collective: every rank creates it).
@@ -329,7 +331,7 @@ class Trainer:
         return self._config_yaml
 
     def model_state(self) -> Dict[str, Any]:
-        state = self.engine.model_state_dict()
+        state = self.engine.model_state_dict(trainable_only=self.adapted)
         return adapters.trainable_state(self.model, state) if self.adapted else state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -367,7 +369,9 @@ class Trainer:
             resume_io.check_compatible(state["config"], self.cfg, path, strict=strict)
         try:
             if sharded:  # each rank reads the parts of the shards it holds now (any world size)
-                self.load_trainer_state(sharded_checkpoint.load_sharded(self.engine, path))
+                if self.adapted:
+                    adapters.check_trainable_state(self.model, sharded_checkpoint.saved_model_shapes(path), str(path))
+                self.load_trainer_state(sharded_checkpoint.load_sharded(self.engine, path, self.trainable))
             else:
                 self.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as exc:
@@ -392,10 +396,13 @@ class Trainer:
         self.finish_pending_save()
         try:
             if dcp:  # every rank writes its own shards; no gather
+                on_complete = self._prune
+                if self.adapted:  # <run dir>/adapter as well, once the checkpoint is complete
+                    on_complete = self._adapter_dir_writer(self._adapter_snapshot())
                 self.pending_save = sharded_checkpoint.save_sharded(
                     self.engine, self.trainer_state(), state_io.rng_state(), path,
-                    asynchronous=self.async_checkpoint, process_group=self.checkpoint_group, on_complete=self._prune,
-                    staging=self.staging,
+                    asynchronous=self.async_checkpoint, process_group=self.checkpoint_group, on_complete=on_complete,
+                    staging=self.staging, trainable=self.trainable,
                 )
             else:
                 self.engine.save_engine_checkpoint(self.run_dir, self.step)  # DeepSpeed: every rank's shards
@@ -446,6 +453,18 @@ class Trainer:
         if self.pending_save is not None and self.pending_save.done():
             self.finish_pending_save()
 
+    def _adapter_snapshot(self) -> Dict[str, torch.Tensor]:
+        """The adapter's weights now, whole, on rank 0 (FSDP gathers the adapter alone: every rank calls
+        this), copied: an async save writes them after training has moved on."""
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.model_state().items()}
+
+    def _adapter_dir_writer(self, trainable: Dict[str, torch.Tensor]) -> Callable[[Path], None]:
+        def complete(newest: Path) -> None:
+            adapters.save_adapter_dir(self.model, trainable, self.run_dir)
+            self._prune(newest)
+
+        return complete
+
     def _prune(self, newest: Path) -> None:
         """Rank 0, once ``newest`` is complete: keep the newest ``keep_last`` checkpoints."""
         state_io.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
@@ -470,10 +489,9 @@ def optimizer_param_names(model: nn.Module, optimizer) -> Optional[list]:
     return None if None in order else order
 
 
-def resolve_checkpoint_format(tcfg, engine_name: str, adapted: bool = False) -> str:
+def resolve_checkpoint_format(tcfg, engine_name: str) -> str:
     """``trainer.checkpoint_format`` for this engine: auto is dcp for ddp and fsdp (and with
-    ``async_checkpoint``), full in one process, with DeepSpeed (beside its own checkpoint) and with an
-    adapter (whose checkpoints hold only what trains)."""
+    ``async_checkpoint``), full in one process and with DeepSpeed (beside its own checkpoint)."""
     fmt = getattr(tcfg.get("checkpoint_format", "auto"), "value", tcfg.get("checkpoint_format", "auto"))
     wants_dcp = fmt == "dcp" or tcfg.get("async_checkpoint")
     key = "trainer.checkpoint_format=dcp" if fmt == "dcp" else "trainer.async_checkpoint=true"
@@ -482,13 +500,6 @@ def resolve_checkpoint_format(tcfg, engine_name: str, adapted: bool = False) -> 
             from ds_hydra.engine.deepspeed_engine import DCP_REFUSED
 
             raise UserError(DCP_REFUSED.replace("trainer.checkpoint_format=dcp", key, 1))
-        return "full"
-    if adapted:
-        if wants_dcp:
-            raise UserError(
-                f"{key}: not with an adapter, whose checkpoints hold only the adapter and its optimizer state (a few "
-                f"MB, written whole by rank 0); use trainer.checkpoint_format=auto or full"
-            )
         return "full"
     if fmt == "auto":
         return "dcp" if engine_name in ("ddp", "fsdp") or tcfg.get("async_checkpoint") else "full"
