@@ -138,7 +138,9 @@ class RunOptions:
     blocks: Optional[str] = None
     """Dotted path of the block list; None: found in the model."""
     use_reentrant: bool = False
+    """torch's reentrant checkpoint (no keyword tensors that need gradients, no ``Selective``)."""
     preserve_rng_state: bool = True
+    """Replay the RNG state on recompute, so dropout masks match."""
     synchronize: bool = False
     """Synchronize the CUDA device around each region's forward and recompute."""
     profile: bool = False

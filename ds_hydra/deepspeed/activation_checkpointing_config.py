@@ -5,7 +5,7 @@ so that section of a DeepSpeed JSON config can be passed as it is (``ckpt=deepsp
 ``ckpt.number_checkpoints=4``). Their meaning is DeepSpeed's without tensor parallelism:
 
 * ``number_checkpoints`` is ds_hydra's ``segments`` and ``cpu_checkpointing`` its ``offload``
-  (``translate``);
+  (``translate``: read by the ``ckpt`` mapping, and by the JSON export to write them back);
 * ``synchronize_checkpoint_boundary`` and ``profile`` are run options of every checkpointed region;
 * ``partition_activations`` and ``contiguous_memory_optimization`` act only across tensor-parallel
   ranks: accepted, logged (``notes``), no effect.
@@ -57,7 +57,7 @@ def translate(cfg, prefix: str = "ckpt") -> Translated:
     """ds_hydra's meaning of DeepSpeed's alias keys in ``cfg`` (a ``ckpt`` config: dataclass or DictConfig).
 
     The two names of the segment count must agree when both are set; everything else is plain."""
-    segments, alias = cfg.segments, cfg.number_checkpoints
+    segments, alias = _key(cfg, "segments", 0) or 0, _key(cfg, "number_checkpoints", None)
     problems = []
     if segments and alias and segments != alias:
         problems.append(
@@ -68,7 +68,13 @@ def translate(cfg, prefix: str = "ckpt") -> Translated:
         count, key = int(alias), "number_checkpoints"
     else:
         count, key = int(segments), "segments"
-    return Translated(count, key, bool(cfg.offload or cfg.cpu_checkpointing), tuple(problems))
+    offload = bool(_key(cfg, "offload", False) or _key(cfg, "cpu_checkpointing", False))
+    return Translated(count, key, offload, tuple(problems))
+
+
+def _key(cfg, name: str, default):
+    """``cfg.name``; ``default`` where a partial config (a DeepSpeed export's input) lacks the key."""
+    return getattr(cfg, name, default)
 
 
 def notes(cfg, recomputes_blocks: bool, prefix: str = "ckpt") -> List[str]:

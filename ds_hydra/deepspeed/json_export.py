@@ -33,6 +33,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from ds_hydra.deepspeed.activation_checkpointing_config import translate as translate_checkpointing_keys
 from ds_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,13 @@ def deepspeed_config(cfg, world_size: int, precision: str, n_blocks: Optional[in
 
 def _activation_checkpointing_section(cfg, n_blocks: Optional[int]) -> Dict[str, Any]:
     ckpt = cfg.ckpt
-    number = ckpt.get("number_checkpoints") or ckpt.get("segments") or None
+    ours = translate_checkpointing_keys(ckpt)  # segments or number_checkpoints; offload or cpu_checkpointing
+    number = ours.segments or None
     if not number and ckpt.get("full"):
         number = n_blocks
     return {
         "partition_activations": bool(ckpt.get("partition_activations", False)),
-        "cpu_checkpointing": bool(ckpt.get("offload", False) or ckpt.get("cpu_checkpointing", False)),
+        "cpu_checkpointing": ours.offload,
         "contiguous_memory_optimization": bool(ckpt.get("contiguous_memory_optimization", False)),
         "number_checkpoints": int(number) if number else None,
         "synchronize_checkpoint_boundary": bool(ckpt.get("synchronize_checkpoint_boundary", False)),
