@@ -187,6 +187,8 @@ def test_policy_objects_are_checked_against_the_model():
         checkpoint_activations(gpt(), policy=Segments(segments=9))
     with pytest.raises(UserError, match=r"Full\(\) and EveryN\(n=2\) each choose the recomputed blocks; pass one"):
         checkpoint_activations(gpt(), policy=[Full(), EveryN(n=2)])
+    with pytest.raises(TypeError, match="'full' is not a policy"):
+        checkpoint_activations(gpt(), policy="full")
     with pytest.raises(UserError, match="pass policy objects or the ckpt keywords, not both"):
         checkpoint_activations(gpt(), policy=Full(), segments=2)
     with pytest.raises(UserError, match=r"ckpt.memory_budget=40%: the plan is measured on a batch"):

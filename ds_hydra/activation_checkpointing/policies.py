@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 from ds_hydra.activation_checkpointing.config import (
     AUTO_BUDGET,
@@ -274,11 +274,11 @@ class Checkpointing:
     options: RunOptions = field(default_factory=RunOptions)
 
     @classmethod
-    def of(cls, policies: Union["Checkpointing", Policy, Iterable[Policy]], **options) -> "Checkpointing":
+    def of(cls, policies: Union["Checkpointing", Policy, Sequence[Policy]], **options) -> "Checkpointing":
         """From policy objects: ``Checkpointing.of([Full(), Selective()], blocks="transformer.h")``."""
         if isinstance(policies, Checkpointing):
             return policies if not options else cls(policies.block, policies.selective, policies.offload, RunOptions(**options))
-        items = [policies] if isinstance(policies, Policy) else list(policies)
+        items = list(policies) if isinstance(policies, (list, tuple)) else [policies]
         found = {}
         for item in items:
             slot = "block" if isinstance(item, BlockPolicy) else "selective" if isinstance(item, Selective) else (
