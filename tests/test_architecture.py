@@ -188,3 +188,116 @@ def test_composing_a_config_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- module-level mutable state ----------------------------------------------------------------------
+# A module-level value is state when the module changes it after import: a dict, list or set (literal,
+# comprehension or call) that its own code assigns into or calls a mutating method on, any name a
+# `global` statement rebinds, and any instance of a class of the module made at import (its methods
+# change it out of this scan's sight). Constant tables (TASKS, key maps, __all__) are never changed,
+# so they are not state. State carries things between Hydra's callbacks, the task and the next run in
+# the process; the command's StartUp (ds_hydra.common.startup) is the channel for that instead.
+MUTABLE_CALLS = {"dict", "list", "set", "OrderedDict", "defaultdict", "deque", "Counter", "bytearray",
+                 "WeakKeyDictionary", "WeakValueDictionary", "WeakSet"}
+MUTATORS = {"append", "extend", "insert", "add", "update", "setdefault", "pop", "popitem", "clear", "remove",
+            "discard", "move_to_end", "appendleft", "popleft", "__setitem__"}
+
+# module -> name: the module-level state that may stay, each with why it is inherent and who owns it.
+ALLOWED_STATE = {
+    # a signal handler is process-global, so the stop request it records is; lives for the outermost
+    # stop_on_signals block (cleared when it opens and ends): a second run in the process starts clear
+    "ds_hydra.common.signals": {"_state"},
+    # a memo keyed by everything the data is built from, of read-only values, bounded (DataMemo)
+    "ds_hydra.data.cache": {"DATA_MEMO"},
+    # the one checkpointed subclass per block class: its identity must stay fixed for isinstance and pickle
+    "ds_hydra.activation_checkpointing.apply": {"_SUBCLASSES", "_WARNED_CACHE"},
+    # the open counters, innermost last: torch.compile reads a plain module list without a graph break
+    "ds_hydra.activation_checkpointing.counter": {"_ACTIVE"},
+    # DeepSpeed's checkpointing module is configured through module functions (configure()); its drop-in
+    # keeps that API, so its settings live in the module
+    "ds_hydra.deepspeed.checkpointing": {"_STATE"},
+    # Megatron's and DeepSpeed's get_cuda_rng_tracker() API: one model-parallel RNG tracker per process
+    "ds_hydra.activation_checkpointing.rng": {"_TRACKER"},
+    # a multiprocessing pool worker's initializer settings: one worker process, one prepare
+    "ds_hydra.data.prepare": {"_worker"},
+}
+
+
+def _root_name(node) -> Optional[str]:
+    while isinstance(node, (ast.Subscript, ast.Attribute)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def module_state(source: str) -> Dict[str, str]:
+    """Module-level state of one module's source: name -> how it is changed (see above)."""
+    tree = ast.parse(source)
+    own_classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    containers: Dict[str, int] = {}
+    found: Dict[str, str] = {}
+    for node in tree.body:
+        if not isinstance(node, (ast.Assign, ast.AnnAssign)) or node.value is None:
+            continue
+        value = node.value
+        call = value.func if isinstance(value, ast.Call) else None
+        called = call.id if isinstance(call, ast.Name) else call.attr if isinstance(call, ast.Attribute) else None
+        for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+            if not isinstance(target, ast.Name):
+                continue
+            if called in own_classes:
+                found[target.id] = f"an instance of {called} made at import (line {node.lineno})"
+            elif isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)) or called in MUTABLE_CALLS:
+                containers[target.id] = node.lineno
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            for name in node.names:
+                found.setdefault(name, f"rebound by `global {name}` (line {node.lineno})")
+        targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            if isinstance(target, (ast.Subscript, ast.Attribute)) and _root_name(target) in containers:
+                found.setdefault(_root_name(target), f"`{ast.unparse(target)}` assigned (line {node.lineno})")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS:
+            name = _root_name(node.func.value)
+            if name in containers:
+                found.setdefault(name, f"`{ast.unparse(node.func)}(...)` (line {node.lineno})")
+    return found
+
+
+def test_no_module_level_mutable_state_outside_the_allow_list():
+    found = []
+    for name, path in sorted(all_modules().items()):
+        for variable, how in sorted(module_state(path.read_text(encoding="utf-8")).items()):
+            if variable not in ALLOWED_STATE.get(name, ()):
+                found.append(f"{name}.{variable}: {how}")
+    assert not found, ("module-level mutable state (hand it through the command's StartUp or an object its "
+                       "caller owns; or, if a process-wide singleton is inherent, allow it above saying why):\n"
+                       + "\n".join(found))
+    stale = sorted(f"{m}.{v}" for m, names in ALLOWED_STATE.items() for v in names
+                   if m not in all_modules() or v not in module_state(all_modules()[m].read_text(encoding="utf-8")))
+    assert not stale, f"allowed but gone (remove from ALLOWED_STATE): {stale}"
+
+
+def test_the_state_check_sees_planted_globals():
+    planted = '''
+TABLE = {"a": 1}            # a constant table: read only
+_seen = set()
+_memo = {}
+_stack = []
+_flag = None
+
+
+class _Holder:
+    pass
+
+
+_holder = _Holder()
+
+
+def note(key, value):
+    global _flag
+    _flag = key
+    _seen.add(key)
+    _memo[key] = value
+    _stack.append(TABLE["a"])
+'''
+    assert set(module_state(planted)) == {"_flag", "_seen", "_memo", "_stack", "_holder"}

@@ -209,19 +209,22 @@ def test_racing_take_overs_of_one_stale_lock_leave_one_holder(tmp_path):
 
 
 def test_the_holder_refreshes_its_lock_and_removes_only_its_own(tmp_path):
-    from ds_hydra.common.run_lock import LockSettings, acquire, held_lock, holding
+    from ds_hydra.common.run_lock import LockSettings, RunLocked, acquire, holding
 
     lock = acquire(tmp_path, LockSettings(stale_after_s=0.4))  # refreshed every 0.1 s
     first = lock.path.stat().st_mtime_ns
     time.sleep(0.35)
     assert lock.path.stat().st_mtime_ns > first
-    with holding(tmp_path) as inner:  # train() inside the CLI: the lock it holds already
+    with holding(tmp_path, held=lock) as inner:  # train() inside the CLI: the lock its StartUp holds
         assert inner is lock
-    assert held_lock(tmp_path) is lock and lock.path.exists()
+    assert lock.path.exists()  # kept: its owner releases it
+    with pytest.raises(RunLocked, match="in use by this process already"):  # a second writer, in this process too
+        with holding(tmp_path):
+            pass
     lock.release()
-    with holding(tmp_path):  # train() on its own: locks for the call
-        assert held_lock(tmp_path) is not None
-    assert held_lock(tmp_path) is None and not lock.path.exists()
+    with holding(tmp_path) as own:  # train() on its own: locks for the call
+        assert own is not lock and own.path.exists()
+    assert not lock.path.exists()
     other = write_lock(tmp_path, host="node-elsewhere", token="someone-else")
     lock.release()  # released twice, after another process took it: theirs stays
     assert other.exists()

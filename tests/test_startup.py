@@ -8,7 +8,9 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, TINY, tiny_run_args
+import pytest
+
+from conftest import REPO, TINY, compose, tiny_run_args
 
 # Each guard, as "module:function"; counted wherever it is called from.
 GUARDS = {
@@ -78,3 +80,53 @@ def test_train_as_a_library_checks_everything_once(tmp_path):
     # compose() validates nothing: a library caller validates with ds_hydra.validation when it wants to
     assert {k: counts.get(k, 0) for k in GUARDS if k != "validate_config"} == {
         "lock": 1, "memory check": 1, "memory estimate": 1, "plan_start": 1, "check_compatible": 0}
+
+
+# What a run could leave behind in its process for the next, planted by hand (before the first run, or
+# between the two); the test below must catch each.
+PLANTED_LEAKS = {
+    # the stop request of the first run's signal, still set when the second starts
+    "stop request": ("between", lambda monkeypatch: monkeypatch.setattr(
+        "ds_hydra.common.signals._state.signum", __import__("signal").SIGUSR1)),
+    # the data memo knowing a file by its name only: the second run would get the first's data
+    "data": ("before", lambda monkeypatch: monkeypatch.setattr("ds_hydra.data.cache._version", lambda path: (str(path),))),
+}
+
+
+@pytest.mark.parametrize("leak", [None, *(pytest.param(k, marks=pytest.mark.slow) for k in PLANTED_LEAKS)])
+def test_a_second_train_in_the_process_sees_nothing_of_the_first(tmp_path, monkeypatch, one_thread, leak):
+    """Two ``ds_hydra.train(cfg)`` calls in one process. The first is pre-empted (SIGUSR1) before it starts,
+    on a text file of 9 characters; the second, with the same config on the file edited to 12 characters,
+    trains to its end on its own data, and each run left its directory unlocked. ``leak`` plants what the
+    first would leave behind if process state leaked, and the same checks then see it."""
+    import signal
+
+    from ds_hydra import train
+    from ds_hydra.common import signals
+
+    when, plant = PLANTED_LEAKS.get(leak, (None, None))
+    if when == "before":
+        plant(monkeypatch)
+    text = tmp_path / "corpus.txt"
+    text.write_text("abcdefgh\n" * 2000)
+    overrides = [*TINY, f"data.path={text}", "trainer.max_steps=2", "trainer.eval_interval=0"]
+    with signals.stop_on_signals():
+        os.kill(os.getpid(), signal.SIGUSR1)  # a pre-emption notice: the run saves nothing and stops
+        with pytest.raises(signals.Stopped):
+            train(compose(overrides), run_dir=tmp_path / "first")
+    assert not (tmp_path / "first" / "run.lock").exists()
+    text.write_text("ijklmnopqrs\n" * 2000)
+    os.utime(text, ns=(0, 0))  # another content at another time: the data are built again
+    if when == "between":
+        plant(monkeypatch)
+    seen = []
+    try:
+        metrics = train(compose(overrides), run_dir=tmp_path / "second")
+    except signals.Stopped:
+        seen.append("stop request")
+    else:
+        assert metrics["step"] == 2 and not (tmp_path / "second" / "run.lock").exists()
+        vocab = json.loads((tmp_path / "second" / "tokenizer" / "tokenizer_meta.json").read_text())["vocab_size"]
+        if vocab != 12:
+            seen.append("data")
+    assert seen == ([] if leak is None else [leak])

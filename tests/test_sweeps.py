@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ from conftest import REPO, TINY, compose, run_cli
 from ds_hydra.cli import config_dir, run_task
 from ds_hydra.config_store import register_configs
 from ds_hydra.errors import UserError
-from ds_hydra.sweeps import SUMMARY_FILES, finish_active_sweep, select_objective
-from ds_hydra.sweeps.callback import reset_active_sweep
+from ds_hydra.common.startup import StartUp
+from ds_hydra.sweeps import SUMMARY_FILES, Objective, select_objective
 
 
 # -- a stand-in for training: metrics are a known function of the config -----------------------------
@@ -58,7 +59,6 @@ def sweep(hydra_sweep_runner, tmp_path):
         overrides=["hydra.mode=MULTIRUN", *TINY, *overrides],  # `-m` sets the mode on the command line
         temp_dir=tmp_path / "sweep",
     )
-    reset_active_sweep()
 
 
 @pytest.fixture(autouse=True)
@@ -107,10 +107,12 @@ def test_sweep_runs_one_job_per_combination_and_reports_each(sweep, tmp_path):
 
 def test_failed_jobs_are_reported_even_though_the_sweeper_raises(sweep, tmp_path):
     """Hydra's basic sweeper re-raises the first failure after the batch and skips on_multirun_end."""
-    with pytest.raises(RuntimeError, match="planted failure"):
-        with sweep(["optimizer.lr=0.0001,0.001,0.0002"]):
-            pass
-    outcome = finish_active_sweep()  # what the CLI does when the sweep raised
+    with StartUp.opened() as startup:  # as cli_main opens it
+        with pytest.raises(RuntimeError, match="planted failure"):
+            with sweep(["optimizer.lr=0.0001,0.001,0.0002"]):
+                pass
+    assert not (tmp_path / "sweep" / "sweep_summary.csv").exists()  # the callback could not write it
+    outcome = startup.sweep.finish()  # what the CLI does when the sweep raised
     assert (outcome.jobs, outcome.failed) == (3, 2)
     assert "RuntimeError: planted failure at lr=0.0001" in outcome.first_error
     rows = read_csv(tmp_path / "sweep" / "sweep_summary.csv")
@@ -122,7 +124,11 @@ def test_failed_jobs_are_reported_even_though_the_sweeper_raises(sweep, tmp_path
 
 def test_objective_makes_the_task_return_one_number():
     cfg = compose(["objective=val_loss"])
-    assert select_objective(cfg, {"val_loss": 1.5, "train_loss": 1.4}) == 1.5
+    objective = select_objective(cfg, {"val_loss": 1.5, "train_loss": 1.4})
+    assert objective == 1.5 and isinstance(objective, float)
+    # the number carries every metric to the sweep report, also back from a launcher's worker process
+    assert pickle.loads(pickle.dumps(objective)).metrics == {"val_loss": 1.5, "train_loss": 1.4}
+    assert isinstance(objective, Objective)
     assert select_objective(compose([]), {"val_loss": 1.5}) == {"val_loss": 1.5}
     with pytest.raises(UserError, match="objective=val_los: the task returned no such metric; available: train_loss, val_loss"):
         select_objective(compose(["objective=val_los"]), {"val_loss": 1.5, "train_loss": 1.4, "run_dir": "x"})

@@ -21,6 +21,7 @@ from conftest import ENGINE_RUN, REPO
 from ds_hydra.cli import torchrun_job
 from ds_hydra.cli.torchrun_config import TorchrunSettings
 from ds_hydra.cli.torchrun_job import job_arguments, read_outcome
+from ds_hydra.common.startup import StartUp
 from ds_hydra.errors import ConfigError, UserError
 
 RUN = [*ENGINE_RUN, "trainer.log_interval=2"]
@@ -112,7 +113,7 @@ def test_a_rank_reports_the_user_error_behind_its_exit(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit):
-        with torchrun_job.reporting_to_launcher():
+        with torchrun_job.reporting_to_launcher(StartUp()):
             try:
                 raise ConfigError(["trainer.max_steps=0: must be >= 1"])
             except UserError:
@@ -133,24 +134,32 @@ def test_a_failure_is_timed_when_its_rank_tears_the_group_down(tmp_path, monkeyp
         def destroy_process_group(self):
             self.destroyed += 1
 
-    monkeypatch.setattr(process_group, "_failed_at", None)
     monkeypatch.setenv(torchrun_job.RANK_REPORTS_ENV, str(tmp_path))
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     group = Group()
     process_group.leave_process_group(group)  # a clean exit notes nothing
-    assert (group.destroyed, process_group.failed_at()) == (1, None)
-    with pytest.raises(RuntimeError):
-        with torchrun_job.reporting_to_launcher():
+    assert group.destroyed == 1
+    with pytest.raises(SystemExit):
+        with torchrun_job.reporting_to_launcher(StartUp()):
             try:
-                raise RuntimeError("planted")
-            finally:
-                process_group.leave_process_group(group)  # (the engine's close, or cli_main's after_hydra)
-                torn_down = process_group.failed_at()
-                time.sleep(0.05)  # the error's way up to the report
+                try:
+                    raise RuntimeError("planted")
+                finally:
+                    before = time.time()
+                    process_group.leave_process_group(group)  # (the engine's close)
+                    after = time.time()
+            except RuntimeError:
+                try:
+                    sys.exit(1)  # (cli_main's way out, the error as its context)
+                finally:
+                    time.sleep(0.05)  # the error's way up to the report
+                    process_group.leave_process_group(group)  # (cli_main's after_hydra: later, not the time reported)
     saved = json.loads((tmp_path / "rank1.json").read_text())
-    assert group.destroyed == 2 and torn_down is not None and saved["time"] == torn_down
-    assert saved["error"] == "RuntimeError: planted"
+    assert group.destroyed == 3 and saved["error"] == "RuntimeError: planted"
+    assert before <= saved["time"] <= after  # the first teardown's time, not the later one's
+    # the time travels with the error: a later run in this process starts with nothing noted
+    assert process_group.failed_at(None) is None and process_group.failed_at(RuntimeError("next run")) is None
 
 
 def test_a_stop_signal_starts_no_further_job(tmp_path, monkeypatch):

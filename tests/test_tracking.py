@@ -241,7 +241,6 @@ def test_sweep_jobs_are_grouped(hydra_sweep_runner, in_tmp):
     pytest.importorskip("mlflow")
     from ds_hydra.cli import config_dir, run_task
     from ds_hydra.config_store import register_configs
-    from ds_hydra.sweeps.callback import reset_active_sweep
 
     register_configs()
     sweep_dir = in_tmp / "sweep"
@@ -250,27 +249,24 @@ def test_sweep_jobs_are_grouped(hydra_sweep_runner, in_tmp):
         config_name="config", temp_dir=sweep_dir,
         overrides=["hydra.mode=MULTIRUN", *TINY, "logger=[jsonl,wandb,mlflow]", "optimizer.lr=0.001,0.002"],
     )
-    try:
-        with runner:  # the sweep dir is removed when the block ends
-            label = str(sweep_dir.relative_to(in_tmp))
-            groups = [[r["group"] for r in wandb_runs(sweep_dir / str(n))] for n in (0, 1)]
-            assert groups == [[label], [label]]
+    with runner:  # the sweep dir is removed when the block ends
+        label = str(sweep_dir.relative_to(in_tmp))
+        groups = [[r["group"] for r in wandb_runs(sweep_dir / str(n))] for n in (0, 1)]
+        assert groups == [[label], [label]]
 
-            client = mlflow_client(in_tmp / "outputs" / "mlflow.db")
-            experiment = client.get_experiment_by_name(label)  # one experiment per sweep
-            runs = client.search_runs([experiment.experiment_id])
-            (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-            children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
-                              key=lambda r: r.info.run_name)
-            shown = " ".join(o for o in TINY if o != "trainer.progress=false")  # launch plumbing is left out
-            assert [r.info.run_name for r in children] == [f"job 0: {shown} optimizer.lr=0.001", f"job 1: {shown} optimizer.lr=0.002"]
-            for n, child in enumerate(children):
-                assert mlflow_history(client, child.info.run_id) == metric_rows(jsonl(sweep_dir / str(n)))
-            assert parent.info.status == "FINISHED" and parent.info.run_name == f"sweep {label}"
-            artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-            assert artifacts == {"sweep_summary.md", "sweep_summary.csv", "sweep_summary.png"}
-    finally:
-        reset_active_sweep()
+        client = mlflow_client(in_tmp / "outputs" / "mlflow.db")
+        experiment = client.get_experiment_by_name(label)  # one experiment per sweep
+        runs = client.search_runs([experiment.experiment_id])
+        (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                          key=lambda r: r.info.run_name)
+        shown = " ".join(o for o in TINY if o != "trainer.progress=false")  # launch plumbing is left out
+        assert [r.info.run_name for r in children] == [f"job 0: {shown} optimizer.lr=0.001", f"job 1: {shown} optimizer.lr=0.002"]
+        for n, child in enumerate(children):
+            assert mlflow_history(client, child.info.run_id) == metric_rows(jsonl(sweep_dir / str(n)))
+        assert parent.info.status == "FINISHED" and parent.info.run_name == f"sweep {label}"
+        artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert artifacts == {"sweep_summary.md", "sweep_summary.csv", "sweep_summary.png"}
 
 
 @pytest.mark.slow

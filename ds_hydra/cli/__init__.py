@@ -14,7 +14,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ds_hydra.cli.startup import StartUp
+from ds_hydra.common.startup import StartUp
 from ds_hydra.errors import EXIT_USAGE, UserError, describe_exception, user_error_in
 
 log = logging.getLogger("ds_hydra")
@@ -33,17 +33,19 @@ def run_task(cfg) -> Optional[Dict[str, Any]]:
     from ds_hydra.cli.launch import on_task_start
     from ds_hydra.cli.torchrun_job import launcher_runs_this, run_under_torchrun
     from ds_hydra.common.signals import Stopped
-    from ds_hydra.sweeps import note_job_metrics, select_objective
+    from ds_hydra.sweeps import select_objective
 
     startup = StartUp.current()
-    on_task_start()  # several processes: rank 0 shares its run dir; the others log quietly
+    on_task_start(startup)  # several processes: rank 0 shares its run dir; the others log quietly
     if startup is not None:
+        startup.job_metrics = None  # (a multirun's jobs share the command's StartUp)
         startup.say_notes()  # e.g. the run dir's name was taken: into the run's log, now that it has one
     try:
         # hydra/launcher=torchrun on a single run: its ranks run under torchrun, in this run's directory
-        metrics = run_under_torchrun() if launcher_runs_this() else dispatch(cfg, startup)
-        note_job_metrics(metrics)  # the sweep report shows every metric, even when `objective` picks one
-        return select_objective(cfg, metrics)
+        metrics = run_under_torchrun(startup) if launcher_runs_this() else dispatch(cfg, startup)
+        if startup is not None:
+            startup.job_metrics = metrics  # a torchrun'd rank reports every metric to its launcher
+        return select_objective(cfg, metrics)  # the objective carries every metric to the sweep report
     except (UserError, OSError, Stopped) as exc:  # OSError: a full disk, an unwritable file
         if _in_multirun() or startup is None:
             raise
@@ -174,55 +176,56 @@ def _run_world_size(argv) -> int:
 def cli_main() -> None:
     from ds_hydra.cli.torchrun_job import reporting_to_launcher
 
-    with reporting_to_launcher():  # a rank of a job the torchrun launcher started: its outcome for the launcher
-        _cli_main()
+    # one StartUp per command: what the callbacks settle for the task and for us, released on the way out
+    with StartUp.opened() as startup, reporting_to_launcher(startup):  # a rank of a torchrun'd job: its outcome for the launcher
+        _cli_main(startup)
 
 
-def _cli_main() -> None:
+def _cli_main(startup: StartUp) -> None:
     from ds_hydra.config_store import register_configs
 
     register_configs()
     import hydra
 
-    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
-    # Let composition errors reach us as exceptions so each is reported as one clear line.
+    asked = os.environ.get("HYDRA_FULL_ERROR")
+    full_error = asked == "1"
+    # Let composition errors reach us as exceptions so each is reported as one clear line (put back as it
+    # was on the way out: a second command in this process must not take ours for the user's).
     os.environ["HYDRA_FULL_ERROR"] = "1"
     main = hydra.main(version_base=None, config_path=config_dir(), config_name="config")(run_task)
     from ds_hydra.cli.launch import after_hydra, before_hydra, wait_for_all_ranks
     from ds_hydra.cli.preflight import RunRefused
-    from ds_hydra.common.run_lock import release_all
     from ds_hydra.common.signals import Stopped, stop_on_signals
     from ds_hydra.instantiate import hydra_callbacks_checked
 
     try:
         refuse_unpickling_flags(sys.argv[1:])
-        with StartUp.opened() as startup:
-            args = hydra_arguments(sys.argv[1:], startup)
-            if _only_help(args):  # drawn from one composition; Hydra's --help takes 8x as long
-                from ds_hydra.help import print_help
+        args = hydra_arguments(sys.argv[1:], startup)
+        if _only_help(args):  # drawn from one composition; Hydra's --help takes 8x as long
+            from ds_hydra.help import print_help
 
-                print_help(config_dir(), [a for a in args if a not in ("--help", "-h")])
-                return
-            # several processes (torchrun): one process group, one run dir, a log per rank
-            sys.argv = [sys.argv[0], *before_hydra(args)]  # the one rewrite of the command line
-            # hydra.callbacks pass the _target_ allowlist before Hydra builds them (Hydra has no allowlist of its own)
-            with stop_on_signals(), hydra_callbacks_checked():  # signals: finish the step, save, exit 75 (130 for Ctrl-C)
-                try:
-                    main()
-                except RunRefused as refused:  # found before Hydra wrote into the run dir
-                    # the error itself, not the carrier; its own cause stays (Hydra's instantiate wraps a
-                    # _target_'s error, and the torchrun report names the error underneath)
-                    raise refused.error from refused.error.__cause__
-            _exit_if_sweep_failed()
-            if startup.error is not None:
-                raise startup.error
+            print_help(config_dir(), [a for a in args if a not in ("--help", "-h")])
+            return
+        # several processes (torchrun): one process group, one run dir, a log per rank
+        sys.argv = [sys.argv[0], *before_hydra(args, startup)]  # the one rewrite of the command line
+        # hydra.callbacks pass the _target_ allowlist before Hydra builds them (Hydra has no allowlist of its own)
+        with stop_on_signals(), hydra_callbacks_checked():  # signals: finish the step, save, exit 75 (130 for Ctrl-C)
+            try:
+                main()
+            except RunRefused as refused:  # found before Hydra wrote into the run dir
+                # the error itself, not the carrier; its own cause stays (Hydra's instantiate wraps a
+                # _target_'s error, and the torchrun report names the error underneath)
+                raise refused.error from refused.error.__cause__
+        _exit_if_sweep_failed(startup)
+        if startup.error is not None:
+            raise startup.error
     except Stopped as exc:
-        _exit_if_sweep_failed(exit=False)
+        _exit_if_sweep_failed(startup, exit=False)
         _say(f"ds_hydra: {exc}")
         wait_for_all_ranks()  # several processes: all have saved and said so before any exits
         sys.exit(exc.exit_code)
     except (UserError, OSError, *_composition_errors()) as exc:
-        _exit_if_sweep_failed()
+        _exit_if_sweep_failed(startup)
         if full_error:
             raise
         _say(f"ds_hydra: error: {describe_exception(exc)}")
@@ -232,11 +235,15 @@ def _cli_main() -> None:
         sys.exit(130)
     except Exception:
         # A job's own exception, re-raised by the sweeper after its batch (traceback in the job's log).
-        _exit_if_sweep_failed(exit=not full_error)
+        _exit_if_sweep_failed(startup, exit=not full_error)
         raise
     finally:
-        after_hydra()  # several processes: release the other ranks if rank 0 stopped before its run dir
-        release_all()  # the run (or sweep) dir's lock: the next writer may take it
+        after_hydra(startup)  # several processes: release the other ranks if rank 0 stopped before its run dir
+        startup.release_locks()  # the run (or sweep) dir's lock: the next writer may take it
+        if asked is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = asked
 
 
 def _only_help(args) -> bool:
@@ -282,12 +289,10 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
-def _exit_if_sweep_failed(exit: bool = True) -> None:
+def _exit_if_sweep_failed(startup: StartUp, exit: bool = True) -> None:
     """After a multirun: write the sweep report if Hydra skipped it; exit 1 when any job failed."""
-    from ds_hydra.sweeps.callback import finish_active_sweep, reset_active_sweep
-
-    outcome = finish_active_sweep()
-    reset_active_sweep()
+    sweep, startup.sweep = startup.sweep, None
+    outcome = sweep.finish() if sweep is not None else None
     if outcome is None or not outcome.failed:
         return
     _say(

@@ -29,13 +29,10 @@ from typing import List, Optional, Sequence
 
 from ds_hydra.common.launch_env import multi_process, other_rank
 from ds_hydra.common.overrides import MULTIRUN_OPTIONS, has_option, quote, take_option
+from ds_hydra.common.startup import StartUp
 from ds_hydra.errors import EXIT_USAGE, UserError
 
 _LOCAL_RANK_FLAGS = ("--local-rank", "--local_rank")
-
-# Rank 0 owes the other ranks one broadcast (the run dir, or why there is none).
-_owed = False
-
 
 def strip_local_rank(argv: Sequence[str]) -> List[str]:
     """``argv`` without ``--local-rank=N``/``--local_rank N``; N goes to ``LOCAL_RANK`` if unset."""
@@ -59,13 +56,13 @@ def config_only(args: Sequence[str]) -> bool:
     return has_option(args, _PRINT_ONLY_OPTIONS) or any(arg.lstrip("+") in _CONFIG_ONLY_TASKS for arg in args)
 
 
-def before_hydra(args: Sequence[str]) -> List[str]:
+def before_hydra(args: Sequence[str], startup: StartUp) -> List[str]:
     """Under a multi-process launch: create the process group and agree on the run dir; returns the
     arguments Hydra should parse (``sys.argv[1:]``). A single process gets ``args`` back unchanged.
+    Rank 0 then owes the others one broadcast (``startup.run_dir_owed``): the run dir, or why there is none.
 
     A command that only prints or checks its config creates no process group: rank 0 answers, the
     other ranks exit at once, silent (their answer would be rank 0's)."""
-    global _owed
     if not multi_process():
         return list(args)
     if config_only(args):
@@ -87,7 +84,7 @@ def before_hydra(args: Sequence[str]) -> List[str]:
     rank = dist.get_rank()
     extra = [f"hydra.job.name=rank{rank}"]
     if rank == 0:
-        _owed = True
+        startup.run_dir_owed = True
     else:
         status, run_dir, continued = _receive()
         if run_dir is None:
@@ -112,33 +109,29 @@ def _init_launched_process_group(dist, timeout) -> None:
     dist.init_process_group(store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
-def share_run_dir(run_dir: str, continued: Optional[str] = None) -> None:
-    """Rank 0, once Hydra made the run dir: send it to the other ranks (no-op elsewhere or when done);
-    ``continued``: the run dir a restarted torchrun attempt continues."""
-    global _owed
-    if _owed:
-        _owed = False
-        _broadcast((0, str(run_dir), continued))
+def share_run_dir(startup: StartUp, run_dir: str) -> None:
+    """Rank 0, once Hydra made the run dir: send it to the other ranks (no-op elsewhere or when done),
+    with the run dir a restarted torchrun attempt continues (``startup.continuing``)."""
+    if startup.run_dir_owed:
+        startup.run_dir_owed = False
+        _broadcast((0, str(run_dir), startup.continuing))
 
 
-def on_task_start() -> None:
+def on_task_start(startup: Optional[StartUp]) -> None:
     """First thing in the task function: rank 0 shares Hydra's run dir; other ranks quiet their console."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from ds_hydra.training.resume.torchrun_restart import continuing_run
-
-    if _owed and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
-        share_run_dir(HydraConfig.get().runtime.output_dir, continuing_run())
+    if startup is not None and startup.run_dir_owed and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
+        share_run_dir(startup, HydraConfig.get().runtime.output_dir)
     quiet_console_on_other_ranks()
 
 
-def after_hydra() -> None:
+def after_hydra(startup: StartUp) -> None:
     """In ``cli_main``'s ``finally``: if rank 0 never shared a run dir, tell the others to exit with
     its status (the exit code in flight, 0 without one), then close the process group."""
-    global _owed
-    if _owed:
-        _owed = False
+    if startup.run_dir_owed:
+        startup.run_dir_owed = False
         exc = sys.exc_info()[1]
         if exc is None:
             status = 0

@@ -20,9 +20,12 @@ an earlier run (``resume=<run>``, or ``hydra.run.dir=<run>``) it would overwrite
 4. the directory does not already hold a run, unless ``resume=`` continues it;
 5. when resuming, the checkpoint loads safely and was saved by the same model.
 
-What it settles goes into the command's ``StartUp`` (``ds_hydra.cli.startup``): the config validated,
-the start plan (checkpoint to continue from, memory verdict) and lines for the run's log, so the task
-checks none of it again.
+What it settles goes into the command's ``StartUp`` (``ds_hydra.common.startup``): the config validated,
+the run dir's lock, the start plan (checkpoint to continue from, memory verdict), the run a restarted
+torchrun attempt continues, and lines for the run's log, so the task checks none of it again. Outside
+``cli_main`` (a Hydra app of one's own composing ds_hydra's config) there is no ``StartUp``: the checks
+run here and the task's ``train`` runs its own, taking the run dir's lock itself, so this callback lets
+go of the lock it took once its checks passed.
 
 A refused run leaves nothing behind: the lock is released and a directory created here removed.
 ``on_multirun_start`` claims and locks the sweep directory the same way (``hydra.sweep.dir``); sweep
@@ -42,7 +45,7 @@ from typing import Any, Callable, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import read_write
 
-from ds_hydra.cli.startup import StartUp
+from ds_hydra.common.startup import StartUp
 from ds_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -60,40 +63,62 @@ class RunRefused(BaseException):
 
 class Preflight(Callback):
     """``on_run_start``: refuse a bad run before its directory is touched; take the directory.
-    ``on_multirun_start``: take the sweep directory."""
+    ``on_multirun_start``: take the sweep directory. Hydra builds one per command; the directories it
+    took are its own until the run (or sweep) ends, and the command's ``StartUp`` holds their locks too,
+    so that ``cli_main`` releases them when an error skips the end."""
+
+    def __init__(self) -> None:
+        self._run: Optional[TakenDir] = None
+        self._sweep: Optional[TakenDir] = None
+
+    def __getstate__(self):  # sent to a launcher's job processes (joblib): the locks stay with their holder
+        return {**self.__dict__, "_run": None, "_sweep": None}
 
     def on_run_start(self, config, **kwargs: Any) -> None:
-        startup = StartUp.current() or StartUp()  # outside cli_main: checked here, and by the task again
+        opened = StartUp.current()
+        startup = opened or StartUp()  # outside cli_main: checked here, and by the task again
         taken = None
         try:
             memory = check_config(config, startup)
-            continue_after_torchrun_restart(config)
+            startup.continuing = continue_after_torchrun_restart(config)
             taken = take_run_dir(config, startup.note)
-            startup.plan = check_run_dir(config, memory)
+            startup.run_dir_lock = taken.lock if taken is not None else None
+            startup.plan = check_run_dir(config, memory, startup.run_dir_lock)
         except Exception as exc:  # a user error, or a bug in a check: either way the run must not start
             if taken is not None:
                 taken.give_back()
+            startup.run_dir_lock = None
             raise RunRefused(exc) from exc
+        if opened is None:
+            startup.release_locks()  # no command hands it to the task: its train takes the lock itself
+        else:
+            self._run = taken
 
     def on_run_end(self, config, **kwargs: Any) -> None:
-        _release(config.hydra.run.dir)  # (cli_main releases too, when an error skips this)
+        self._run = _let_go(self._run, "run_dir_lock")
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         try:
-            take_sweep_dir(config)
+            self._sweep = take_sweep_dir(config)
         except UserError as exc:
             raise RunRefused(exc) from exc
+        startup = StartUp.current()
+        if startup is not None:
+            startup.sweep_dir_lock = self._sweep.lock
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        _release(config.hydra.sweep.dir)
+        self._sweep = _let_go(self._sweep, "sweep_dir_lock")
 
 
-def _release(folder) -> None:
-    from ds_hydra.common.run_lock import held_lock
-
-    lock = held_lock(Path(str(folder)))
-    if lock is not None:
-        lock.release()
+def _let_go(taken: Optional["TakenDir"], held_as: str) -> None:
+    """Release the lock on a directory this callback took, and forget it in the command's ``StartUp``."""
+    if taken is None or taken.lock is None:
+        return None
+    startup = StartUp.current()
+    if startup is not None and getattr(startup, held_as) is taken.lock:
+        setattr(startup, held_as, None)
+    taken.lock.release()
+    return None
 
 
 def _task(config) -> str:
@@ -129,7 +154,7 @@ def check_config(config, startup: StartUp):
     return None
 
 
-def check_run_dir(config, memory=None):
+def check_run_dir(config, memory=None, lock=None):
     """Training: the run dir holds no other run, and a checkpoint to continue fits this model; returns the
     start plan for ``train`` (None for other tasks, and on ranks other than 0, which plan for themselves)."""
     from ds_hydra.training.resume import check_compatible, plan_start
@@ -140,6 +165,7 @@ def check_run_dir(config, memory=None):
     ensure_writable(run_dir, key="hydra.run.dir")
     plan = plan_start(config, run_dir)
     plan.memory = memory
+    plan.lock = lock
     if plan.checkpoint is not None:
         from ds_hydra.training.sharded_checkpoint import load_resume_state
 
@@ -155,9 +181,13 @@ class TakenDir:
 
     path: Path
     created: bool
+    lock: Optional[Any] = None
+    """The ``RunLock`` this process holds on it."""
 
     def give_back(self) -> None:
-        _release(self.path)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         if self.created:
             try:
                 self.path.rmdir()  # only if still empty
@@ -172,15 +202,17 @@ def _other_rank() -> bool:
     return launch_env.other_rank()
 
 
-def continue_after_torchrun_restart(config) -> None:
+def continue_after_torchrun_restart(config) -> Optional[str]:
     """A restarted torchrun attempt's rank 0: continue the run the first attempt wrote, found by its
-    directory (``resume.torchrun_restart``); other ranks are told by rank 0."""
+    directory (``resume.torchrun_restart``); returns that run dir, which rank 0 tells the other ranks."""
     from ds_hydra.training.resume.torchrun_restart import continue_run, run_to_continue
 
     if _task(config) in ("train", "resume") and not _other_rank():
         found = run_to_continue(config)
         if found is not None:
             continue_run(config, found)
+            return str(found)
+    return None
 
 
 def take_run_dir(config, note: Note) -> Optional[TakenDir]:
@@ -228,7 +260,7 @@ def _take(config, kind: str, note: Optional[Note] = None) -> TakenDir:
     except OSError as exc:
         raise UserError(f"{key}={wanted}: cannot write there: {exc.strerror or exc}; choose a writable directory") from None
     try:
-        lock = acquire(taken.path, LockSettings.from_config(config), what=f"{kind} dir", announce=kind == "sweep")
+        lock = taken.lock = acquire(taken.path, LockSettings.from_config(config), what=f"{kind} dir", announce=kind == "sweep")
     except BaseException:
         taken.give_back()
         raise

@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 from ds_hydra.common import launch_env
 from ds_hydra.common.overrides import CONFIG_OPTIONS, option_args
 from ds_hydra.common.signals import EXIT_INTERRUPTED, EXIT_REQUEUE, Stopped, signal_name
+from ds_hydra.common.startup import StartUp
 from ds_hydra.cli.torchrun_config import TorchrunSettings
 from ds_hydra.errors import ConfigError, UserError
 
@@ -148,20 +149,18 @@ def launcher_runs_this() -> bool:
     return hydra_cfg.mode == RunMode.RUN and str(hydra_cfg.launcher.get("_target_", "")) == LAUNCHER_TARGET
 
 
-def run_under_torchrun() -> Dict[str, Any]:
+def run_under_torchrun(startup: Optional[StartUp]) -> Dict[str, Any]:
     """This run's ranks under torchrun, in the run dir Hydra made here; returns rank 0's final metrics."""
     from hydra.core.hydra_config import HydraConfig
-
-    from ds_hydra.common.run_lock import held_lock
 
     hydra_cfg = HydraConfig.get()
     settings = TorchrunSettings.from_config(hydra_cfg.launcher)
     if settings.problems():
         raise ConfigError(settings.problems())
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    lock = held_lock(run_dir)
-    if lock is not None:
-        lock.release()  # rank 0 of the job takes the run dir's lock now
+    if startup is not None and startup.run_dir_lock is not None:
+        startup.run_dir_lock.release()  # rank 0 of the job takes the run dir's lock now
+        startup.run_dir_lock = None
     args = job_arguments(list(hydra_cfg.overrides.task), list(hydra_cfg.overrides.hydra), run_dir)
     outcome = run_job(settings, run_dir, args, job_key="run")
     if not outcome.completed:
@@ -171,8 +170,9 @@ def run_under_torchrun() -> Dict[str, Any]:
 
 # -- inside a rank of a launched job ---------------------------------------------------------------
 @contextlib.contextmanager
-def reporting_to_launcher() -> Iterator[None]:
-    """Around ``cli_main`` in each rank of a torchrun'd job: leave this rank's outcome for the launcher."""
+def reporting_to_launcher(startup: StartUp) -> Iterator[None]:
+    """Around ``cli_main`` in each rank of a torchrun'd job: leave this rank's outcome for the launcher
+    (the metrics its task noted in the command's ``startup``)."""
     folder = os.environ.get(RANK_REPORTS_ENV)
     if not folder:
         yield
@@ -180,11 +180,9 @@ def reporting_to_launcher() -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        _report(Path(folder), _failure(exc))
+        _report(Path(folder), _failure(exc), failed_at(exc))
         raise
-    from ds_hydra.sweeps.callback import noted_job_metrics
-
-    _report(Path(folder), {"status": "completed", "metrics": noted_job_metrics()})
+    _report(Path(folder), {"status": "completed", "metrics": startup.job_metrics})
 
 
 def _failure(exc: BaseException) -> Dict[str, Any]:
@@ -209,12 +207,19 @@ def _failure(exc: BaseException) -> Dict[str, Any]:
     return report
 
 
-def _report(folder: Path, outcome: Dict[str, Any]) -> None:
-    from ds_hydra.engine.process_group import failed_at
+def failed_at(exc: BaseException) -> Optional[float]:
+    """When this rank failed, as its process group's teardown noted on the error (None: not noted)."""
+    if "torch.distributed" not in sys.modules:  # no process group was ever up: nothing noted
+        return None
+    from ds_hydra.engine.process_group import failed_at as noted
 
+    return noted(exc)
+
+
+def _report(folder: Path, outcome: Dict[str, Any], failed_at: Optional[float] = None) -> None:
     rank = launch_env.rank()
     # a failure's time is when it happened (before this rank's teardown made its peers fail), not now
-    when = failed_at() if outcome.get("status") == "failed" else None
+    when = failed_at if outcome.get("status") == "failed" else None
     outcome = {"rank": rank, "time": when or time.time(), **outcome}
     path = folder / f"rank{rank}.json"
     try:

@@ -8,4 +8,5 @@ above them (``ds_hydra.errors`` only).
 * ``signals``: stop on SIGTERM/SIGUSR1/Ctrl-C, the exit codes that say why;
 * ``launch_env``: this process's rank, world size and local rank as a launcher set them;
 * ``overrides``: Hydra override quoting and command-line scanning.
+* ``startup``: the one ``StartUp`` per command: what Hydra's callbacks settle for the task and ``cli_main``.
 """

@@ -157,6 +157,9 @@ class RunLock:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(heartbeat_s,), name="ds_hydra-run-lock", daemon=True)
         self._thread.start()
+        # Its owner (the command's StartUp, ``holding``, a prepare) releases it; the process's exit does
+        # too when an error skipped that.
+        atexit.register(self.release)
 
     def _beat(self, every_s: float) -> None:
         while not self._stop.wait(every_s):
@@ -169,58 +172,29 @@ class RunLock:
     def release(self) -> None:
         """Remove the lock if it is still this process's (a fork inherits the object, not the lock)."""
         self._stop.set()
+        atexit.unregister(self.release)
         if os.getpid() != self.record["pid"]:
             return
         held = read_holder(self.path)
         if held is not None and held.get("token") == self.record["token"]:
             self.path.unlink(missing_ok=True)
-        _HELD.pop(_key(self.run_dir, self.path.name), None)
-
-
-_HELD: Dict[str, RunLock] = {}  # lock file -> the lock this process holds through it
-
-
-def _key(run_dir: Path, lock_file: str = LOCK_FILE) -> str:
-    return os.path.join(os.path.realpath(run_dir), lock_file)
-
-
-def held_lock(run_dir: Path, lock_file: str = LOCK_FILE) -> Optional[RunLock]:
-    lock = _HELD.get(_key(run_dir, lock_file))
-    return lock if lock is not None and lock.record["pid"] == os.getpid() else None
-
-
-def release_all() -> None:
-    """Release every lock this process holds (``cli_main`` calls it on its way out; also at exit)."""
-    for lock in list(_HELD.values()):
-        try:
-            lock.release()
-        except OSError as exc:  # the directory went away: nothing left to unlock
-            log.debug("releasing %s: %s", lock.path, exc)
-
-
-atexit.register(release_all)
 
 
 def acquire(run_dir: Path, settings: Optional[LockSettings] = None, what: str = "run dir", announce: bool = True,
             lock_file: str = LOCK_FILE, subject: Optional[str] = None) -> RunLock:
-    """Lock ``run_dir`` (which must exist) for this process; the lock this process already holds is
-    returned as it is. Raises ``RunLocked`` naming the holder when a live process holds it.
+    """Lock ``run_dir`` (which must exist) for this process; the caller owns the lock and releases it.
+    Raises ``RunLocked`` naming the holder when a live process (this one included) holds it.
     ``lock_file``: the lock's name in ``run_dir`` (``run.lock``; others lock something beside it, such
     as a prepared directory that is replaced by a rename); ``subject`` heads the refusal (default
     "<what> <run_dir>").
 
     A stale lock taken over is logged (``announce``) and described in the lock's ``took_over``."""
     settings = settings or LockSettings()
-    existing = held_lock(run_dir, lock_file)
-    if existing is not None:
-        return existing
     path = Path(run_dir) / lock_file
     record = holder_record()
     for _ in range(20):  # each round either takes the lock or sees a holder that changed meanwhile
         if _create_exclusive(path, record):
-            lock = RunLock(run_dir, record, settings.heartbeat_s, lock_file)
-            _HELD[_key(run_dir, lock_file)] = lock
-            return lock
+            return RunLock(run_dir, record, settings.heartbeat_s, lock_file)
         holder = read_holder(path, wait_s=1.0)
         if holder is None:
             continue  # released meanwhile: try again
@@ -232,31 +206,34 @@ def acquire(run_dir: Path, settings: Optional[LockSettings] = None, what: str = 
             lock.took_over = f"{run_dir}: took over the lock of {describe_holder(holder)}: {reason}"
             if announce:
                 log.warning(lock.took_over)
-            _HELD[_key(run_dir, lock_file)] = lock
             return lock
         time.sleep(0.05)
     raise RunLocked(f"{run_dir}: could not take its lock {path}: other processes keep changing it; try again")
 
 
 @contextlib.contextmanager
-def holding(run_dir: Path, cfg: Any = None) -> Iterator[Optional[RunLock]]:
+def holding(run_dir: Path, cfg: Any = None, held: Optional[RunLock] = None) -> Iterator[Optional[RunLock]]:
     """Hold ``run_dir``'s lock for the ``with`` block (``train`` outside the CLI, sweep jobs).
 
-    A lock this process holds already (the CLI's) is kept past the block. Under a multi-process
-    launch only rank 0 locks: it holds the lock for every rank."""
+    ``held``: the lock the caller took already (the CLI's, in its ``StartUp``): used and kept past the
+    block, its owner releases it. Under a multi-process launch only rank 0 locks: it holds the lock for
+    every rank."""
     if launch_env.other_rank():
         yield None
         return
-    held = held_lock(run_dir)
-    lock = held or acquire(run_dir, LockSettings.from_config(cfg))
+    if held is not None:
+        yield held
+        return
+    lock = acquire(run_dir, LockSettings.from_config(cfg))
     try:
         yield lock
     finally:
-        if held is None:
-            lock.release()
+        lock.release()
 
 
 def _refusal(subject: str, path: Path, holder: Dict[str, Any], settings: LockSettings) -> str:
+    if holder.get("pid") == os.getpid() and _same_machine(holder):
+        return f"{subject}: in use by this process already ({describe_holder(holder)}; lock {path}): one writer per directory"
     text = f"{subject}: in use by another ds_hydra process ({describe_holder(holder)}; lock {path})"
     if _same_machine(holder):
         return text + "; let it finish or stop it, then try again"

@@ -52,12 +52,20 @@ class Stopped(Exception):
 
 
 class _StopState:
+    """The stop request of the outermost ``stop_on_signals`` block: born when it installs the handlers
+    (cleared), read by the loop, cleared again when that block ends and the previous handlers return."""
+
     def __init__(self) -> None:
         self.signum: Optional[int] = None  # the first stop signal received
         self.depth = 0  # nested stop_on_signals() blocks share one installation
         self.previous: Dict[int, object] = {}
 
 
+# One per process, on purpose: a signal handler is process-global (the OS delivers a signal to the
+# process, and Python runs handlers in its main thread), so the flag it sets is too. Its lifetime is the
+# outermost stop_on_signals block (a command, or one train() called as a library): a request made during
+# one run is gone when the next begins; within one command it stays, so a pre-empted sweep starts no
+# further job.
 _state = _StopState()
 
 

@@ -5,7 +5,7 @@ token directory's metadata, is done once and shared.
 The key is the resolved ``data`` config with what building it reads besides: the ``tokenizer`` group,
 ``model.pretrained``, and the size and modification time of the files it names (``data.path``, or
 ``data.dir``'s token files and meta.json), so an edited file is read again. At most ``MAX_CACHED``
-are kept (the most recently used).
+are kept (the most recently used), in the process's one ``DATA_MEMO``.
 """
 from __future__ import annotations
 
@@ -14,20 +14,45 @@ from collections import OrderedDict
 from typing import Any, Callable, Hashable, Tuple
 
 MAX_CACHED = 4
-_cache: "OrderedDict[Hashable, Any]" = OrderedDict()
 _DIR_FILES = ("meta.json", "meta.pkl", "train.bin", "val.bin", "tokenizer.json")
 
 
+class DataMemo:
+    """The data sets built in this process, the most recently used last, at most ``max_cached``.
+
+    A memo, not a channel: its key is everything the value is built from (``data_key``), a built
+    ``TokenData`` is read-only (batches and positions live in the samplers each run makes), so a
+    second run in the process with the same data gets what it would have built, and one with other
+    data (or an edited file) builds its own. ``clear()`` forgets them all."""
+
+    def __init__(self, max_cached: int = MAX_CACHED) -> None:
+        self.max_cached = max_cached
+        self._built: "OrderedDict[Hashable, Any]" = OrderedDict()
+
+    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """``build()``, or what it returned for ``key`` before in this process."""
+        if key in self._built:
+            self._built.move_to_end(key)
+            return self._built[key]
+        value = build()
+        self._built[key] = value
+        while len(self._built) > self.max_cached:
+            self._built.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._built.clear()
+
+
+# One per process, on purpose: the Hydra callback (memory preflight), task=validate and the trainer each
+# need the data, possibly in one process for several runs, and none of them hands it to the other.
+# Sound because the memo is keyed by content and holds read-only values (see DataMemo); bounded.
+DATA_MEMO = DataMemo()
+
+
 def cached(key: Hashable, build: Callable[[], Any]) -> Any:
-    """``build()``, or what it returned for ``key`` before in this process."""
-    if key in _cache:
-        _cache.move_to_end(key)
-        return _cache[key]
-    value = build()
-    _cache[key] = value
-    while len(_cache) > MAX_CACHED:
-        _cache.popitem(last=False)
-    return value
+    """``build()``, or what it returned for ``key`` before in this process (``DATA_MEMO``)."""
+    return DATA_MEMO.get(key, build)
 
 
 def data_key(cfg) -> Tuple:

@@ -73,20 +73,31 @@ def rank_device(device: torch.device) -> torch.device:
     return torch.device("cuda", local)
 
 
-# When this rank failed, noted as it tears its process group down with an exception in flight: the other
-# ranks fail only after that (their collectives lose this peer), so the launcher can tell which rank
-# failed first even when a later failure is reported sooner.
-_failed_at: Optional[float] = None
+FAILED_AT = "ds_hydra_failed_at"  # the attribute leave_process_group sets on the error in flight
 
 
 def leave_process_group(dist) -> None:
-    """Destroy the default process group; with an exception in flight, note when this rank failed."""
-    global _failed_at
-    if sys.exc_info()[1] is not None and _failed_at is None:
-        _failed_at = time.time()
+    """Destroy the default process group; with an exception in flight, note on it when this rank failed.
+
+    The other ranks fail only after this (their collectives lose this peer), so the launcher can tell
+    which rank failed first even when a later failure is reported sooner. The time travels up with the
+    error itself (``failed_at`` reads it back): nothing of one run stays behind in the process."""
+    error = sys.exc_info()[1]
+    if error is not None and getattr(error, FAILED_AT, None) is None:
+        try:
+            setattr(error, FAILED_AT, time.time())
+        except AttributeError:  # an exception type that takes no attributes: no time to report
+            pass
     dist.destroy_process_group()
 
 
-def failed_at() -> Optional[float]:
-    """When this rank failed with its process group up (``time.time()``), or None."""
-    return _failed_at
+def failed_at(error: Optional[BaseException]) -> Optional[float]:
+    """When this rank failed with its process group up (``time.time()``), or None: the earliest time
+    noted on ``error`` or on the errors it was raised while handling (``sys.exit`` in an ``except``)."""
+    times, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, FAILED_AT, None) is not None:
+            times.append(getattr(error, FAILED_AT))
+        error = error.__context__ or error.__cause__
+    return min(times) if times else None

@@ -520,7 +520,8 @@ def train(cfg, run_dir: Optional[Path] = None, after_training: Sequence[AfterTra
     """
     started = time.perf_counter()
     run_dir = resolve_run_dir(run_dir if run_dir is not None else resume_io.resume_target(cfg)[0])
-    with run_lock.holding(run_dir, cfg):  # one writer per run dir (the CLI took the lock already)
+    held = plan.lock if plan is not None else None  # the CLI's (its StartUp releases it)
+    with run_lock.holding(run_dir, cfg, held=held):  # one writer per run dir
         return _train(cfg, run_dir, started, after_training, plan)
 
 

@@ -41,7 +41,7 @@ def launch(launcher: Launcher, job_overrides: Sequence[Sequence[str]], initial_j
 def run_one(launcher: Launcher, num: int, overrides: List[str], settings, sweep_dir: Path) -> JobReturn:
     """One job: its config and ``on_job_start`` here, its ranks under torchrun, ``on_job_end`` with the outcome."""
     from ds_hydra.cli.torchrun_job import JobFailed, job_arguments, run_job
-    from ds_hydra.sweeps.callback import note_job_metrics, select_objective
+    from ds_hydra.sweeps.callback import select_objective
     from ds_hydra.tracking.naming import JOB_NUM_ENV, SWEEP_DIR_ENV
 
     config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, overrides)
@@ -63,8 +63,7 @@ def run_one(launcher: Launcher, num: int, overrides: List[str], settings, sweep_
     outcome = run_job(settings, job_dir, args, job_key=str(num),
                       env={SWEEP_DIR_ENV: str(sweep_dir.absolute()), JOB_NUM_ENV: str(num)})
     if outcome.completed:
-        note_job_metrics(outcome.metrics)  # the sweep report shows every metric
-        try:
+        try:  # the objective, if any, carries every metric to the sweep report
             ret.return_value = select_objective(task_cfg, outcome.metrics or {})
             ret.status = JobStatus.COMPLETED
         except Exception as exc:  # objective= names no metric the job returned

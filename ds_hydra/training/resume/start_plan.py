@@ -30,6 +30,9 @@ class StartPlan:
     """The checkpoint's saved config was found compatible with this one already (``check_compatible``)."""
     memory: Optional[Any] = None
     """The memory verdict of one training step (``memory_preflight.check_step_memory``), once it was judged."""
+    lock: Optional[Any] = None
+    """The run dir's lock the CLI took for this run (``common.run_lock.RunLock``): ``train`` writes under it
+    and leaves releasing it to its owner, the command's ``StartUp``."""
 
 
 def resume_target(cfg) -> Tuple[Optional[Path], Optional[Path]]:

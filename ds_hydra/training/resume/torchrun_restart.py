@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 
 JOB_FILE = "torchrun_job.json"
 
-# The run dir rank 0 of this restarted attempt continues (the other ranks are told).
-_continuing: Optional[str] = None
-
-
 def restart_attempt() -> int:
     """0 on torchrun's first attempt (or outside torchrun), N on its N-th restart."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
@@ -116,16 +112,10 @@ def _find_by_job(wanted: Path, pattern: str) -> Optional[Path]:
 
 def continue_run(config, run_dir: Path) -> None:
     """Make this Hydra run the continuation of ``run_dir``: its directory, ``resume=<it>``, no new
-    ``.hydra/`` (train records the continuation once the checkpoint has loaded)."""
-    global _continuing
+    ``.hydra/`` (train records the continuation once the checkpoint has loaded). The caller tells the
+    other ranks (the CLI's preflight, through the command's ``StartUp``)."""
     with read_write(config), read_write(config.hydra), read_write(config.hydra.run):  # Hydra marks its nodes read-only
         config.hydra.run.dir = str(run_dir)
         config.hydra.output_subdir = None
         config.resume = str(run_dir)
-    _continuing = str(run_dir)
     sys.stderr.write(f"ds_hydra: torchrun restart {restart_attempt()}: continuing {Path(run_dir).resolve()}\n")
-
-
-def continuing_run() -> Optional[str]:
-    """The run dir this restarted rank 0 continues (what it tells the other ranks), or None."""
-    return _continuing
