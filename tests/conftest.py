@@ -80,6 +80,53 @@ def run_cli(args: Sequence[str], cwd: Path = None, env: dict = None, timeout: fl
     )
 
 
+def cli_in_process(args: Sequence[str], cwd: Path = None, env: dict = None) -> subprocess.CompletedProcess:
+    """``python -m ds_hydra ARGS`` run here, in this process (``cli_main``, the code the command runs, without
+    an interpreter to start and torch to import each time): what the tests of a refusal's message use. Its
+    exit code, stdout and stderr come back as ``run_cli``'s do; the process is left as it was (argv, the
+    working directory, ``env``'s variables and HYDRA_FULL_ERROR, the root logger's handlers, Hydra's
+    singletons). One subprocess test per kind of refusal keeps the real process's exit code honest."""
+    import contextlib
+    import io
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from ds_hydra.cli import cli_main
+
+    saved_env = {name: os.environ.get(name) for name in ["HYDRA_FULL_ERROR", *(env or {})]}
+    os.environ.pop("HYDRA_FULL_ERROR", None)
+    os.environ.update(env or {})
+    root = logging.getLogger()
+    handlers, level, argv, here = list(root.handlers), root.level, sys.argv, os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    os.chdir(cwd or REPO)
+    sys.argv = ["ds_hydra", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli_main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        HydraConfig.instance().cfg = None
+        GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess(["ds_hydra", *args], code, out.getvalue(), err.getvalue())
+
+
 def tiny_run_args(run_dir: Path, *extra: str) -> List[str]:
     return [*TINY, f"hydra.run.dir={run_dir}", *extra]
 

@@ -1,8 +1,12 @@
 """Bad input through the real CLI: one clear line, a non-zero exit, no traceback, and no harm done.
 
-Every case is one ``python -m ds_hydra`` call. Most point at (or resume) a finished run, and the test
-checks that nothing in that run changed: every file has the same bytes and modification time (the
-job log may only have grown). Cases that need a damaged run get their own copy of it.
+Each refusal of the command line is tested here once (a refusal reached through another door, such as
+``resume=``, ``+key=``, ``task=validate`` or ``--help``, is a case of its own); the DeepSpeed JSON file's
+refusals are in test_deepspeed_import.py. Every case is one ``cli_main`` call in this process (the code
+``python -m ds_hydra`` runs); one case runs as a real process, for its exit code and its one line on
+stderr. Most point at (or resume) a finished run, and the test checks that nothing in that run changed:
+every file has the same bytes and modification time (the job log may only have grown). Cases that need
+a damaged run get their own copy of it.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, run_cli
+from conftest import TINY, cli_in_process, run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 RUN = [*TINY, "trainer.max_steps=4", "trainer.save_every=2", "trainer.eval_interval=0"]
@@ -65,6 +69,9 @@ UNTOUCHED = {
     # typos at every level, also when resuming
     "top-level typo": (["hydra.run.dir={run}", "seeed=1"], ["seeed: unknown key", "allowed keys:", "trainer"]),
     "group key typo": (["hydra.run.dir={run}", "trainer.max_stepz=3"], ["trainer.max_stepz", "did you mean 'max_steps'"]),
+    "typo added with +": (["hydra.run.dir={run}", "+trainer.max_stepz=3"], ["trainer.max_stepz: unknown key (did you mean 'max_steps'?); allowed keys: max_steps"]),
+    # the optimizer's keys bind to its class's signature (before the run dir or any model exists)
+    "optimizer argument typo": (["hydra.run.dir={run}", "optimizer.lrr=0.1"], ["optimizer.lrr", "torch.optim.AdamW has no argument 'lrr'", "did you mean 'lr'", "it takes:"]),
     "nested key typo": (["resume={run}", "inference.tensor_parallel.tp_sizee=2"], ["inference.tensor_parallel.tp_sizee", "did you mean 'tp_size'"]),
     "typo when resuming": (["resume={run}", "model.n_layr=2"], ["model.n_layr", "did you mean 'n_layer'"]),
     "group name typo": (["hydra.run.dir={run}", "optimzer=adam"], ["optimzer: unknown key", "did you mean 'optimizer'"]),
@@ -87,11 +94,6 @@ UNTOUCHED = {
     "fp16 on the CPU": (["hydra.run.dir={run}", "trainer.device=cpu", "trainer.precision=fp16"], ["trainer.precision=fp16", "needs CUDA", "fp32 or bf16"]),
     "checkpoint_last without segments": (["resume={run}", "ckpt.checkpoint_last=true"], ["ckpt.checkpoint_last=true", "applies only with ckpt.segments"]),
     "two recompute policies": (["hydra.run.dir={run}", "ckpt.full=true", "ckpt.every_n=2"], ["ckpt.full", "ckpt.every_n", "set one"]),
-    # DeepSpeed config files (deepspeed_config=<file>): refused before anything is written
-    "deepspeed config not JSON": (["hydra.run.dir={run}", "deepspeed_config=tests/deepspeed_configs/bad/not_json.json"], ["deepspeed_config=tests/deepspeed_configs/bad/not_json.json: not valid JSON"]),
-    "deepspeed optimizer without torch equivalent": (["hydra.run.dir={run}", "deepspeed_config=tests/deepspeed_configs/bad/unknown_optimizer.json"], ["optimizer.type='Lamb': allowed types: Adam, AdamW"]),
-    "deepspeed batch triple inconsistent": (["resume={run}", "deepspeed_config=tests/deepspeed_configs/bad/inconsistent_batch.json"], ["train_batch_size=64 = train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 8 x 2 ranks: written for world size 2, but this run has 1"]),
-    "deepspeed negative clipping": (["hydra.run.dir={run}", "deepspeed_config=tests/deepspeed_configs/bad/negative_clipping.json"], ["gradient_clipping=-1.0: must be a number >= 0"]),
     # run directories
     "existing run without resume": (["hydra.run.dir={run}"], ["hydra.run.dir={run}: already holds a run", "resume={run}"]),
     "task=resume without a run": (["task=resume"], ["task=resume", "resume=<run dir>"]),
@@ -103,14 +105,46 @@ UNTOUCHED = {
 }
 
 
-@pytest.mark.parametrize("case", list(UNTOUCHED))
-def test_bad_input_leaves_the_finished_run_untouched(finished, case):
+def untouched_case(case, finished):
     args, fragments = UNTOUCHED[case]
-    before = snapshot(finished)
     args = [a.format(run=finished) for a in args]
     resuming = any(a.startswith("resume=") or a == "task=resume" for a in args)
-    proc = run_cli(args if resuming else [*RUN, *args], env=ONE_THREAD)  # a resumed run brings its own overrides
-    assert_one_line(proc, 2, *(f.format(run=finished) for f in fragments))
+    return (args if resuming else [*RUN, *args]), [f.format(run=finished) for f in fragments]  # a resumed run brings its own overrides
+
+
+@pytest.mark.parametrize("case", list(UNTOUCHED))
+def test_bad_input_leaves_the_finished_run_untouched(finished, case):
+    args, fragments = untouched_case(case, finished)
+    before = snapshot(finished)
+    assert_one_line(cli_in_process(args), 2, *fragments)
+    assert_unchanged(before, snapshot(finished))
+
+
+def test_a_refusal_from_the_command_itself_is_exit_2_and_one_line(finished):
+    """The real process (``python -m ds_hydra``): exit code 2, one line on stderr, no traceback."""
+    args, fragments = untouched_case("group key typo", finished)
+    before = snapshot(finished)
+    assert_one_line(run_cli(args, env=ONE_THREAD), 2, *fragments)
+    assert_unchanged(before, snapshot(finished))
+
+
+# several problems of one config: one message listing every one (a run, and task=validate's own report)
+SEVERAL = {
+    "a run": (["hydra.run.dir={run}", "trainer.max_steps=0", "optimizer.lr=-1", "model.dropout=1.5"],
+              ["ds_hydra: error: 3 config problems:", "trainer.max_steps=0: must be >= 1", "optimizer.lr=-1.0: must be > 0", "model.dropout=1.5"]),
+    "task=validate": (["task=validate", "hydra.run.dir={run}_validate", "ckpt.segments=7", "model.n_head=3"],
+                      ["ds_hydra: error: 2 config problems:", "model.n_embd=32: must be divisible by model.n_head=3", "ckpt.segments=7: must be 0..4"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SEVERAL))
+def test_several_problems_are_reported_together(finished, case):
+    args, fragments = SEVERAL[case]
+    before = snapshot(finished)
+    proc = cli_in_process([*RUN, *(a.format(run=finished) for a in args)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, (fragment, proc.stderr)
     assert_unchanged(before, snapshot(finished))
 
 
@@ -123,7 +157,7 @@ def test_a_live_run_is_neither_resumed_nor_launched_into(finished):
         before = snapshot(finished)
         lock = write_lock(finished, **record_of(holder.pid, since_text="2024-05-01 12:00:03"))
         for args in ([f"resume={finished}"], [*RUN, f"hydra.run.dir={finished}"]):
-            proc = run_cli(args, env=ONE_THREAD)
+            proc = cli_in_process(args)
             assert_one_line(proc, 2, f"in use by another ds_hydra process (pid {holder.pid} on {socket.gethostname()}, "
                                      f"since 2024-05-01 12:00:03; lock {finished}/run.lock)", "let it finish or stop it")
         lock.unlink()
@@ -135,14 +169,14 @@ def test_a_live_run_is_neither_resumed_nor_launched_into(finished):
 
 
 def test_unwritable_run_dir_under_proc(tmp_path):
-    proc = run_cli([*TINY, "hydra.run.dir=/proc/ds_hydra_run"], env=ONE_THREAD)
+    proc = cli_in_process([*TINY, "hydra.run.dir=/proc/ds_hydra_run"])
     assert_one_line(proc, 2, "hydra.run.dir=/proc/ds_hydra_run: cannot write there", "choose a writable directory")
 
 
 def test_missing_resume_dir_and_missing_data_file(tmp_path):
-    proc = run_cli([f"resume={tmp_path}/nope"], env=ONE_THREAD)
+    proc = cli_in_process([f"resume={tmp_path}/nope"])
     assert_one_line(proc, 2, f"resume={tmp_path}/nope: no such run directory")
-    proc = run_cli([*TINY, f"data.path={tmp_path}/missing.txt", f"hydra.run.dir={tmp_path}/run"], env=ONE_THREAD)
+    proc = cli_in_process([*TINY, f"data.path={tmp_path}/missing.txt", f"hydra.run.dir={tmp_path}/run"])
     assert_one_line(proc, 2, f"data.path={tmp_path}/missing.txt: no such file")
     assert not (tmp_path / "run" / "config_resolved.yaml").exists()  # a run that failed to start writes no record
 
@@ -206,7 +240,7 @@ def test_damaged_run_is_refused_and_left_as_it_was(finished, tmp_path, case):
     (run / "completed.json").unlink()  # as if it had been interrupted: resume has to load the newest checkpoint
     plant(run)
     before = snapshot(run)
-    proc = run_cli([f"resume={run}", *extra], env=ONE_THREAD)
+    proc = cli_in_process([f"resume={run}", *extra])
     assert_one_line(proc, 2, *fragments)
     assert_unchanged(before, snapshot(run))
 
@@ -227,7 +261,7 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(finished, tmp_path):
     state["model"] = Payload()
     torch.save(state, run / "checkpoints" / "step_0000099.pt")
     before = snapshot(run)
-    proc = run_cli([f"resume={run}"], env=ONE_THREAD)
+    proc = cli_in_process([f"resume={run}"])
     assert_one_line(proc, 2, "step_0000099.pt: refused: loading it would call exec ")
     assert not marker.exists()
     assert_unchanged(before, snapshot(run))
@@ -260,6 +294,8 @@ def test_full_disk_keeps_every_checkpoint(finished, tmp_path):
 
 
 def test_full_traceback_only_with_hydra_full_error(finished):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "1", **ONE_THREAD}
-    proc = subprocess.run([sys.executable, "-m", "ds_hydra", f"hydra.run.dir={finished}", "optimizer.lr=-1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "Traceback" in proc.stderr and "optimizer.lr=-1" in proc.stderr
+    """HYDRA_FULL_ERROR=1: the error leaves cli_main as itself (Python prints its traceback), not as one line."""
+    from ds_hydra.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optimizer\.lr=-1"):
+        cli_in_process([f"hydra.run.dir={finished}", "optimizer.lr=-1"], env={"HYDRA_FULL_ERROR": "1"})

@@ -3,7 +3,7 @@
 Real-shaped configs live in ``tests/deepspeed_configs/`` (ZeRO 1, 2 and 3, fp16 with loss scaling, bf16,
 Hugging Face's "auto" template, the five schedules, activation checkpointing); each one imports, trains
 a few steps on the CPU, and round-trips through ``task=export_deepspeed``. Broken ones
-(``tests/deepspeed_configs/bad/``) fail in one line with exit code 2 (also in ``test_bad_input.py``).
+(``tests/deepspeed_configs/bad/``) fail in one line with exit code 2.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, compose, run_cli
+from conftest import REPO, TINY, cli_in_process, compose, run_cli
 from ds_hydra.deepspeed.json_import import (
     OPTIMIZER_DEFAULTS,
     SCHEDULER_DEFAULTS,
@@ -536,8 +536,8 @@ def test_cli_trains_a_deepspeed_config_and_logs_what_it_did(tmp_path):
 def test_bad_files_fail_in_one_line_with_exit_2(tmp_path, bad, message):
     if bad == "odd_key.json":
         pytest.importorskip("hjson", reason="the file is read as DeepSpeed reads it, with hjson")
-    proc = run_cli(["model=gpt_tiny", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}",
-                    f"deepspeed_config=tests/deepspeed_configs/bad/{bad}"], timeout=60)
+    proc = cli_in_process(["model=gpt_tiny", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}",
+                           f"deepspeed_config=tests/deepspeed_configs/bad/{bad}"])
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"ds_hydra: error: deepspeed_config=tests/deepspeed_configs/bad/{bad}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_in_process, run_cli
 
 USER_GROUPS = sorted(p.name for p in (REPO / "conf").iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__"))
 
@@ -53,7 +53,7 @@ def test_help_names_the_launchers_this_install_lacks_and_how_to_get_them(tmp_pat
 
 
 def test_a_bad_override_on_the_help_page_is_one_line(tmp_path):
-    proc = run_cli(["--help", "optimizer=sgdd"], cwd=tmp_path)
+    proc = cli_in_process(["--help", "optimizer=sgdd"], cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "ds_hydra: error: optimizer=sgdd: no such config option (did you mean 'sgd'?); available: "

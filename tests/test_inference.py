@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 import ds_hydra
-from conftest import REPO, TINY, compose, run_cli
+from conftest import REPO, TINY, cli_in_process, compose, run_cli
 from ds_hydra.errors import ConfigError, UserError, describe_exception
 from ds_hydra.inference.config import default_inference_config, new_tokens
 from ds_hydra.inference import run_inference as infer
@@ -364,7 +364,7 @@ def test_prompt_outside_the_vocabulary_names_the_key(trained_run, tmp_path):
     ids=["missing-run"],
 )
 def test_cli_errors_exit_2_with_one_line(tmp_path, args, expected):
-    proc = run_cli(["task=infer", f"hydra.run.dir={tmp_path / 'out'}", *args])
+    proc = cli_in_process(["task=infer", f"hydra.run.dir={tmp_path / 'out'}", *args])
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("ds_hydra: error: ") and expected in lines[0]

@@ -13,7 +13,7 @@ from ds_hydra.data.corpus import embedded_corpus_text
 from ds_hydra.data.prepare_inputs import ReadSettings, resolve_inputs
 from ds_hydra.data.tokenizer import load_tokenizer
 from ds_hydra.errors import UserError
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 
 pytest.importorskip("tokenizers")
 
@@ -226,7 +226,7 @@ def test_cli_prepare_then_problems_exit_2_in_one_line(tmp_path, shakespeare):
     assert done.returncode == 0, done.stderr
     meta = json.loads((out / "meta.json").read_text())
     assert meta["vocab_size"] == 300 and meta["documents"] == 3
-    again = run_cli(["task=prepare", *args, f"hydra.run.dir={tmp_path}/run2"])
+    again = cli_in_process(["task=prepare", *args, f"hydra.run.dir={tmp_path}/run2"])
     assert again.returncode == 0 and "is up to date" in again.stdout + again.stderr
     cases = {
         "tokenizer.vocab_size=100": "ds_hydra: error: tokenizer.vocab_size=100: too small for byte-level BPE; must be >= 257",
@@ -234,8 +234,8 @@ def test_cli_prepare_then_problems_exit_2_in_one_line(tmp_path, shakespeare):
         f"prepare.output={tmp_path}/corpus": f"ds_hydra: error: prepare.output={tmp_path}/corpus: holds files prepare did not write",
     }
     for override, message in cases.items():
-        bad = run_cli(["task=prepare", *args, override, f"hydra.run.dir={tmp_path}/bad"])
+        bad = cli_in_process(["task=prepare", *args, override, f"hydra.run.dir={tmp_path}/bad"])
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), bad.stderr
-    missing = run_cli(["task=prepare", f"hydra.run.dir={tmp_path}/bad"])
+    missing = cli_in_process(["task=prepare", f"hydra.run.dir={tmp_path}/bad"])
     assert missing.returncode == 2 and "prepare.input is not set" in missing.stderr and "prepare.output is not set" in missing.stderr

@@ -450,13 +450,7 @@ def test_no_module_imports_torch_load_under_another_name():
 # -- 4. '+key' additions are held to the schema like any other key -----------------------------------------
 
 
-@pytest.mark.slow  # the composed config is checked in-process below
-def test_a_plus_typo_is_refused_like_a_typo(tmp_path):
-    proc = run_cli([*TINY, "+trainer.max_stepz=3", f"hydra.run.dir={tmp_path / 'run'}"])
-    refused(proc, "trainer.max_stepz: unknown key (did you mean 'max_steps'?); allowed keys: max_steps")
-    assert not (tmp_path / "run").exists()
-
-
+# (through the command line: test_bad_input.py, "typo added with +")
 @pytest.mark.parametrize(
     "override, expected",
     [
