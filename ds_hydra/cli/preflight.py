@@ -95,7 +95,8 @@ class Preflight(Callback):
             self._run = taken
 
     def on_run_end(self, config, **kwargs: Any) -> None:
-        self._run = _let_go(self._run, "run_dir_lock")
+        _let_go(self._run, "run_dir_lock")
+        self._run = None
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         try:
@@ -107,18 +108,18 @@ class Preflight(Callback):
             startup.sweep_dir_lock = self._sweep.lock
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        self._sweep = _let_go(self._sweep, "sweep_dir_lock")
+        _let_go(self._sweep, "sweep_dir_lock")
+        self._sweep = None
 
 
 def _let_go(taken: Optional["TakenDir"], held_as: str) -> None:
     """Release the lock on a directory this callback took, and forget it in the command's ``StartUp``."""
     if taken is None or taken.lock is None:
-        return None
+        return
     startup = StartUp.current()
     if startup is not None and getattr(startup, held_as) is taken.lock:
         setattr(startup, held_as, None)
     taken.lock.release()
-    return None
 
 
 def _task(config) -> str:

@@ -216,10 +216,10 @@ def failed_at(exc: BaseException) -> Optional[float]:
     return noted(exc)
 
 
-def _report(folder: Path, outcome: Dict[str, Any], failed_at: Optional[float] = None) -> None:
+def _report(folder: Path, outcome: Dict[str, Any], failed_time: Optional[float] = None) -> None:
     rank = launch_env.rank()
     # a failure's time is when it happened (before this rank's teardown made its peers fail), not now
-    when = failed_at if outcome.get("status") == "failed" else None
+    when = failed_time if outcome.get("status") == "failed" else None
     outcome = {"rank": rank, "time": when or time.time(), **outcome}
     path = folder / f"rank{rank}.json"
     try:
