@@ -1,9 +1,9 @@
 """Memory of a training step in bytes per parameter, Llama shapes from 0.1B up, per memory mode, side by side.
 
     python bench/memory_scale.py estimate                  # every shape x mode: ds_hydra's estimate (fake tensors, ~1 min)
-    python bench/memory_scale.py measure --shape 135M --mode adamw_fp32 --runner ds_hydra   # one real step, a child
+    python bench/memory_scale.py measure --shape 135M --mode adamw_fp32 --runner ds_hydra   # real steps in a child
     python bench/memory_scale.py small                     # every mode and runner measured on the small shape
-    python bench/memory_scale.py largest --limit-gib 16    # per mode: the largest shape whose estimate fits, one real step
+    python bench/memory_scale.py largest --limit-gib 16    # per mode: the largest shape whose estimate fits, real steps
 
 Modes (``MODES``): full AdamW in fp32; bf16 weights + 8-bit AdamW (bitsandbytes); the same with the
 optimizer step inside backward; LoRA (r 8 on q_proj, v_proj) on a bf16 base; QLoRA (the base stored
@@ -11,18 +11,28 @@ in nf4, fp32 compute). Runners: ds_hydra (its Trainer, the estimate from its mem
 transformers' Trainer (``optim=adamw_torch`` / ``adamw_bnb_8bit``, + peft for LoRA; it has no
 optimizer-in-backward; its QLoRA loads a saved model through bitsandbytes, not measured here).
 
-A measurement runs in a child process: the model and trainer are built, the process's peak resident
-memory (VmHWM) is reset (``/proc/self/clear_refs``), one training step runs (optimizer state created
-in it), and the peak is read again: ``peak`` is the whole process (Python, torch, libraries included),
-``bytes/param`` is the step's own bytes over the parameters: the peak less the resident size just
-before the step, plus the weights (what the estimate counts: weights, gradients, optimizer state,
-activations; the libraries and the interpreter are left out). Sequences are short (batch 1 x 64 tokens, per-block
-checkpointing), so weights, gradients and optimizer state are what is compared. On a CPU without
-bf16 arithmetic, bf16 steps are slow: measure them on small shapes. One measurement at a time.
+A measurement runs in a child process (at most one at a time; the parent kills it the moment its
+resident size passes ``--kill-gib``): the model and trainer are built, two training steps run, and the
+second is measured: the first creates the optimizer state (bitsandbytes creates each parameter's state
+as it steps that parameter, so a first step's peak misses most of it) and sets up what libraries set up
+once. ``bytes/param`` is what the step holds over the parameters: the weights and the optimizer state
+resident before it (counted from the tensors) plus the growth of the peak resident size (VmHWM, reset
+through ``/proc/self/clear_refs`` after glibc's ``malloc_trim``) over the resident size just before it
+(gradients, activations, temporaries, and whatever the allocator keeps resident after freeing it);
+``peak`` is the whole process (Python, torch, libraries included). Sequences are short (``--batch``,
+``--seq``; per-block checkpointing), so weights, gradients and optimizer state are what is compared.
+
+Threads: ``--threads 1`` (the default). On a shared 2-core machine, two torch threads make every op wait
+for a core the other processes hold (an op of microseconds then takes a scheduler slice): a LoRA step
+of the 135M shape in bf16, batch 1 x 32, took 23 s with 2 threads and 4.4 s with 1 (fp32: 5.3 s and
+1.6 s). bf16 itself costs about 3x fp32 on a CPU without bf16 arithmetic (AVX-512 without
+AVX512_BF16): oneDNN's bf16 matmuls (2.6x fp32's time at 32 rows), the bf16 sdpa kernel, and for 8-bit
+AdamW bitsandbytes' CPU kernel, which dequantizes both moments to fp32 and requantizes them per tensor.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -96,16 +106,56 @@ def _status(key: str) -> int:
 
 
 def _reset_peak() -> int:
-    """Reset the peak resident size (VmHWM) to the current one (Linux >= 4.0); returns the current one."""
+    """Reset the peak resident size (VmHWM) to the current one (Linux >= 4.0); returns the current one.
+    Freed heap memory is handed back first (glibc's ``malloc_trim``), so that what an earlier phase
+    freed but kept resident is not counted as in use."""
     import gc
 
     gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return _status("VmRSS")
 
 
-def child_measure(shape: str, mode: str, runner: str) -> dict:
+class StepPeaks:
+    """The peak resident size of the last of ``steps`` training steps over the resident size just before
+    it. The first step creates the optimizer state (bitsandbytes creates each parameter's as it steps
+    it, so while it steps the first parameter the others have none yet: a first step's peak is lower
+    than every later one's) and whatever libraries set up once (oneDNN's kernels, bitsandbytes' library:
+    tens of MiB, not the step's); the last step is the one a long run repeats."""
+
+    def __init__(self, steps: int):
+        self.steps, self.done, self.process_peak = steps, 0, 0
+        self.before = _reset_peak()
+        self.started = time.perf_counter()
+
+    def step_done(self) -> None:
+        self.done += 1
+        self.process_peak = max(self.process_peak, _status("VmHWM"))
+        if self.done < self.steps:  # the next step's peak is read alone, and so is its time
+            self.before = _reset_peak()
+            self.started = time.perf_counter()
+        else:
+            self.peak, self.seconds = _status("VmHWM"), time.perf_counter() - self.started
+
+
+def _state_bytes(optimizer) -> int:
+    """Bytes of the optimizer's state tensors (ds_hydra's in-backward optimizers, accelerate's wrapper)."""
+    from ds_hydra.optim.state_size import state_bytes_by_parameter
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    total = 0
+    for opt in getattr(optimizer, "per_parameter", [optimizer]):
+        own, shared = state_bytes_by_parameter(opt)
+        total += sum(own.values()) + shared
+    return total
+
+
+def child_measure(shape: str, mode: str, runner: str, steps: int = 2) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -120,21 +170,24 @@ def child_measure(shape: str, mode: str, runner: str) -> dict:
             trainer = Trainer(cfg, Path(run_dir))
             n_params = sum(p.numel() for p in trainer.model.parameters())
             weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
-            before = _reset_peak()
-            started = time.perf_counter()
-            loss = float(trainer.train_step())
+            peaks = StepPeaks(steps)
+            for _ in range(steps):
+                loss = float(trainer.train_step())
+                peaks.step_done()
+            state = _state_bytes(trainer.optimizer) if steps > 1 else 0
     else:
-        n_params, weights, loss, started, before = _hf_trainer_step(shape, mode)
-    seconds = time.perf_counter() - started
-    peak = _status("VmHWM")
-    step = peak - before + weights  # the step's growth over the resident weights, plus the weights
-    return {"shape": shape, "mode": mode, "runner": runner, "params": n_params, "peak": peak, "base": base,
-            "step_bytes": step, "bytes_per_param": step / n_params, "loss": loss, "step_s": seconds}
+        n_params, weights, loss, peaks, state = _hf_trainer_steps(shape, mode, steps)
+    # what the step holds: the weights and the optimizer state resident before it (counted from the
+    # tensors), and its own growth over the resident size before it (gradients, activations, temporaries)
+    step = peaks.peak - peaks.before + weights + state
+    return {"shape": shape, "mode": mode, "runner": runner, "params": n_params, "peak": peaks.process_peak, "base": base,
+            "step_bytes": step, "bytes_per_param": step / n_params, "state_bytes": state, "loss": loss,
+            "step_s": peaks.seconds, "batch": BATCH, "seq": SEQ, "steps": steps, "threads": torch.get_num_threads()}
 
 
-def _hf_trainer_step(shape: str, mode: str):
+def _hf_trainer_steps(shape: str, mode: str, steps: int):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     hidden, layers, inter, heads, kv, vocab, tied = {**SHAPES, **SHAPES_SMALL}[shape]
     setting = MODES[mode]["hf"]
@@ -147,34 +200,63 @@ def _hf_trainer_step(shape: str, mode: str):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    ids = torch.randint(0, vocab, (8, SEQ))
+    ids = torch.randint(0, vocab, (8 * steps, SEQ))
     data = [{"input_ids": row, "labels": row} for row in ids]
+
+    class Peaks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            peaks.step_done()
+
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=BATCH, max_steps=1, optim=setting["optim"],
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps, optim=setting["optim"],
                                  use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
                                  gradient_checkpointing=True, max_grad_norm=0.0, dataloader_num_workers=0)
-        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Peaks()])
         n_params = sum(p.numel() for p in model.parameters())
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        before = _reset_peak()
-        started = time.perf_counter()
+        peaks = StepPeaks(steps)
         result = trainer.train()
-    return n_params, weights, float(result.training_loss), started, before
+        state = _state_bytes(trainer.optimizer) if steps > 1 else 0
+    return n_params, weights, float(result.training_loss), peaks, state
 
 
 # -- the parent ---------------------------------------------------------------------------------------
-def measure(shape: str, mode: str, runner: str, limit_gib: float = 16.0, timeout: float = 3600) -> dict:
-    """One real step in a nice'd child process, its address space capped at ``limit_gib`` + 2 GiB of
-    libraries; the child's JSON line, or {"error": ...}."""
-    cap = int((limit_gib + 2) * GiB)
-    cmd = ["nice", "-n", "19", "prlimit", f"--as={cap * 4}", sys.executable, __file__, "measure", "--shape", shape,
-           "--mode", mode, "--runner", runner, "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    for line in reversed(proc.stdout.splitlines()):
+def measure(shape: str, mode: str, runner: str, limit_gib: float = 16.0, timeout: float = 3600, threads: int = 1,
+            steps: int = 2) -> dict:
+    """Real steps in a nice'd child process, killed as soon as its resident size passes ``limit_gib``
+    (watched every 0.2 s: on a shared machine a shape that does not fit must not take the others'
+    memory); the child's JSON line, or {"error": ...}."""
+    cmd = ["nice", "-n", "19", sys.executable, __file__, "measure", "--child", "--shape", shape, "--mode", mode, "--runner", runner,
+           "--batch", str(BATCH), "--seq", str(SEQ), "--steps", str(steps), "--threads", str(threads), "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+    cap, over, started = limit_gib * GiB, 0, time.monotonic()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        while child.poll() is None:
+            try:
+                over = max(over, _child_rss(child.pid))
+            except (OSError, KeyError):  # it just ended
+                pass
+            if over > cap or time.monotonic() - started > timeout:
+                child.kill()
+                child.wait()
+                what = f"over {limit_gib:g} GiB resident" if over > cap else f"over {timeout:.0f} s"
+                return {"shape": shape, "mode": mode, "runner": runner, "error": f"stopped: {what}"}
+            time.sleep(0.2)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    for line in reversed(stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
-    return {"shape": shape, "mode": mode, "runner": runner, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return {"shape": shape, "mode": mode, "runner": runner, "error": (stderr.strip().splitlines() or ["?"])[-1][:200]}
+
+
+def _child_rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError("VmRSS")
 
 
 def row(result: dict, est=None) -> str:
@@ -190,35 +272,51 @@ HEADER = ("| shape | mode | runner | params | peak GiB (process) | measured byte
 
 
 def main(argv=None) -> int:
+    global BATCH, SEQ
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["estimate", "measure", "small", "largest"])
     ap.add_argument("--shape", default=SMALL)
     ap.add_argument("--mode", default="adamw_fp32", choices=list(MODES))
     ap.add_argument("--runner", default="ds_hydra", choices=["ds_hydra", "hf"])
-    ap.add_argument("--limit-gib", type=float, default=16.0)
+    ap.add_argument("--limit-gib", type=float, default=16.0, help="largest: the memory a shape must fit in")
+    ap.add_argument("--kill-gib", type=float, default=None, help="a child is killed past this resident size (default: --limit-gib)")
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--json", action="store_true")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="estimate: these shapes")
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--seq", type=int, default=SEQ)
+    ap.add_argument("--steps", type=int, default=2, help="real steps per measurement; the last one's peak is reported")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in the child (1: on a shared machine, threads that wait for a busy core "
+                         "make each small op cost a scheduler slice)")
+    ap.add_argument("--json", action="store_true", help="measure: print the child's JSON line")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # measure: run the steps in this process
     args = ap.parse_args(argv)
+    BATCH, SEQ = args.batch, args.seq
+    kill = args.kill_gib or args.limit_gib
     import logging
 
     logging.disable(logging.WARNING)
     if args.what == "measure":
-        result = child_measure(args.shape, args.mode, args.runner)
-        print(json.dumps(result) if args.json else row(result), flush=True)
+        if args.child:
+            import torch
+
+            torch.set_num_threads(args.threads)
+            result = child_measure(args.shape, args.mode, args.runner, args.steps)
+        else:
+            result = measure(args.shape, args.mode, args.runner, kill, threads=args.threads, steps=args.steps)
+        print(json.dumps(result) if args.json else row(result, estimate(args.shape, args.mode) if args.runner == "ds_hydra" and "error" not in result else None), flush=True)
         return 0
     modes = args.modes.split(",")
     if args.what == "estimate":
+        print(f"batch {BATCH} x {SEQ} tokens, ckpt=full")
         print("| shape | params | " + " | ".join(f"{m} bytes/param (GiB)" for m in modes) + " |")
         print("|---|---:|" + "---:|" * len(modes))
         for shape in [SMALL, *args.shapes.split(",")]:
-            cells, n = [], None
-            for mode in modes:
-                est = estimate(shape, mode)
-                n = n or est.parameters // (4 if mode == "adamw_fp32" else 2)
-                cells.append(f"{est.total / n:.2f} ({est.total / GiB:.1f})")
+            n = parameter_count(shape)
+            cells = [f"{est.total / n:.2f} ({est.total / GiB:.1f})" for est in (estimate(shape, mode) for mode in modes)]
             print(f"| {shape} | {n / 1e6:.0f}M | " + " | ".join(cells) + " |", flush=True)
         return 0
+    print(f"batch {BATCH} x {SEQ} tokens, ckpt=full, {args.threads} thread(s), the peak of step {args.steps} of {args.steps}")
     print(HEADER)
     if args.what == "small":
         for mode in modes:
@@ -226,18 +324,26 @@ def main(argv=None) -> int:
             for runner in ("ds_hydra", "hf"):
                 if runner == "hf" and MODES[mode]["hf"] is None:
                     continue
-                print(row(measure(SMALL, mode, runner, args.limit_gib), est), flush=True)
+                print(row(measure(SMALL, mode, runner, kill, threads=args.threads, steps=args.steps), est), flush=True)
         return 0
     limit = args.limit_gib * GiB
-    for mode in modes:  # largest: by the estimate, then one real step confirms it
+    for mode in modes:  # largest: by the estimate, then real steps confirm it
         fitting = [s for s in SHAPES if estimate(s, mode).total <= limit - 1 * GiB]  # 1 GiB for the process itself
         if not fitting:
             print(f"| - | {mode} | no shape fits |")
             continue
         shape = fitting[-1]
-        result = measure(shape, mode, "ds_hydra", args.limit_gib, timeout=5400)
+        result = measure(shape, mode, "ds_hydra", kill, timeout=5400, threads=args.threads, steps=args.steps)
         print(row(result, estimate(shape, mode)) + (" fits" if "peak" in result and result["peak"] <= limit else " OVER"), flush=True)
     return 0
+
+
+def parameter_count(shape: str) -> int:
+    """Parameters of the Llama shape (embeddings, attention with grouped KV heads, SwiGLU MLP, RMSNorms, head)."""
+    hidden, layers, inter, heads, kv, vocab, tied = {**SHAPES, **SHAPES_SMALL}[shape]
+    head_dim = hidden // heads
+    block = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * inter + 2 * hidden
+    return vocab * hidden * (1 if tied else 2) + layers * block + hidden
 
 
 if __name__ == "__main__":

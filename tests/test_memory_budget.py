@@ -9,6 +9,7 @@ uninterrupted run (bit for bit), the in-backward step against the ordinary one (
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 import torch
@@ -83,6 +84,52 @@ def test_the_4bit_state_estimate_is_within_5_percent(tmp_path):
     estimate, measured, _ = _one_step_state([*WIDE, "optimizer=adamw4bit"], tmp_path)
     assert estimate.optimizer_state == pytest.approx(measured, rel=0.05)
     assert estimate.optimizer_state == pytest.approx(estimate.parameters / 4, rel=0.1)  # 1 byte per parameter
+
+
+def test_bf16_weights_with_8bit_state(tmp_path):
+    """bf16 weights and gradients, 8-bit moments, the ordinary step: the state estimate against one real step."""
+    _needs("adamw8bit")
+    pytest.importorskip("transformers")
+    run = [*TINY, *LLAMA_BF16, "trainer.batch_size=1", "data.seq_len=16", "optimizer=adamw8bit", "trainer.compile=false"]
+    estimate, measured, trainer = _one_step_state(run, tmp_path)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    assert estimate.parameters == 2 * n_params and estimate.gradients == 2 * n_params
+    assert estimate.optimizer_state == pytest.approx(measured, rel=0.05)
+
+
+def _resident(key: str) -> int:
+    """This process's resident size (VmRSS) or its peak since the last reset (VmHWM), in bytes."""
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self: Linux with glibc")
+def test_the_8bit_kernel_temporaries_are_what_bitsandbytes_allocates_on_the_cpu():
+    """The estimate adds the CPU kernel's fp32 copies for the largest tensor's step (no probe sees them:
+    they are made outside torch's dispatch of the optimizer); their count per element against the
+    growth of the peak resident size in a real step of a 10M-element bf16 tensor, its state made by a
+    first step. Its fp32 copies (42 MB each) are above glibc's 32 MB mmap threshold, so each freed copy
+    goes back to the system at once, as a model's embedding's do."""
+    _needs("adamw8bit")
+    import ctypes
+    import gc
+
+    import bitsandbytes as bnb
+
+    from ds_hydra.optim.state_size import kernel_temporaries_per_element
+
+    per_element = kernel_temporaries_per_element(bnb.optim.AdamW8bit, "cpu")
+    p = torch.nn.Parameter(torch.full((4096, 2560), 0.5, dtype=torch.bfloat16))
+    optimizer = bnb.optim.AdamW8bit([p], lr=1e-3)
+    p.grad = torch.full_like(p, 0.01)
+    optimizer.step()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # what earlier tests freed is not the step's
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident size starts again from the current one
+    before = _resident("VmRSS")
+    optimizer.step()
+    grown = _resident("VmHWM") - before
+    assert grown == pytest.approx(per_element * p.numel(), rel=0.05), (grown / p.numel(), per_element)
 
 
 def test_state_sizes_extrapolated_from_small_probes_equal_a_real_step():
