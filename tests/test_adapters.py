@@ -100,6 +100,20 @@ def test_run_keeps_only_the_adapter_and_peft_loads_it(lora_run, base_dir):
         assert (got - load_base(base_dir)(x).logits).abs().max() > 1e-3  # and the adapter changed the model
 
 
+def test_a_run_without_the_adapter_refuses_an_adapter_checkpoint(lora_run, base_dir):
+    """The adapter's weights alone, resumed with adapter=none: one line naming the adapter, nothing loaded."""
+    from ds_hydra.errors import UserError
+    from ds_hydra.training.state import latest_checkpoint
+    from ds_hydra.training.trainer import Trainer
+
+    trainer = Trainer(compose([*llama_run(base_dir), "adapter=none"]), lora_run.parent / "no_adapter")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(UserError, match=r"adapter's weights alone; resume it with adapter=lora") as refused:
+        trainer.load(latest_checkpoint(lora_run))
+    assert "\n" not in str(refused.value)
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+
+
 def test_export_hf_writes_the_base_plus_the_adapter_merged(lora_run, base_dir, tmp_path):
     import peft
     import transformers
@@ -381,6 +395,7 @@ def test_one_process_sharded_adapter_checkpoint_holds_the_adapter_and_resumes_ex
     from test_sharded_checkpoints import _losses, assert_same_state
 
     import ds_hydra
+    from ds_hydra.errors import UserError
     from ds_hydra.models.adapters import trainable_names
     from ds_hydra.models.build import build_model
     from ds_hydra.training.checkpoint_convert import convert_checkpoint
@@ -400,6 +415,9 @@ def test_one_process_sharded_adapter_checkpoint_holds_the_adapter_and_resumes_ex
     assert all(torch.equal(loaded[name], tensor) for name, tensor in final["model"].items())
     converted = convert_checkpoint(step2, tmp_path / "step_0000002.pt")
     assert_same_state(load_checkpoint_state(converted), load_checkpoint_state(step2))
+    with pytest.raises(UserError, match=r"adapter's weights alone; resume it with adapter=lora") as refused:
+        train(compose([*run, "adapter=none", f"resume={step2}"]))  # not DCP's traceback of a missing key
+    assert "\n" not in str(refused.value)
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_0000004")
     train(compose([*run, f"resume={tmp_path / 'resumed' / 'checkpoints' / 'step_0000002'}"]))

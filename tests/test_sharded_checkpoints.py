@@ -91,6 +91,19 @@ def test_one_process_dcp_holds_what_full_holds_and_resumes_bit_for_bit(runs, tmp
     assert_same_state(load_checkpoint_state(latest_checkpoint(tmp_path / "resumed")), full)
 
 
+def test_resuming_under_another_optimizer_is_one_line_not_dcp_s_traceback(runs):
+    """SGD's momentum buffers are not in an AdamW checkpoint: refused by the trainer's one line naming the
+    missing entry (DCP raises a BaseException holding every rank's traceback)."""
+    from ds_hydra.errors import UserError
+    from ds_hydra.training.state import latest_checkpoint
+    from ds_hydra.training.trainer import Trainer
+
+    trainer = Trainer(compose([*RUN, "trainer.checkpoint_format=dcp", "optimizer=sgd"]), runs / "sgd")
+    with pytest.raises(UserError, match=r"does not fit this model or optimizer \(Missing key .*momentum_buffer") as refused:
+        trainer.load(latest_checkpoint(runs / "dcp"))
+    assert "\n" not in str(refused.value)
+
+
 def test_async_save_returns_a_copy_taken_before_training_goes_on(tmp_path):
     """The background write holds the state of the step it was asked for, whatever training does next;
     keep_last prunes only once the newer checkpoint is complete."""

@@ -400,11 +400,24 @@ def load_sharded(engine, path: Path, trainable: Optional[Collection[str]] = None
     path = Path(path)
     trainer_state = read_trainer_state(path)
     state = engine.sharded_state_dict(trainable)  # the layout this run holds (its shards), filled in place
-    with _alone():
+    with _alone(), _rank_failure_as_error():
         dcp.load(state, storage_reader=_reader(path), planner=_load_planner(), no_dist=_one_process())
     engine.load_sharded_state_dict(state, strict=trainable is None)
     trainer_state["rng"] = read_rng_state(path, engine.rank)
     return trainer_state
+
+
+@contextlib.contextmanager
+def _rank_failure_as_error():
+    """DCP reports a rank's failure (a key this run has and the checkpoint lacks) as a CheckpointException, a
+    BaseException whose text is every rank's traceback: re-raised as a RuntimeError with the first rank's reason."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        failures = [pair[0] for pair in exc.failures.values()]  # (exception, traceback) per failed rank
+        raise RuntimeError(_first_line(failures[0]) if failures else type(exc).__name__) from None
 
 
 def read_sharded_state(path: Path, only: Optional[str] = None) -> Dict[str, Any]:

@@ -367,6 +367,10 @@ class Trainer:
         state = sharded_checkpoint.load_resume_state(path)
         if not checked:
             resume_io.check_compatible(state["config"], self.cfg, path, strict=strict)
+        saved_adapter = resume_io.flat_config(state["config"]).get("adapter.name") or "none"
+        if not self.adapted and str(saved_adapter) != "none":  # it holds the adapter alone, not the model
+            raise UserError(f"{path}: an adapter run's checkpoint (adapter={saved_adapter}) holds the adapter's weights "
+                            f"alone; resume it with adapter={saved_adapter}, or export it with task=export_hf")
         try:
             if sharded:  # each rank reads the parts of the shards it holds now (any world size)
                 if self.adapted:
