@@ -42,12 +42,13 @@ def one_run(override: str, records: int, root: Path):
     """(start s, per-record s, finish s) of one MetricsLogger with the trackers ``override`` chooses."""
     from conftest import TINY, compose
 
+    from ds_hydra.training.slices import tracked_run
     from ds_hydra.training.metrics import MetricsLogger
 
     cfg = compose([*TINY, override])
     run_dir = Path(tempfile.mkdtemp(dir=root))
     started = time.perf_counter()
-    metrics = MetricsLogger(run_dir, cfg)
+    metrics = MetricsLogger(run_dir, tracked_run(cfg))
     opened = time.perf_counter()
     for step in range(1, records + 1):
         metrics.log(step * LOG_INTERVAL, loss=4.0 / step, lr=1e-3, tokens_per_s=25_000.0 + step)
@@ -84,9 +85,10 @@ def mlflow_send_s(root: Path) -> float:
     """The time of one MLflow batch send of one record, as an unbatched tracker would pay per record."""
     from conftest import TINY, compose
 
+    from ds_hydra.training.slices import tracked_run
     from ds_hydra.training.metrics import MetricsLogger
 
-    metrics = MetricsLogger(Path(tempfile.mkdtemp(dir=root)), compose([*TINY, "logger=[jsonl,mlflow]"]))
+    metrics = MetricsLogger(Path(tempfile.mkdtemp(dir=root)), tracked_run(compose([*TINY, "logger=[jsonl,mlflow]"])))
     (tracker,) = metrics.trackers.active
     metrics.log(10, loss=4.0, lr=1e-3, tokens_per_s=25_000.0)
     started = time.perf_counter()

@@ -57,7 +57,7 @@ def _dry_build(cfg, report: ValidationReport) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from ds_hydra.data.base import vocab_size_of
+    from ds_hydra.training.slices import vocab_size_of
     from ds_hydra.models.build import build_model
 
     try:

@@ -120,7 +120,7 @@ def test_export_hf_writes_the_base_plus_the_adapter_merged(lora_run, base_dir, t
 
     from ds_hydra.inference.export_hf import export_hf
 
-    out = export_hf(compose(["task=export_hf", f"inference.checkpoint={lora_run}"]), run_dir=tmp_path / "export")
+    out = export_hf(lora_run, run_dir=tmp_path / "export")
     merged = transformers.AutoModelForCausalLM.from_pretrained(out["export_dir"], local_files_only=True).eval()
     assert not any("lora" in name for name, _ in merged.named_parameters())
     reference = peft.PeftModel.from_pretrained(load_base(base_dir), str(lora_run / "adapter")).merge_and_unload()
@@ -343,7 +343,7 @@ def test_qlora_run_trains_resumes_and_exports_into_the_full_precision_base(base_
         assert torch.equal(got["model"][name], tensor), name
     loaded = ds_hydra.load_model(str(tmp_path / "whole"))
     assert any(getattr(p, "quant_state", None) is not None or p.dtype == torch.int8 for p in loaded.parameters())
-    out = export_hf(compose(["task=export_hf", f"inference.checkpoint={tmp_path / 'whole'}"]), run_dir=tmp_path / "export")
+    out = export_hf(tmp_path / "whole", run_dir=tmp_path / "export")
     merged = transformers.AutoModelForCausalLM.from_pretrained(out["export_dir"], local_files_only=True)
     reference = peft.PeftModel.from_pretrained(load_base(base_dir), str(tmp_path / "whole" / "adapter")).merge_and_unload()
     for name, tensor in reference.state_dict().items():

@@ -1,5 +1,6 @@
 """The shape of the code: layers that only point down, no import cycles (imports inside functions count
-too, ``hydra_plugins/`` included), and configuration stays torch-free."""
+too, ``hydra_plugins/`` included), configuration stays torch-free, and components take their own slice
+of the config, never the whole of it."""
 from __future__ import annotations
 
 import ast
@@ -301,3 +302,95 @@ def note(key, value):
     _stack.append(TABLE["a"])
 '''
     assert set(module_state(planted)) == {"_flag", "_seen", "_memo", "_stack", "_holder"}
+
+
+# -- each component gets its own slice of the config ------------------------------------------------
+# The packages and modules whose functions are handed slices of the run's config (the ``engine`` config,
+# the ``data`` config, ...); ds_hydra.training.slices and the task functions (ds_hydra.cli.tasks) cut them.
+SLICE_TAKERS = ("engine", "data", "optim", "models", "loss", "activation_checkpointing", "tracking", "training/metrics.py",
+                "inference/export_hf.py")
+CONFIG_PARAMETER = re.compile(r"^(cfg|conf|config|root|\w+_cfg|\w+_config)$")
+
+
+def top_level_keys() -> Set[str]:
+    """The run config's top-level keys that name nothing inside a group (``name`` is also engine.name)."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose
+
+    config = OmegaConf.to_container(compose([]), resolve=False)
+    config.pop("hydra", None)
+    inner: Set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            inner.update(map(str, node))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    for value in config.values():
+        walk(value)
+    return set(config) - inner
+
+
+def whole_config_reads(source: str, groups: Set[str]) -> List[str]:
+    """``function(parameter): keys`` for each function whose config parameter (``cfg``, ``config``,
+    ``*_cfg``, ...) is read at a top-level key of the run config (``cfg.trainer``, ``cfg["data"]``,
+    ``cfg.get("model")``, ``getattr(cfg, "ckpt")``): it was handed the whole config."""
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        args = fn.args
+        params = {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs] if CONFIG_PARAMETER.match(a.arg)}
+        reads: Dict[str, Set[str]] = {}
+        for node in ast.walk(fn):
+            owner, key = None, None
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                owner, key = node.value.id, node.attr
+            elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and isinstance(node.slice, ast.Constant):
+                owner, key = node.value.id, node.slice.value
+            elif isinstance(node, ast.Call) and node.args and isinstance(node.args[-1], ast.Constant):
+                func, first = node.func, node.args[0]
+                if isinstance(func, ast.Attribute) and func.attr == "get" and isinstance(func.value, ast.Name):
+                    owner, key = func.value.id, first.value if isinstance(first, ast.Constant) else None
+                elif isinstance(func, ast.Name) and func.id == "getattr" and isinstance(first, ast.Name) and len(node.args) >= 2:
+                    owner, key = first.id, node.args[1].value if isinstance(node.args[1], ast.Constant) else None
+            if owner in params and key in groups:
+                reads.setdefault(owner, set()).add(key)
+        found += [f"{fn.name}({param}): {', '.join(sorted(keys))}" for param, keys in sorted(reads.items())]
+    return found
+
+
+def test_components_take_their_slice_of_the_config():
+    groups = top_level_keys()
+    assert {"trainer", "engine", "data", "optimizer", "scheduler", "model", "tokenizer", "logger"} <= groups
+    found = []
+    for place in SLICE_TAKERS:
+        path = REPO / "ds_hydra" / place
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            found += [f"{file.relative_to(REPO)}: {read}" for read in whole_config_reads(file.read_text(encoding="utf-8"), groups)]
+    assert not found, "handed the whole config (give them their slice; the caller cuts it):\n" + "\n".join(found)
+
+
+def test_the_slice_check_sees_a_whole_config():
+    """Shapes that builders had when they took the whole config are found; slices and torch objects are not."""
+    groups = top_level_keys()
+    whole = """
+def setup(self, model, cfg, blocks):
+    in_backward = bool(cfg.trainer.get("optimizer_in_backward", False))
+    return build_optimizer(cfg.optimizer, model, param_groups=cfg.get("param_groups")), build_scheduler(cfg["scheduler"])
+
+def build_data(config):
+    return instantiate(getattr(config, "data"))
+"""
+    assert whole_config_reads(whole, groups) == ["setup(cfg): optimizer, param_groups, scheduler, trainer", "build_data(config): data"]
+    sliced = """
+def wrap(self, model, engine_cfg, optimizer):
+    groups = optimizer.param_groups  # a torch optimizer's
+    return DDP(model, bucket_cap_mb=engine_cfg.bucket_cap_mb), engine_cfg.name, engine_cfg.get("extra")
+"""
+    assert whole_config_reads(sliced, groups) == []

@@ -71,7 +71,7 @@ def test_model_options_build_and_meet_the_contract(option):
 
 @pytest.mark.parametrize("option", options("data"))
 def test_data_options_instantiate(option, tmp_path):
-    from ds_hydra.data.base import build_data
+    from ds_hydra.training.slices import run_data
 
     overrides = [f"data={option}"]
     if option == "tokens":  # a directory as nanoGPT's prepare scripts write it
@@ -79,7 +79,7 @@ def test_data_options_instantiate(option, tmp_path):
         ids[:4500].tofile(tmp_path / "train.bin")
         ids[4500:].tofile(tmp_path / "val.bin")
         overrides.append(f"data.dir={tmp_path}")
-    data = build_data(compose(overrides))
+    data = run_data(compose(overrides))
     assert data.vocab_size >= 2 and data.num_tokens("train") > data.num_tokens("val") > 0
     assert int(data.tokens("train").max()) < data.vocab_size
     batch = data.sampler("train", seq_len=64, batch_size=2, seed=0).next_batch(torch.device("cpu"))

@@ -97,8 +97,9 @@ def test_ids_beyond_the_model_and_another_models_tokenizer_are_refused(tmp_path,
     bpe.tokenizer.save(str(pretrained / "tokenizer.json"))
     cfg = compose(["data=tokens", f"data.dir={char_dir}", "model=hf_llama", f"model.pretrained={pretrained}"])
     with pytest.raises(UserError, match=r"^data: the data's char tokenizer \(vocab 62.*is not the tokenizer of model.pretrained=.*prepare the data with tokenizer=hf tokenizer.path="):
-        build_data(cfg)
-    assert isinstance(build_data(compose(["data=tokens", f"data.dir={char_dir}"])).tokenizer, CharTokenizer)
+        build_data(cfg.data, cfg.tokenizer, cfg.model.pretrained)
+    cfg = compose(["data=tokens", f"data.dir={char_dir}"])
+    assert isinstance(build_data(cfg.data, cfg.tokenizer).tokenizer, CharTokenizer)
 
 
 # The default run's losses (TINY, one thread) before the tokenizer group existed, when the embedded corpus

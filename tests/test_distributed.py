@@ -201,8 +201,8 @@ def test_fsdp_resumes_bit_for_bit(tmp_path):
         assert torch.equal(got["optimizer"]["state"][index]["exp_avg_sq"], state["exp_avg_sq"])
 
 
-def test_fsdp_optimizer_state_round_trips_between_named_and_numbered():
-    from ds_hydra.engine.fsdp import indexed_optimizer_state, named_optimizer_state
+def test_optimizer_state_round_trips_between_named_and_numbered():
+    from ds_hydra.optim.state_format import indexed_optimizer_state, named_optimizer_state, optimizer_param_names
     from ds_hydra.models.contract import CausalLMLoss
     from ds_hydra.models.gpt import GPT
     from ds_hydra.optim.param_groups import build_param_groups
@@ -213,7 +213,7 @@ def test_fsdp_optimizer_state_round_trips_between_named_and_numbered():
     CausalLMLoss()(model(x), x).backward()
     optimizer.step()
     numbered = optimizer.state_dict()
-    named = named_optimizer_state(numbered, model, optimizer)
+    named = named_optimizer_state(numbered, optimizer_param_names(model, optimizer))
     assert "wte.weight" in named["state"] and "lm_head.weight" not in named["state"]  # tied: one entry
     back = indexed_optimizer_state(named)
     assert [g["params"] for g in back["param_groups"]] == [g["params"] for g in numbered["param_groups"]]

@@ -295,7 +295,7 @@ def test_lora_run_dir_gives_the_harness_hf_numbers_of_its_merged_export(tmp_path
         "trainer.eval_batches=1", "trainer.eval_interval=0", "trainer.device=cpu", "trainer.progress=false",
         "trainer.compile=false",
     ]), run_dir=run)
-    export_hf(compose(["task=export_hf", f"inference.checkpoint={run}"]), run_dir=tmp_path / "export")
+    export_hf(run, run_dir=tmp_path / "export")
     exported = tmp_path / "export" / "hf_model"
     copy_tokenizer(model_dir, exported)
 

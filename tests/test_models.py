@@ -221,7 +221,7 @@ def test_export_hf_gpt_is_a_gpt2_with_our_logits_and_trains_again(gpt_run, tmp_p
     from ds_hydra.inference.export_hf import export_hf
     from ds_hydra.training.trainer import train
 
-    metrics = export_hf(compose(["task=export_hf", f"inference.checkpoint={gpt_run}"]), run_dir=tmp_path / "export")
+    metrics = export_hf(gpt_run, run_dir=tmp_path / "export")
     folder = Path(metrics["export_dir"])
     assert folder == tmp_path / "export" / "hf_model" and (folder / "model.safetensors").is_file()
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
@@ -242,7 +242,7 @@ def test_export_hf_of_an_hf_run_round_trips(tmp_path):
     from ds_hydra.training.trainer import train
 
     train(compose(HF_TINY), run_dir=tmp_path / "run")
-    metrics = export_hf(compose(["task=export_hf", f"inference.checkpoint={tmp_path / 'run'}"]), run_dir=tmp_path / "export")
+    metrics = export_hf(tmp_path / "run", run_dir=tmp_path / "export")
     hf = transformers.AutoModelForCausalLM.from_pretrained(metrics["export_dir"], local_files_only=True).eval()
     ours = ds_hydra.load_model(tmp_path / "run")
     ids = torch.randint(0, 65, (2, 32))
@@ -257,9 +257,8 @@ def test_export_hf_of_a_model_without_an_equivalent_is_one_line(tmp_path):
 
     train(compose([*SHORT, "model=custom", "model._target_=my_models.build_model", "allowed_targets=[my_models]",
                    "data.seq_len=16"]), run_dir=tmp_path / "run")
-    cfg = compose(["task=export_hf", f"inference.checkpoint={tmp_path / 'run'}", "allowed_targets=[my_models]"])
     with pytest.raises(UserError, match=r"^task=export_hf: my_models.TinyLM has no transformers equivalent"):
-        export_hf(cfg, run_dir=tmp_path / "export")
+        export_hf(tmp_path / "run", run_dir=tmp_path / "export", allowed_targets=["my_models"])
     assert not list((tmp_path / "export").glob("*hf_model*"))  # nothing half-written
 
 

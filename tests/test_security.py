@@ -128,14 +128,14 @@ def test_a_run_directory_does_not_choose_where_its_data_is_cached(tmp_path, monk
     """A copied-in run's ``data.cache_dir`` would make task=infer/eval and load_model write the tokenized corpus
     (and its ``path``: any file it names) into a directory of the run's choosing; today's cache is used instead."""
     pytest.importorskip("tokenizers", reason="the run trains a BPE tokenizer (the tokenizers extra)")
-    from ds_hydra.data.base import build_data
     from ds_hydra.inference.loading import load_model
     from ds_hydra.models.build import build_model
+    from ds_hydra.training.slices import run_data
 
     mine, elsewhere = tmp_path / "my_cache", tmp_path / "elsewhere"
     monkeypatch.setenv("DS_HYDRA_CACHE", str(mine))
     cfg = compose(["model=gpt_tiny", "tokenizer=bpe", "tokenizer.vocab_size=300", f"data.cache_dir={tmp_path / 'trained'}"])
-    model = build_model(cfg.model, build_data(cfg).vocab_size)
+    model = build_model(cfg.model, run_data(cfg).vocab_size)
     run = tmp_path / "copied_run"
     (run / "checkpoints").mkdir(parents=True)
     torch.save({"model": model.state_dict(), "step": 1}, run / "checkpoints" / "step_0000001.pt")
@@ -492,7 +492,7 @@ def test_deepspeeds_checkpoint_loader_reads_weights_only_while_ds_hydra_resumes(
     pytest.importorskip("deepspeed")
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
-    from ds_hydra.engine.deepspeed_engine import weights_only_loads
+    from ds_hydra.deepspeed.checkpoint_loading import weights_only_loads
 
     class CheckpointEngine:
         def load(self, path, map_location=None):

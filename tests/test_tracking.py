@@ -93,19 +93,20 @@ def test_csv_mirrors_the_jsonl_and_widens_its_header(tmp_path):
 def test_loss_curve_title_says_what_the_run_was(tmp_path):
     from ds_hydra.training.metrics import run_title
 
-    assert run_title(compose(["name=baseline"]), tmp_path / "run") == f"baseline\n{tmp_path / 'run'}"
-    assert run_title(compose([]), tmp_path / "run") == f"default config ({tmp_path / 'run'})"
+    assert run_title("baseline", tmp_path / "run") == f"baseline\n{tmp_path / 'run'}"
+    assert run_title(None, tmp_path / "run") == f"default config ({tmp_path / 'run'})"
 
 
 def test_the_loss_curve_is_drawn_once_two_steps_are_logged(tmp_path):
     """One logged step is no curve: nothing is drawn (and no tracker is handed a missing file)."""
+    from ds_hydra.training.slices import tracked_run
     from ds_hydra.training.metrics import LOSS_CURVE_FILE, MetricsLogger
 
     cfg = compose(TINY)
     for steps, drawn in (([5], False), ([5, 5], False), ([5, 6], True)):
         run_dir = tmp_path / "-".join(map(str, steps))
         run_dir.mkdir()
-        metrics = MetricsLogger(run_dir, cfg)
+        metrics = MetricsLogger(run_dir, tracked_run(cfg))
         for step in steps:
             metrics.log(step, loss=2.0)
         metrics.finish({"step": steps[-1]})

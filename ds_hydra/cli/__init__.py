@@ -73,8 +73,8 @@ TASKS = {
     "validate": "ds_hydra.validate_task:validate_task",
     "resume": "ds_hydra.train_task:train",  # with resume=<run>: continue that run
     "export_deepspeed": "ds_hydra.deepspeed.json_export:export_deepspeed",  # the DeepSpeed JSON, no training
-    "export_hf": "ds_hydra.inference.export_hf:export_hf",  # a trained run as a transformers model directory
-    "prepare": "ds_hydra.data.prepare:prepare_task",  # token files from text, JSONL or Parquet
+    "export_hf": "ds_hydra.cli.tasks:export_hf_task",  # a trained run as a transformers model directory
+    "prepare": "ds_hydra.cli.tasks:prepare_task",  # token files from text, JSONL or Parquet
     "import_deepspeed": "ds_hydra.deepspeed.import_task:import_task",  # deepspeed_config=<file> as a preset
     "lm_eval": "ds_hydra.harness.run:lm_eval_task",  # lm-evaluation-harness tasks on a run or a transformers dir
 }

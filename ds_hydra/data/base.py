@@ -1,6 +1,7 @@
 """What the trainer asks of a data set: token streams per split, their vocabulary, and batch samplers.
 
-``build_data(cfg)`` instantiates ``cfg.data`` into a ``TokenData``. The trainer reads
+``build_data(data_cfg, tokenizer_cfg, model_pretrained)`` instantiates the ``data`` config into a
+``TokenData`` (the caller cuts the slices from the run's config). The trainer reads
 ``vocab_size`` (ids are in ``[0, vocab_size)``), ``seq_len`` (None: the model's maximum positions),
 and asks ``sampler(split, ...)`` for batches ``{"input_ids", "labels"}`` of shape (B, T) whose
 ``labels[:, t]`` is the target of position t (-100: no loss there). Text data also encode and
@@ -10,7 +11,7 @@ run saves into its directory (``tokenizer/``) so that inference decodes exactly 
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from ds_hydra.data.batches import RandomBlocks
 from ds_hydra.errors import UserError
@@ -84,26 +85,17 @@ class TokenData:
 RUNTIME_ARGUMENTS = ("tokenizer_cfg", "model_pretrained")
 
 
-def build_data(cfg) -> TokenData:
-    """The run's data from ``cfg.data`` (through the ``_target_`` allowlist). Data that tokenize text
-    get the ``tokenizer`` group; a tokenizer that is not ``model.pretrained``'s is refused. Built once
-    per process (``ds_hydra.data.cache``): the memory preflight and ``task=validate`` need it too."""
+def build_data(data_cfg, tokenizer_cfg=None, model_pretrained: Optional[str] = None) -> TokenData:
+    """The data of the ``data`` config ``data_cfg`` (through the ``_target_`` allowlist of the config it
+    belongs to). Data that tokenize text get the ``tokenizer`` config ``tokenizer_cfg``; a tokenizer that
+    is not the one of ``model_pretrained`` (``model.pretrained``) is refused. Built once per process
+    (``ds_hydra.data.cache``): the memory preflight and ``task=validate`` need it too."""
     from ds_hydra.data.cache import cached, data_key
 
-    return cached(data_key(cfg), lambda: _build_data(cfg))
+    return cached(data_key(data_cfg, tokenizer_cfg, model_pretrained), lambda: _build_data(data_cfg, tokenizer_cfg, model_pretrained))
 
 
-def vocab_size_of(cfg) -> Tuple[int, str]:
-    """(the model's vocabulary size, where it comes from): ``model.vocab_size``, else the data's
-    ``vocab_size`` setting, else the data's own (built, and cached, to learn it)."""
-    if cfg.model.get("vocab_size", None):
-        return int(cfg.model.vocab_size), "model.vocab_size"
-    if cfg.data.get("vocab_size", None):
-        return int(cfg.data.vocab_size), "data.vocab_size"
-    return int(build_data(cfg).vocab_size), f"from {cfg.data._target_.rsplit('.', 1)[-1]}"
-
-
-def _build_data(cfg) -> TokenData:
+def _build_data(data_cfg, tokenizer_cfg, model_pretrained: Optional[str]) -> TokenData:
     import inspect
 
     from omegaconf import OmegaConf
@@ -111,21 +103,19 @@ def _build_data(cfg) -> TokenData:
     from ds_hydra.errors import ConfigError
     from ds_hydra.instantiate import _full_key, allowed_prefixes, instantiate, locate_target, target_problems
 
-    refused = target_problems(cfg.data, allowed_prefixes(cfg.data), path=_full_key(cfg.data))
+    refused = target_problems(data_cfg, allowed_prefixes(data_cfg), path=_full_key(data_cfg))
     if refused:  # before anything is imported
         raise ConfigError(refused)
-    takes = inspect.signature(locate_target(cfg.data._target_)).parameters
-    pretrained = (cfg.get("model") or {}).get("pretrained", None)
-    tokenizer = cfg.get("tokenizer", None)
-    runtime = {"tokenizer_cfg": OmegaConf.to_container(tokenizer, resolve=True) if tokenizer is not None else None,
-               "model_pretrained": pretrained}
-    data = instantiate(cfg.data, **{k: v for k, v in runtime.items() if k in takes})
-    if tokenizer is not None and "tokenizer_cfg" not in takes and tokenizer.get("kind") != "char":
-        log.warning("tokenizer=%s: not used by %s, which brings its own", tokenizer.kind, cfg.data._target_.rsplit(".", 1)[-1])
-    if pretrained and data.tokenizer is not None:
+    takes = inspect.signature(locate_target(data_cfg._target_)).parameters
+    runtime = {"tokenizer_cfg": OmegaConf.to_container(tokenizer_cfg, resolve=True) if tokenizer_cfg is not None else None,
+               "model_pretrained": model_pretrained}
+    data = instantiate(data_cfg, **{k: v for k, v in runtime.items() if k in takes})
+    if tokenizer_cfg is not None and "tokenizer_cfg" not in takes and tokenizer_cfg.get("kind") != "char":
+        log.warning("tokenizer=%s: not used by %s, which brings its own", tokenizer_cfg.kind, data_cfg._target_.rsplit(".", 1)[-1])
+    if model_pretrained and data.tokenizer is not None:
         from ds_hydra.data.tokenizer import tokenizer_mismatch
 
-        problem = tokenizer_mismatch(data.tokenizer, pretrained)
+        problem = tokenizer_mismatch(data.tokenizer, model_pretrained)
         if problem:
             raise UserError(f"data: {problem}")
     return data

@@ -55,13 +55,11 @@ def cached(key: Hashable, build: Callable[[], Any]) -> Any:
     return DATA_MEMO.get(key, build)
 
 
-def data_key(cfg) -> Tuple:
-    """What the data of ``cfg`` depends on (see the module docstring)."""
+def data_key(data, tokenizer=None, pretrained=None) -> Tuple:
+    """What the data of the ``data`` config depends on, with the ``tokenizer`` config and
+    ``model.pretrained`` (see the module docstring)."""
     from omegaconf import OmegaConf
 
-    data = cfg.data
-    tokenizer = cfg.get("tokenizer", None)
-    pretrained = (cfg.get("model", None) or {}).get("pretrained", None)
     files = []
     if data.get("path", None):
         files.append(data.path)

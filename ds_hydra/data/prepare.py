@@ -60,28 +60,6 @@ OUTPUT_FILES = {TRAIN_FILE, VAL_FILE, META_FILE, TOKENIZER_FILE, TOKENIZER_META_
 RECIPE_VERSION = 1
 
 
-def prepare_task(cfg) -> Dict[str, Any]:
-    """``task=prepare``: the whole of ``cfg.prepare`` with ``cfg.tokenizer``; returns a summary."""
-    from omegaconf import OmegaConf
-
-    from ds_hydra.data.prepare_config import input_patterns
-
-    pcfg = cfg.prepare  # validated with the rest of the config (ds_hydra.validation)
-    files = prepare_inputs.resolve_inputs(input_patterns(pcfg.input), pcfg.format.value)
-    model = cfg.get("model") or {}
-    return prepare_dataset(
-        files,
-        Path(pcfg.output).expanduser(),
-        OmegaConf.to_container(cfg.tokenizer, resolve=True),
-        ReadSettings(text_field=pcfg.text_field, errors=pcfg.errors.value),
-        train_fraction=1.0 - pcfg.val_fraction,
-        num_proc=pcfg.num_proc,
-        chunk_bytes=pcfg.chunk_bytes,
-        force=pcfg.force,
-        pretrained=model.get("pretrained", None),
-    )
-
-
 def prepare_dataset(
     files: Sequence[InputFile],
     output: Path,

@@ -6,9 +6,10 @@
 * its JSON config written from ds_hydra's: ``json_export`` (``task=export_deepspeed``, and the
   DeepSpeed engine's config);
 * its learning-rate schedules with DeepSpeed's object API (``lr_schedules``);
-* its activation-checkpointing module (``checkpointing``, also importable as ``ds_hydra.checkpointing``).
+* its activation-checkpointing module (``checkpointing``, also importable as ``ds_hydra.checkpointing``);
 * its ``activation_checkpointing`` keys in the ``ckpt`` group and what they mean in ds_hydra
-  (``activation_checkpointing_config``: ``number_checkpoints`` is ``segments``, ``cpu_checkpointing`` ``offload``).
+  (``activation_checkpointing_config``: ``number_checkpoints`` is ``segments``, ``cpu_checkpointing`` ``offload``);
+* its own checkpoint files, loaded with ``weights_only=True`` (``checkpoint_loading``).
 
 The engine that runs DeepSpeed itself is ``ds_hydra.engine.deepspeed_engine``.
 """

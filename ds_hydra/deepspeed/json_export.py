@@ -38,7 +38,7 @@ from ds_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["deepspeed_config", "export_deepspeed", "DEEPSPEED_CONFIG_FILE"]
+__all__ = ["deepspeed_config", "deepspeed_json", "export_deepspeed", "DEEPSPEED_CONFIG_FILE"]
 
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
 _NO_PRINT = 2**31 - 1  # DeepSpeed's own periodic step print: off (ds_hydra logs the run)
@@ -46,14 +46,33 @@ _NO_PRINT = 2**31 - 1  # DeepSpeed's own periodic step print: off (ds_hydra logs
 
 # -- the JSON config ------------------------------------------------------------------------------
 def deepspeed_config(cfg, world_size: int, precision: str, n_blocks: Optional[int] = None, for_file: bool = False) -> Dict[str, Any]:
-    """DeepSpeed's config dict for this run; ``precision`` is resolved (fp32, bf16 or fp16); ``n_blocks``
-    (the model's block count, when known) gives ``ckpt.full`` its ``number_checkpoints``. ``for_file``
-    (task=export_deepspeed): also the optimizer and scheduler sections (training hands DeepSpeed callables
-    instead) and ``steps_per_print`` = ``trainer.log_interval`` (training turns DeepSpeed's prints off)."""
+    """DeepSpeed's config dict for the run config ``cfg``; ``precision`` is resolved (fp32, bf16 or fp16);
+    ``n_blocks`` (the model's block count, when known) gives ``ckpt.full`` its ``number_checkpoints``.
+    ``for_file`` (task=export_deepspeed): also the optimizer and scheduler sections (training hands DeepSpeed
+    callables instead) and ``steps_per_print`` = ``trainer.log_interval`` (training turns DeepSpeed's
+    prints off). Cuts the slices ``deepspeed_json`` takes."""
+    tcfg = cfg.trainer
+    return deepspeed_json(
+        cfg.engine, cfg.ckpt, batch_size=int(tcfg.batch_size), grad_accum_steps=int(tcfg.grad_accum_steps),
+        grad_clip=float(tcfg.grad_clip), world_size=world_size, precision=precision, n_blocks=n_blocks,
+        steps_per_print=int(tcfg.log_interval) if for_file else None,
+        sections=optimizer_and_scheduler_sections(cfg.optimizer, cfg.scheduler) if for_file else None,
+    )
+
+
+def deepspeed_json(
+    engine_cfg, ckpt_cfg, *, batch_size: int, grad_accum_steps: int, grad_clip: float, world_size: int, precision: str,
+    n_blocks: Optional[int] = None, steps_per_print: Optional[int] = None, sections: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """DeepSpeed's config dict from the ``engine`` config (ZeRO, offload, ``extra``), the ``ckpt`` config
+    (the ``activation_checkpointing`` section) and the shape of a step: ``batch_size`` sequences per
+    micro-batch, ``grad_accum_steps`` micro-batches, ``world_size`` ranks, gradients clipped to ``grad_clip``.
+    ``steps_per_print``: DeepSpeed's own periodic print (None: off); ``sections`` (the optimizer and
+    scheduler of a written file) go in before ``engine.extra`` is merged."""
     from omegaconf import OmegaConf
 
-    tcfg, ecfg = cfg.trainer, cfg.engine
-    micro, accum = int(tcfg.batch_size), int(tcfg.grad_accum_steps)
+    ecfg = engine_cfg
+    micro, accum = int(batch_size), int(grad_accum_steps)
     zero: Dict[str, Any] = {
         "stage": int(ecfg.zero_stage),
         "overlap_comm": bool(ecfg.overlap_comm),
@@ -70,18 +89,17 @@ def deepspeed_config(cfg, world_size: int, precision: str, n_blocks: Optional[in
         "train_batch_size": micro * accum * int(world_size),
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": float(tcfg.grad_clip),
+        "gradient_clipping": float(grad_clip),
         "bf16": {"enabled": precision == "bf16"},
         # fp16: dynamic loss scaling (loss_scale 0), DeepSpeed's defaults written out
         "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                  "hysteresis": 2, "min_loss_scale": 1} if precision == "fp16" else {"enabled": False},
         "zero_optimization": zero,
-        "activation_checkpointing": _activation_checkpointing_section(cfg, n_blocks),
-        "steps_per_print": int(tcfg.log_interval) if for_file else _NO_PRINT,
+        "activation_checkpointing": _activation_checkpointing_section(ckpt_cfg, n_blocks),
+        "steps_per_print": int(steps_per_print) if steps_per_print is not None else _NO_PRINT,
         "wall_clock_breakdown": False,
     }
-    if for_file:
-        config.update(optimizer_and_scheduler_sections(cfg))
+    config.update(sections or {})
     if _value(ecfg.offload_optimizer) != "none":
         # ds_hydra passes a torch optimizer; DeepSpeed otherwise insists on its own CPU Adam here.
         config["zero_force_ds_cpu_optimizer"] = False
@@ -89,8 +107,7 @@ def deepspeed_config(cfg, world_size: int, precision: str, n_blocks: Optional[in
     return _deep_merge(config, extra or {})
 
 
-def _activation_checkpointing_section(cfg, n_blocks: Optional[int]) -> Dict[str, Any]:
-    ckpt = cfg.ckpt
+def _activation_checkpointing_section(ckpt, n_blocks: Optional[int]) -> Dict[str, Any]:
     ours = translate_checkpointing_keys(ckpt)  # segments or number_checkpoints; offload or cpu_checkpointing
     number = ours.segments or None
     if not number and ckpt.get("full"):
@@ -120,13 +137,13 @@ DEEPSPEED_SCHEDULER_NAMES = {
 }
 
 
-def optimizer_and_scheduler_sections(cfg) -> Dict[str, Any]:
-    """DeepSpeed's ``optimizer`` and ``scheduler`` sections for the config's optimizer and schedule (what
-    DeepSpeed builds from them is what ds_hydra trains with); a schedule DeepSpeed lacks is left out."""
+def optimizer_and_scheduler_sections(optimizer_cfg, scheduler_cfg) -> Dict[str, Any]:
+    """DeepSpeed's ``optimizer`` and ``scheduler`` sections for the ``optimizer`` and ``scheduler`` configs
+    (what DeepSpeed builds from them is what ds_hydra trains with); a schedule DeepSpeed lacks is left out."""
     from omegaconf import OmegaConf
 
     sections: Dict[str, Any] = {}
-    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    optimizer = OmegaConf.to_container(optimizer_cfg, resolve=True)
     name = DEEPSPEED_OPTIMIZER_NAMES.get(optimizer.pop("_target_", None))
     optimizer.pop("_partial_", None)
     if name is not None:
@@ -134,13 +151,13 @@ def optimizer_and_scheduler_sections(cfg) -> Dict[str, Any]:
         if name in ("Adam", "AdamW"):
             params = _adam_params(name, params)
         sections["optimizer"] = {"type": name, "params": params}
-    scheduler = OmegaConf.to_container(cfg.scheduler, resolve=True)
+    scheduler = OmegaConf.to_container(scheduler_cfg, resolve=True)
     name = DEEPSPEED_SCHEDULER_NAMES.get(scheduler.pop("_target_", None))
     scheduler.pop("_partial_", None)
     if name is not None:
         sections["scheduler"] = {"type": name, "params": {k: _value(v) for k, v in scheduler.items()}}
     else:
-        log.info("scheduler %s has no DeepSpeed type: the file has no scheduler section", cfg.scheduler._target_)
+        log.info("scheduler %s has no DeepSpeed type: the file has no scheduler section", scheduler_cfg._target_)
     return sections
 
 

@@ -6,7 +6,10 @@ optimizer step, averages numbers over ranks, and turns model and optimizer state
 a single process (and back), so every checkpoint loads anywhere. The trainer calls these methods and
 never asks which engine it has:
 
-* ``setup(model, cfg, blocks, autocast_dtype)`` -> ``(wrapped, optimizer, scheduler)``;
+* ``setup(model, blocks, autocast_dtype, optimization)`` -> ``(wrapped, optimizer, scheduler)``, where
+  ``optimization`` (an ``Optimization``) holds the optimizer, scheduler and param-group configs and the
+  shape of a step, cut from the run's config by the trainer: an engine reads its own ``engine`` config
+  and these, never the whole config;
 * ``micro_batch(last)``: a context around one micro-batch's forward and backward;
 * ``backward(share, accum)`` (a micro-batch's summed loss over the step's label tokens, all ranks) and
   ``step(grad_clip)`` / ``skip_step()``;
@@ -16,11 +19,12 @@ never asks which engine it has:
   ``save_engine_checkpoint``, ``prune_engine_checkpoints``; ``close``.
 
 ``Engine`` itself is one process without a process group; ``DDPEngine``, ``FSDPEngine`` and
-``DeepSpeedEngine`` extend it. ``ds_hydra.engine.start_engine`` picks one from ``cfg.engine``.
+``DeepSpeedEngine`` extend it. ``ds_hydra.engine.start_engine`` picks one from the ``engine`` config.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Dict, Optional, Sequence, Tuple
 
@@ -31,13 +35,36 @@ import torch.nn as nn
 from ds_hydra.errors import UserError
 
 
+@dataclass(frozen=True)
+class Optimization:
+    """What an engine builds around the model, and the shape of one optimizer step: the slices of the
+    run's config an engine needs besides its own ``engine`` config (the trainer cuts them)."""
+
+    optimizer: Any
+    """The ``optimizer`` config: a ``_partial_`` optimizer, built over the model's param groups."""
+    scheduler: Any
+    """The ``scheduler`` config: a ``_partial_`` schedule, built over the optimizer."""
+    param_groups: Any = None
+    """The ``param_groups`` rules (None: the defaults)."""
+    in_backward: bool = False
+    """``trainer.optimizer_in_backward``: each parameter steps inside backward, once its gradient is ready."""
+    batch_size: int = 1
+    """``trainer.batch_size``: sequences per micro-batch on each rank (DeepSpeed's config states it)."""
+    grad_accum_steps: int = 1
+    """``trainer.grad_accum_steps``: micro-batches per optimizer step (DeepSpeed counts them itself)."""
+    grad_clip: float = 0.0
+    """``trainer.grad_clip`` (0: off); DeepSpeed clips inside its own step."""
+    activation_checkpointing: Any = None
+    """The ``ckpt`` config, which DeepSpeed's JSON config records (its ``activation_checkpointing`` section)."""
+
+
 class Engine:
     """One process on one device."""
 
     name = "single"
 
     def __init__(self, engine_cfg, device: torch.device, rank: int = 0, world_size: int = 1, owns_group: bool = False):
-        self.cfg = engine_cfg
+        self.engine_cfg = engine_cfg  # this engine's own config (the `engine` group)
         self.device = device
         self.rank = rank
         self.world_size = world_size
@@ -61,21 +88,24 @@ class Engine:
         return f"one process on {self.device}"
 
     # -- building ------------------------------------------------------------------------------
-    def setup(self, model: nn.Module, cfg, blocks: Sequence[nn.Module], autocast_dtype: Optional[torch.dtype]) -> Tuple[nn.Module, Any, Any]:
+    def setup(self, model: nn.Module, blocks: Sequence[nn.Module], autocast_dtype: Optional[torch.dtype],
+              optimization: Optimization) -> Tuple[nn.Module, Any, Any]:
         """Wrap ``model`` and build its optimizer and scheduler; returns ``(wrapped, optimizer, scheduler)``,
         where ``wrapped`` is what the trainer calls for forward and backward."""
         from ds_hydra.optim.build import build_optimizer, build_scheduler
 
         self.model = model
         wrapped = self.wrap(model, blocks, autocast_dtype)
-        in_backward = bool(cfg.trainer.get("optimizer_in_backward", False))
+        in_backward = optimization.in_backward
         if in_backward and self.world_size > 1:
             raise UserError(
                 f"trainer.optimizer_in_backward=true: not with {self.world_size} processes ({self.describe()}): each "
                 f"gradient must be reduced across ranks before its parameter steps; run one process or set it false"
             )
-        self.optimizer = build_optimizer(cfg.optimizer, model, self.device, param_groups=cfg.get("param_groups"), in_backward=in_backward)
-        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer)
+        self.optimizer = build_optimizer(
+            optimization.optimizer, model, self.device, param_groups=optimization.param_groups, in_backward=in_backward
+        )
+        self.scheduler = build_scheduler(optimization.scheduler, self.optimizer)
         if autocast_dtype == torch.float16:
             self.scaler = torch.amp.GradScaler("cuda")  # fp16 gradients underflow without loss scaling
         return wrapped, self.optimizer, self.scheduler

@@ -20,9 +20,9 @@ class DDPEngine(ProcessGroupEngine):
         self.ddp = DistributedDataParallel(
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            bucket_cap_mb=self.cfg.bucket_cap_mb,
-            find_unused_parameters=self.cfg.find_unused_parameters,
-            gradient_as_bucket_view=self.cfg.gradient_as_bucket_view,
+            bucket_cap_mb=self.engine_cfg.bucket_cap_mb,
+            find_unused_parameters=self.engine_cfg.find_unused_parameters,
+            gradient_as_bucket_view=self.engine_cfg.gradient_as_bucket_view,
         )
         return self.ddp
 

@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Collection, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ds_hydra.devices import precision_name
-from ds_hydra.engine.base import ProcessGroupEngine
+from ds_hydra.deepspeed.checkpoint_loading import weights_only_loads
+from ds_hydra.engine.base import Optimization, ProcessGroupEngine
 from ds_hydra.errors import UserError
 from ds_hydra.common.checkpoint_files import CHECKPOINT_DIR, list_checkpoints
 
@@ -46,78 +45,32 @@ DCP_REFUSED = (
 )
 
 
-def deepspeed_checkpoint_classes() -> Tuple[type, ...]:
-    """The classes DeepSpeed pickles into its own checkpoints besides tensors and plain containers, each
-    rebuilt from plain fields (a scale, a flag, a stage number, an offset): a weights_only load allows
-    exactly these, so a file naming any other class or function is refused."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
-
-
-@contextmanager
-def weights_only_loads(ds_engine) -> Iterator[None]:
-    """While DeepSpeed loads its checkpoint, its checkpoint engine reads with ``torch.load(weights_only=True)``
-    instead of its own ``weights_only=False``: a run directory is data, and a pickle in it must not run code.
-    A refused or damaged file is one line naming it."""
-    checkpoint_engine = getattr(ds_engine, "checkpoint_engine", None)
-    if checkpoint_engine is None or not callable(getattr(checkpoint_engine, "load", None)):
-        import deepspeed
-
-        raise UserError(
-            f"engine=deepspeed: DeepSpeed {deepspeed.__version__} has no checkpoint engine ds_hydra can make load "
-            f"with weights_only=True, so its checkpoint is not loaded; install a DeepSpeed with one (0.10 or newer)"
-        )
-    classes = list(deepspeed_checkpoint_classes())
-
-    def load(path, map_location=None):
-        scoped = getattr(torch.serialization, "safe_globals", None)  # torch 2.4: only the process-wide list
-        if scoped is None:
-            torch.serialization.add_safe_globals(classes)
-        try:
-            with scoped(classes) if scoped is not None else nullcontext():
-                return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-        except Exception as exc:  # a pickle naming another class or a function, or a damaged file
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            reason = (
-                f"refused: loading it would call {found.group(1).removeprefix('builtins.')} (a DeepSpeed checkpoint "
-                f"may hold only tensors, plain containers and DeepSpeed's loss scaler, ZeRO stage and fragment "
-                f"address); use a checkpoint written by ds_hydra"
-                if found else f"not a loadable DeepSpeed checkpoint ({lines[0][:200] if lines else type(exc).__name__})"
-            )
-            raise UserError(f"{path}: {reason}") from None
-
-    checkpoint_engine.load = load  # this instance only: shadows the class's method
-    try:
-        yield
-    finally:
-        del checkpoint_engine.load
-
-
 class DeepSpeedEngine(ProcessGroupEngine):
     name = "deepspeed"
 
-    def setup(self, model: nn.Module, cfg, blocks: Sequence[nn.Module], autocast_dtype: Optional[torch.dtype]) -> Tuple[nn.Module, Any, Any]:
+    def setup(self, model: nn.Module, blocks: Sequence[nn.Module], autocast_dtype: Optional[torch.dtype],
+              optimization: Optimization) -> Tuple[nn.Module, Any, Any]:
         """``deepspeed.initialize`` around the model, with ds_hydra's param groups, optimizer and scheduler."""
-        from ds_hydra.deepspeed.json_export import deepspeed_config
+        from ds_hydra.deepspeed.json_export import deepspeed_json
         from ds_hydra.optim.build import log_param_groups, optimizer_callable, param_groups_for, scheduler_callable
 
         deepspeed = import_deepspeed(self.device)
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it; launchers set it, a lone process has 0
         precision = precision_name(autocast_dtype)
-        config = deepspeed_config(cfg, self.world_size, precision, n_blocks=len(blocks))
-        offloaded = _value(cfg.engine.offload_optimizer) != "none"
+        config = deepspeed_json(
+            self.engine_cfg, optimization.activation_checkpointing, batch_size=optimization.batch_size,
+            grad_accum_steps=optimization.grad_accum_steps, grad_clip=optimization.grad_clip,
+            world_size=self.world_size, precision=precision, n_blocks=len(blocks),
+        )
+        offloaded = _value(self.engine_cfg.offload_optimizer) != "none"
         # Fused/foreach kernels are chosen for the device the optimizer steps on (the CPU when offloaded).
-        factory = optimizer_callable(cfg.optimizer, None if offloaded else self.device)
-        groups = param_groups_for(model, cfg.optimizer, cfg.get("param_groups"))
+        factory = optimizer_callable(optimization.optimizer, None if offloaded else self.device)
+        groups = param_groups_for(model, optimization.optimizer, optimization.param_groups)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=groups,
             optimizer=factory,
-            lr_scheduler=scheduler_callable(cfg.scheduler),
+            lr_scheduler=scheduler_callable(optimization.scheduler),
             config=config,
             dist_init_required=False,
         )

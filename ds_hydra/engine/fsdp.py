@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ds_hydra.engine.base import ProcessGroupEngine
 from ds_hydra.errors import UserError
+from ds_hydra.optim.state_format import indexed_optimizer_state, named_optimizer_state, optimizer_param_names
 
 
 class FSDPEngine(ProcessGroupEngine):
@@ -27,7 +28,7 @@ class FSDPEngine(ProcessGroupEngine):
             raise UserError(f"engine=fsdp: {unsupported}; use engine=ddp")
 
     def wrap(self, model: nn.Module, blocks: Sequence[nn.Module], autocast_dtype: Optional[torch.dtype]) -> nn.Module:
-        return shard_model(model, blocks, self.cfg, self.device, autocast_dtype)
+        return shard_model(model, blocks, self.engine_cfg, self.device, autocast_dtype)
 
     # FSDP gathers in these calls: every rank must make them, at the same step.
     def model_state_dict(self, trainable_only: bool = False) -> Dict[str, Any]:
@@ -54,7 +55,10 @@ class FSDPEngine(ProcessGroupEngine):
 
         if "deepspeed_checkpoint" in state:
             super().load_optimizer_state_dict(state, run_dir)  # refuses it, naming the engine to use
-        named = named_optimizer_state(state, self.model, self.optimizer)
+        named = named_optimizer_state(
+            state, optimizer_param_names(self.model, self.optimizer),
+            mismatch="checkpoint optimizer state: its param groups do not match this model's (another model or param_groups config?)",
+        )
         set_optimizer_state_dict(self.model, self.optimizer, named, options=_full_options())
 
 
@@ -104,32 +108,3 @@ def shard_model(model: nn.Module, blocks: Sequence[nn.Module], engine_cfg, devic
     # the caller modifies it in place; the trainer never does.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     return model
-
-
-# -- optimizer state: named (FSDP's full state dict) <-> numbered (optimizer.state_dict()) --------
-def indexed_optimizer_state(named: Dict[str, Any]) -> Dict[str, Any]:
-    """Number the parameters of a path-keyed optimizer state dict in param-group order, as
-    ``torch.optim.Optimizer.state_dict()`` does; the inverse of ``named_optimizer_state``."""
-    index: Dict[str, int] = {}
-    groups = []
-    for group in named["param_groups"]:
-        ids = []
-        for name in group["params"]:
-            index.setdefault(name, len(index))
-            ids.append(index[name])
-        groups.append({**group, "params": ids})
-    state = {index[name]: value for name, value in named["state"].items()}
-    return {"state": state, "param_groups": groups}
-
-
-def named_optimizer_state(indexed: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
-    """Key an ``optimizer.state_dict()``-format state by parameter path, for ``set_optimizer_state_dict``."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    if len(order) != sum(len(g["params"]) for g in indexed["param_groups"]):
-        raise UserError("checkpoint optimizer state: its param groups do not match this model's (another model or param_groups config?)")
-    groups = []
-    for group in indexed["param_groups"]:
-        groups.append({**group, "params": [order[i] for i in group["params"]]})
-    state = {order[int(i)]: value for i, value in indexed["state"].items()}
-    return {"state": state, "param_groups": groups}

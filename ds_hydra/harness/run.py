@@ -336,6 +336,7 @@ def log_table(results: Dict[str, Any]) -> None:
 
 def lm_eval_task(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     """``task=lm_eval``: harness tasks on ``inference.checkpoint`` or ``model.pretrained``; returns the metrics."""
+    from ds_hydra.training.slices import tracked_run
     from ds_hydra.training.metrics import MetricsLogger
     from ds_hydra.common.run_dir import resolve_run_dir
 
@@ -355,7 +356,7 @@ def lm_eval_task(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
     log.info("%d items in %.1f s (%.1f items/s); results written to %s", round(results["items_per_s"] * results["eval_s"]),
              results["eval_s"], results["items_per_s"], path)
     metrics = {**results["metrics"], "lm_eval_items_per_s": results["items_per_s"]}
-    tracker = MetricsLogger(out_dir, cfg)  # metrics.jsonl and the trackers chosen in `logger`
+    tracker = MetricsLogger(out_dir, tracked_run(cfg))  # metrics.jsonl and the trackers chosen in `logger`
     try:
         tracker.log(loaded.step or 0, **metrics)
     finally:

@@ -13,7 +13,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch.nn as nn
 
@@ -45,15 +45,16 @@ def hf_model_of(model: nn.Module) -> nn.Module:
     return convert(model)
 
 
-def export_hf(cfg, run_dir: Optional[Path] = None) -> Dict[str, Any]:
-    """Write the run named by ``inference.checkpoint`` as a transformers model directory."""
+def export_hf(checkpoint: str, run_dir: Optional[Path] = None, allowed_targets: Sequence[str] = ()) -> Dict[str, Any]:
+    """Write the trained run ``checkpoint`` (a run dir or one of its checkpoints: ``inference.checkpoint``)
+    as a transformers model directory under ``run_dir`` (this invocation's run dir); ``allowed_targets``:
+    the user's module prefixes the run's config may build from (``allowed_targets``)."""
     from ds_hydra.inference.loading import load_run, output_dir
 
     from ds_hydra.models.hf import import_transformers
 
     import_transformers()  # one line naming the extra, before anything is loaded
-    icfg = cfg.inference
-    run = load_run(icfg.checkpoint, "cpu", "fp32", list(cfg.get("allowed_targets") or []), merge_adapter=True)
+    run = load_run(checkpoint, "cpu", "fp32", list(allowed_targets), merge_adapter=True)
     target = output_dir(run_dir, run.run_dir) / EXPORT_DIR
     hf = hf_model_of(run.model)
     from ds_hydra.common.files import new_dir_mode

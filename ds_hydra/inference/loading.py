@@ -146,7 +146,7 @@ def load_run(
     )
     config_file = run_dir / RESOLVED_CONFIG_FILE
     try:
-        data = build_data(build_cfg)
+        data = build_data(build_cfg.data, build_cfg.tokenizer, build_cfg.model.get("pretrained", None))
         adopt_run_tokenizer(data, run_dir)  # decode exactly as training encoded
         init_from = saved.trainer.get("init_from") if "trainer" in saved else None
         keeps_base = adapter_cfg is not None and adapters.base_in_run_dir(saved.model, init_from)

@@ -25,9 +25,8 @@ def run_overrides() -> List[str]:
     return [o for o in overrides if not o.lstrip("+").startswith(_PLUMBING)]
 
 
-def describe_run(cfg, run_dir: Path) -> str:
+def describe_run(name: Optional[str], run_dir: Path) -> str:
     """What the run was: its ``name``, else its overrides, else the default config (with its directory)."""
-    name = cfg.get("name", None) if cfg is not None else None
     if name:
         return str(name)
     overrides = run_overrides()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -22,6 +23,19 @@ log = logging.getLogger(__name__)
 
 TRACKERS_FILE = "trackers.json"
 LAST_STEP_KEY = "last_logged_step"
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """What the trackers of a run are given, cut from the run's config (``ds_hydra.training.slices.tracked_run``)."""
+
+    logger: Any = None
+    """The ``logger`` config: which trackers, and their settings (None: metrics.jsonl alone)."""
+    name: Optional[str] = None
+    """The run's ``name`` (None: the run is described by its overrides)."""
+    config: Dict[str, Any] = field(default_factory=dict)
+    """The run's resolved config as plain data (Hydra's own section left out): the hyperparameters that
+    trackers record beside the metrics."""
 
 
 def _tracker_classes() -> Dict[str, Callable[[Any], Tracker]]:
@@ -93,27 +107,25 @@ class Trackers:
             log.warning("%s: cannot write the tracker run ids (%s); a resumed run will start new tracker runs", self.run_dir / TRACKERS_FILE, exc)
 
 
-def open_trackers(cfg, run_dir: Path, start_step: int = 0, records: Sequence[Dict[str, Any]] = ()) -> Trackers:
-    """Start the trackers ``cfg.logger`` chooses for the run in ``run_dir`` (none: an empty fan-out)."""
-    names = chosen_trackers(cfg.logger)
+def open_trackers(run: TrackedRun, run_dir: Path, start_step: int = 0, records: Sequence[Dict[str, Any]] = ()) -> Trackers:
+    """Start the trackers ``run.logger`` chooses for the run in ``run_dir`` (none: an empty fan-out)."""
+    names = chosen_trackers(run.logger) if run.logger is not None else []
     if not names:
         return Trackers([])
     classes = _tracker_classes()
     saved = read_tracker_ids(run_dir)
     last_logged_step = saved.pop(LAST_STEP_KEY, None)
-    trackers = Trackers([classes[name](cfg.logger) for name in names], run_dir=Path(run_dir), ids=saved)
-    trackers.start(run_info(cfg, run_dir, start_step, records, last_logged_step))
+    trackers = Trackers([classes[name](run.logger) for name in names], run_dir=Path(run_dir), ids=saved)
+    trackers.start(run_info(run, run_dir, start_step, records, last_logged_step))
     return trackers
 
 
-def run_info(cfg, run_dir: Path, start_step: int, records: Sequence[Dict[str, Any]], last_logged_step: Optional[int]) -> RunInfo:
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config.pop("hydra", None)
+def run_info(run: TrackedRun, run_dir: Path, start_step: int, records: Sequence[Dict[str, Any]],
+             last_logged_step: Optional[int]) -> RunInfo:
+    config = run.config
     sweep = current_sweep()
-    name = describe_run(cfg, run_dir)
-    if sweep is not None and not cfg.get("name", None):
+    name = describe_run(run.name, run_dir)
+    if sweep is not None and not run.name:
         name = f"job {sweep.job_num}: {name}"
     return RunInfo(
         run_dir=Path(run_dir), name=name, config=config, params=flatten(config), sweep=sweep,

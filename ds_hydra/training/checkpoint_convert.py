@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ds_hydra.errors import UserError
+from ds_hydra.optim.state_format import named_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,6 @@ def convert_checkpoint(source: Path, out: Optional[Path] = None) -> Path:
     target = Path(out) if out is not None else source.with_suffix("")
     _refuse_existing(target)
     return sharded_checkpoint.write_sharded(full, named_optimizer_state(full["optimizer"], names), target)
-
-
-def named_optimizer_state(indexed, names: List[str]):
-    """An ``optimizer.state_dict()`` keyed by parameter path (torch's ``get_optimizer_state_dict`` layout)."""
-    count = sum(len(group["params"]) for group in indexed["param_groups"])
-    if count != len(names):
-        raise UserError(f"optimizer state numbers {count} parameters but the checkpoint names {len(names)}")
-    groups = [{**group, "params": [names[i] for i in group["params"]]} for group in indexed["param_groups"]]
-    return {"state": {names[int(i)]: value for i, value in indexed["state"].items()}, "param_groups": groups}
 
 
 def _refuse_existing(target: Path) -> None:

@@ -46,7 +46,7 @@ def step_spec(cfg):
     """The ``StepSpec`` of ``cfg``'s training step on its device."""
     import torch
 
-    from ds_hydra.data.base import vocab_size_of
+    from ds_hydra.training.slices import vocab_size_of
     from ds_hydra.devices import resolve_device, resolve_precision
     from ds_hydra.models.build import build_model
     from ds_hydra.loss.step import build_loss, mean_loss
@@ -209,7 +209,7 @@ MAX_HEAD_CHUNKS = 16  # a chunk is a checkpointed call: thousands of them would 
 
 def _head_chunks(cfg) -> dict:
     """``model.head_chunk_tokens``: 1024 tokens, or more so that a batch has at most MAX_HEAD_CHUNKS chunks."""
-    from ds_hydra.data.base import vocab_size_of
+    from ds_hydra.training.slices import vocab_size_of
 
     tokens = int(cfg.trainer.batch_size) * seq_len_of(cfg, vocab_size_of(cfg)[0])
     per_chunk = -(-tokens // MAX_HEAD_CHUNKS)

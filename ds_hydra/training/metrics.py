@@ -7,7 +7,10 @@ import logging
 import math
 import textwrap
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+
+if TYPE_CHECKING:
+    from ds_hydra.tracking.session import TrackedRun
 
 log = logging.getLogger(__name__)
 
@@ -18,20 +21,23 @@ LOSS_CURVE_FILE = "loss_curve.png"
 class MetricsLogger:
     """The run's records: appended to ``metrics.jsonl``, kept for the loss curve, sent to the trackers.
 
-    ``enabled=False`` (ranks other than 0) keeps the records in memory only. ``finish`` draws the
-    loss curve and closes the trackers with the final metrics; ``close`` ends them after a failure.
+    ``run`` (``ds_hydra.training.slices.tracked_run`` of the run's config) chooses the trackers and names
+    the run; None: metrics.jsonl and the loss curve only. ``enabled=False`` (ranks other than 0) keeps the
+    records in memory only. ``finish`` draws the loss curve and closes the trackers with the final
+    metrics; ``close`` ends them after a failure.
     """
 
-    def __init__(self, run_dir: Path, cfg=None, enabled: bool = True, earlier_records: Sequence[Dict[str, Any]] = (), start_step: int = 0):
+    def __init__(self, run_dir: Path, run: Optional["TrackedRun"] = None, enabled: bool = True,
+                 earlier_records: Sequence[Dict[str, Any]] = (), start_step: int = 0):
         self.records: List[Dict[str, Any]] = list(earlier_records)  # the loss curve shows the whole run
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
-        self.title = run_title(cfg, self.run_dir)
+        self.title = run_title(run.name if run is not None else None, self.run_dir)
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None
         from ds_hydra.tracking.session import Trackers, open_trackers
 
-        self.trackers = open_trackers(cfg, self.run_dir, start_step, self.records) if (enabled and cfg is not None) else Trackers([])
+        self.trackers = open_trackers(run, self.run_dir, start_step, self.records) if (enabled and run is not None) else Trackers([])
 
     def log(self, step: int, **values: Any) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}

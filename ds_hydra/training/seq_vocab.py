@@ -41,8 +41,8 @@ def check_data_fits(cfg) -> None:
     """The data of ``cfg`` at its sequence length, checked from the config before anything else is built
     (the preflight): a split too short, SFT examples cut or with no trained token within it (one log line
     each), a split left with nothing to train or evaluate on (refused in one line)."""
-    from ds_hydra.data.base import build_data, vocab_size_of
     from ds_hydra.training.memory_preflight import seq_len_of
+    from ds_hydra.training.slices import run_data, vocab_size_of
 
     vocab_size, _ = vocab_size_of(cfg)
-    build_data(cfg).check(seq_len_of(cfg, vocab_size))  # built once per process: the trainer reuses it
+    run_data(cfg).check(seq_len_of(cfg, vocab_size))  # built once per process: the trainer reuses it

@@ -497,7 +497,7 @@ def load_resume_state(path: Path, mmap: bool = False) -> Dict[str, Any]:
 def read_full_state(path: Path, with_optimizer: bool = True) -> Dict[str, Any]:
     """A sharded checkpoint as the ``full`` format holds it (one process's state dict; the optimizer's
     parameters numbered in param-group order), read in this process: no process group, no training."""
-    from ds_hydra.engine.fsdp import indexed_optimizer_state
+    from ds_hydra.optim.state_format import indexed_optimizer_state
     from ds_hydra.training.state import TRAIN_STATE_FORMAT
 
     path = Path(path)

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from ds_hydra.deepspeed import checkpointing as deepspeed_checkpointing
 from ds_hydra.activation_checkpointing import SavedActivationCounter, checkpoint_activations, checkpointing_state
 from ds_hydra.activation_checkpointing.blocks import model_blocks
-from ds_hydra.data.base import TRAIN_EVAL_STREAM, TRAIN_STREAM, VAL_STREAM, build_data
+from ds_hydra.data.base import TRAIN_EVAL_STREAM, TRAIN_STREAM, VAL_STREAM
 from ds_hydra.data.tokenizer import save_run_tokenizer
 from ds_hydra.devices import resolve_device, resolve_precision
 from ds_hydra.engine import start_engine
@@ -33,6 +33,7 @@ from ds_hydra.models import adapters
 from ds_hydra.models.adapter_config import adapter_on
 from ds_hydra.models.build import build_model, num_params
 from ds_hydra.loss.step import build_loss, label_tokens, loss_sum, token_mean_loss
+from ds_hydra.optim.state_format import optimizer_param_names
 from ds_hydra.training import adapter_base
 from ds_hydra.training import resume as resume_io
 from ds_hydra.common import run_lock
@@ -41,6 +42,7 @@ from ds_hydra.common.checkpoint_files import remove_partial_checkpoints
 from ds_hydra.common.terminal import log_lines_beside_bar
 from ds_hydra.training import sharded_checkpoint
 from ds_hydra.training import state as state_io
+from ds_hydra.training.slices import optimization_of, run_data, tracked_run
 from ds_hydra.training.seq_vocab import check_vocab, resolve_seq_len
 from ds_hydra.training.memory_fit import fit_to_memory
 from ds_hydra.training.memory_preflight import check_step_memory
@@ -93,7 +95,7 @@ def prepare_model(
         for block in blocks or [model]:  # no block list: the whole model is one graph
             block.compile()
         loss_fn.compile()  # the cross-entropy kernel only: fuses the fp32 upcast over the vocabulary
-    return engine.setup(model, cfg, blocks, autocast_dtype)
+    return engine.setup(model, blocks, autocast_dtype, optimization_of(cfg))
 
 
 # torch < 2.5: dynamo does not inline module calls (each block is its own graph) and cannot run a
@@ -140,7 +142,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         state_io.seed_everything(tcfg.seed)
 
-        self.data = build_data(cfg)
+        self.data = run_data(cfg)
         # With an adapter only the adapters train: checkpoints keep them alone, and the frozen base comes
         # from model.pretrained or, written once, from <run dir>/base_model.pt (ds_hydra.models.adapters).
         self.adapted = adapter_on(cfg.get("adapter"))
@@ -485,14 +487,6 @@ class Trainer:
         )
 
 
-def optimizer_param_names(model: nn.Module, optimizer) -> Optional[list]:
-    """The path of each parameter the optimizer steps, in its numbering (param-group order); None where the
-    optimizer holds other tensors than the model's (DeepSpeed's flat partitions)."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    order = [names.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
-    return None if None in order else order
-
-
 def resolve_checkpoint_format(tcfg, engine_name: str) -> str:
     """``trainer.checkpoint_format`` for this engine: auto is dcp for ddp and fsdp (and with
     ``async_checkpoint``), full in one process and with DeepSpeed (beside its own checkpoint)."""
@@ -582,7 +576,7 @@ def _train(cfg, run_dir: Path, started: float, after_training: Sequence[AfterTra
             trainer.throughput.flops_per_token, f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown: no MFU",
         )
     # metrics.jsonl and the trackers chosen in `logger` (rank 0 only)
-    metrics = MetricsLogger(run_dir, cfg, enabled=is_main, earlier_records=earlier_records, start_step=trainer.step)
+    metrics = MetricsLogger(run_dir, tracked_run(cfg), enabled=is_main, earlier_records=earlier_records, start_step=trainer.step)
     try:
         # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, raise Stopped; trainer.profile: traces of a few
         # steps; log lines print above the progress bar
