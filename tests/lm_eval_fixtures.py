@@ -8,7 +8,6 @@ YAMLs with their ``data_files`` made absolute (the harness resolves them against
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -85,9 +84,3 @@ def harness_hf(model_dir: Path, tasks_dir: Path, tasks, batch_size: int = 4, tok
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         log_samples=False, **kwargs,
     )
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / name).is_file():
-            shutil.copy(src / name, dst / name)

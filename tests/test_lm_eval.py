@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from conftest import TINY, compose, run_cli  # noqa: E402
-from lm_eval_fixtures import build_model_dir, copy_tokenizer, corpus_text, harness_hf, task_dir  # noqa: E402
+from lm_eval_fixtures import build_model_dir, corpus_text, harness_hf, task_dir  # noqa: E402
 
 from ds_hydra.errors import UserError  # noqa: E402
 
@@ -99,8 +99,7 @@ def test_run_dir_and_its_export_give_the_harness_hf_numbers(tmp_path, model_dir,
     assert train.returncode == 0, train.stderr[-2000:]
     export = run_cli(["task=export_hf", f"inference.checkpoint={run}", f"hydra.run.dir={tmp_path / 'export'}"])
     assert export.returncode == 0, export.stderr[-2000:]
-    exported = tmp_path / "export" / "hf_model"
-    copy_tokenizer(model_dir, exported)  # the harness's hf model reads the tokenizer from the model directory
+    exported = tmp_path / "export" / "hf_model"  # the run's tokenizer came along: the harness reads it there
 
     reference = harness_hf(exported, tasks, [MC, PPL], batch_size=BATCH, bootstrap_iters=0)["results"]
     from_run = ds_hydra_lm_eval(tmp_path / "a", [f"inference.checkpoint={run}"], tasks, [MC, PPL])
@@ -296,8 +295,7 @@ def test_lora_run_dir_gives_the_harness_hf_numbers_of_its_merged_export(tmp_path
         "trainer.compile=false",
     ]), run_dir=run)
     export_hf(run, run_dir=tmp_path / "export")
-    exported = tmp_path / "export" / "hf_model"
-    copy_tokenizer(model_dir, exported)
+    exported = tmp_path / "export" / "hf_model"  # with the run's tokenizer
 
     reference = harness_hf(exported, tasks, [MC, PPL], batch_size=BATCH, bootstrap_iters=0)["results"]
     base = harness_hf(model_dir, tasks, [PPL], batch_size=BATCH, bootstrap_iters=0)["results"]

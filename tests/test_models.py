@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, compose, run_cli
+from ds_hydra.data.corpus import embedded_corpus_text
 from ds_hydra.errors import UserError
 from ds_hydra.models.contract import ChunkedHead, CausalLMLoss, logits_of, max_positions, model_vocab_size
 
@@ -230,6 +231,12 @@ def test_export_hf_gpt_is_a_gpt2_with_our_logits_and_trains_again(gpt_run, tmp_p
     ids = torch.randint(0, 65, (3, 32))
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max().item() < 1e-5
+    # The run's tokenizer came along: the ids it gives the corpus are the ids the run trained on.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    trained_on = ds_hydra.load_run(str(gpt_run), device="cpu").data.tokens("train")[:2000]
+    text = embedded_corpus_text()[:2000]
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == [int(i) for i in trained_on]
+    assert tokenizer.decode(trained_on) == text and metrics["tokenizer"] == "char"
     final = train(compose([*SHORT, "model=hf_causal_lm", f"model.pretrained={folder}"]), run_dir=tmp_path / "again")
     start = [json.loads(line) for line in (gpt_run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][-1]
     assert final["val_loss"] < start["val_loss"]  # fine-tuning went on from the exported weights

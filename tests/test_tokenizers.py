@@ -135,3 +135,33 @@ def test_tokenizer_config_problems():
     assert validate_tokenizer(bpe_cfg()) == []
     [problem] = validate_tokenizer(bpe_cfg(vocab_size=256))
     assert problem.startswith("tokenizer.vocab_size=256: too small for byte-level BPE; must be >= 257")
+
+
+# -- the tokenizer of an exported model directory (task=export_hf) ------------------------------------
+@pytest.mark.parametrize("kind", ["char", "char_eos", "bytes", "bpe"])
+def test_every_kind_exports_as_a_transformers_tokenizer_with_the_same_ids(kind, bpe, shakespeare, tmp_path):
+    """AutoTokenizer.from_pretrained on the written directory encodes to ds_hydra's ids (as the harness asks:
+    without added special tokens), decodes them back to the text, knows the end-of-text id; and ds_hydra
+    reading the directory back (model.pretrained=<export>) finds the same tokenizer."""
+    transformers = pytest.importorskip("transformers", reason="task=export_hf needs the hf extra")
+    from ds_hydra.data.tokenizer_export import save_for_transformers
+
+    text = shakespeare[:3000] + ("\n" + TEXT if kind in ("bytes", "bpe") else "")
+    ours = {
+        "char": tk.CharTokenizer.fit(shakespeare),
+        "char_eos": tk.CharTokenizer.fit(shakespeare, eos_token="<|endoftext|>"),
+        "bytes": tk.BytesTokenizer(eos_token="<|endoftext|>"),
+        "bpe": bpe,
+    }[kind]
+    text = text.replace("<|endoftext|>", "<|end of text|>")  # transformers reads that string as the token itself
+    save_for_transformers(ours, tmp_path, model_max_length=128)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True, trust_remote_code=False)
+    ids = theirs(text, add_special_tokens=False)["input_ids"]
+    assert ids == ours.encode(text) and len(ids) > 100
+    assert theirs.decode(ids) == text == ours.decode(ids)
+    assert theirs.eos_token_id == ours.eos_id and theirs.model_max_length == 128
+    assert len(theirs) == ours.vocab_size
+    again = tk.load_hf_tokenizer(tmp_path)
+    assert again.kind == ours.kind and again.fingerprint() == ours.fingerprint()
+    if kind == "bytes":  # a byte sequence cut inside a character decodes as ds_hydra's does
+        assert theirs.decode(ours.encode("é")[:1]) == ours.decode(ours.encode("é")[:1]) == "\ufffd"

@@ -28,6 +28,7 @@ from ds_hydra.errors import UserError
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_META_FILE = "tokenizer_meta.json"
 META_FORMAT = "ds_hydra.tokenizer.v1"
+EMBEDDED_SPEC_KEY = "spec"  # tokenizer_meta.json of an exported model dir: a char or bytes tokenizer's own JSON
 # End-of-text tokens of well-known tokenizers, tried in this order when none is named.
 KNOWN_EOS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
 # A batch of fewer texts than 4 per core is cut into pieces (of at least this many characters), so the
@@ -126,8 +127,12 @@ class CharTokenizer(Tokenizer):
     def _identity(self):
         return {"kind": self.kind, "chars": "".join(self.chars), "eos_token": self.eos_token}
 
+    def spec(self) -> dict:
+        """ds_hydra's own description of this tokenizer (its ``tokenizer.json``)."""
+        return {"type": "ds_hydra.char", "chars": "".join(self.chars), "eos_token": self.eos_token}
+
     def _file_text(self) -> str:
-        return json.dumps({"type": "ds_hydra.char", "chars": "".join(self.chars), "eos_token": self.eos_token}) + "\n"
+        return json.dumps(self.spec()) + "\n"
 
 
 class BytesTokenizer(Tokenizer):
@@ -157,8 +162,12 @@ class BytesTokenizer(Tokenizer):
     def _identity(self):
         return {"kind": self.kind, "eos_token": self.eos_token}
 
+    def spec(self) -> dict:
+        """ds_hydra's own description of this tokenizer (its ``tokenizer.json``)."""
+        return {"type": "ds_hydra.bytes", "eos_token": self.eos_token}
+
     def _file_text(self) -> str:
-        return json.dumps({"type": "ds_hydra.bytes", "eos_token": self.eos_token}) + "\n"
+        return json.dumps(self.spec()) + "\n"
 
 
 class HFTokenizer(Tokenizer):
@@ -329,8 +338,10 @@ def load_tokenizer(directory) -> Tokenizer:
             raise UserError(f"{directory / TOKENIZER_FILE}: not a readable tokenizer ({_first_line(exc)})") from None
         loaded: Tokenizer = HFTokenizer(tokenizer, kind, eos, str(directory))
     else:
-        spec = read_json(directory / TOKENIZER_FILE)
-        if spec.get("type") != f"ds_hydra.{kind}":
+        # A model directory exported for transformers (task=export_hf) keeps transformers' tokenizer.json and
+        # ds_hydra's own description of a char or bytes tokenizer inside tokenizer_meta.json.
+        spec = meta.get(EMBEDDED_SPEC_KEY) or read_json(directory / TOKENIZER_FILE)
+        if not isinstance(spec, dict) or spec.get("type") != f"ds_hydra.{kind}":
             raise UserError(f"{directory / TOKENIZER_FILE}: not the {kind} tokenizer that {TOKENIZER_META_FILE} describes")
         loaded = CharTokenizer(list(spec["chars"]), eos) if kind == "char" else BytesTokenizer(eos)
     if meta.get("fingerprint") and loaded.fingerprint() != meta["fingerprint"]:
