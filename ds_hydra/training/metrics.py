@@ -70,11 +70,11 @@ class MetricsLogger:
         self.trackers.finish(final or {}, files=files, status=status)
 
 
-def run_title(cfg, run_dir: Path) -> str:
-    """The loss curve's title: what the run was (its name or overrides) and where it is."""
+def run_title(name: Optional[str], run_dir: Path) -> str:
+    """The loss curve's title: what the run was (its ``name``, else its overrides) and where it is."""
     from ds_hydra.tracking.naming import describe_run, short_dir
 
-    what = describe_run(cfg, run_dir)
+    what = describe_run(name, run_dir)
     where = short_dir(run_dir)
     lines = textwrap.wrap(what, width=90, max_lines=3, placeholder=" ...") or [where]
     return "\n".join(lines if where in what else [*lines, where])
