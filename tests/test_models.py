@@ -257,6 +257,27 @@ def test_export_hf_of_an_hf_run_round_trips(tmp_path):
         assert torch.equal(hf(ids).logits, ours(ids).logits)
 
 
+def test_export_hf_of_token_ids_without_a_tokenizer_says_so(tmp_path, caplog):
+    """Bare token files (train.bin, val.bin: no tokenizer) train a run whose export is the model alone,
+    and the log says which tokenizer to hand transformers instead."""
+    import numpy as np
+
+    transformers_or_skip()
+    from ds_hydra.inference.export_hf import export_hf
+    from ds_hydra.training.trainer import train
+
+    ids = np.arange(5000, dtype=np.uint16) % 50
+    ids[:4500].tofile(tmp_path / "train.bin")
+    ids[4500:].tofile(tmp_path / "val.bin")
+    train(compose([*TINY, "data=tokens", f"data.dir={tmp_path}", "trainer.max_steps=2"]), run_dir=tmp_path / "run")
+    with caplog.at_level("WARNING", logger="ds_hydra"):
+        metrics = export_hf(tmp_path / "run", run_dir=tmp_path / "export")
+    folder = Path(metrics["export_dir"])
+    assert metrics["tokenizer"] is None and (folder / "model.safetensors").is_file()
+    assert not list(folder.glob("tokenizer*"))
+    assert any("holds no tokenizer" in r.getMessage() for r in caplog.records)
+
+
 def test_export_hf_of_a_model_without_an_equivalent_is_one_line(tmp_path):
     transformers_or_skip()
     from ds_hydra.inference.export_hf import export_hf
