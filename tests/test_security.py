@@ -4,7 +4,9 @@ tokenizer directory, a saved override list or a `_target_` could run code is tri
 Each payload's effect is a file: a marker it would create, a victim file it would truncate, a directory a
 launched job would make. Each test checks that the command failed with exit 2 and one `ds_hydra: error:`
 line naming what was refused, and that the file shows nothing ran. One test per door runs in the default
-suite; the variations are marked slow.
+suite; the variations are marked slow. The command-line doors run ``cli_main`` in this process
+(``conftest.cli_in_process``: a payload that ran would leave its file all the same); the ones that answer
+transformers' prompt on stdin run ``python -m ds_hydra``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY, compose, run_cli
+from conftest import REPO, TINY, cli_in_process, compose, run_cli
 from ds_hydra.errors import UserError
 
 PACKAGE = REPO / "ds_hydra"
@@ -99,7 +101,7 @@ RUN_REFUSAL = "config_resolved.yaml: model._target_=ds_hydra.cli.torchrun_job.ru
 )
 def test_a_run_directory_cannot_rebuild_its_model_as_a_launcher(tmp_path, task):
     run = planted_run(tmp_path)
-    proc = run_cli([f"task={task}", f"inference.checkpoint={run}", f"hydra.run.dir={tmp_path / 'out'}"])
+    proc = cli_in_process([f"task={task}", f"inference.checkpoint={run}", f"hydra.run.dir={tmp_path / 'out'}"])
     refused(proc, RUN_REFUSAL, "as model ds_hydra builds only ds_hydra.models.gpt.GPT, ds_hydra.models.hf.causal_lm")
     nothing_ran(tmp_path)
 
@@ -165,7 +167,7 @@ def test_a_hydra_callback_on_the_command_line_passes_the_allowlist_first(tmp_pat
     target = victim(tmp_path)
     torch.save(Payload(tmp_path / "marker"), tmp_path / "notes.pt")
     callback = callback.replace("VICTIM", str(target)).replace("NOTES", str(tmp_path / "notes.pt"))
-    proc = run_cli([*TINY, f"hydra.run.dir={tmp_path / 'run'}", f"+hydra.callbacks.evil={callback}"])
+    proc = cli_in_process([*TINY, f"hydra.run.dir={tmp_path / 'run'}", f"+hydra.callbacks.evil={callback}"])
     name = callback.split(",")[0].split(":", 1)[1]
     refused(proc, f"hydra.callbacks.evil._target_={name}: not an allowed target")
     assert target.read_text() == "precious\n" and not (tmp_path / "marker").exists()
@@ -236,7 +238,7 @@ def test_resume_never_replays_hydra_keys_or_flags_from_a_run_directory(tmp_path,
     (evil / "config.yaml").write_text(f"hydra:\n  callbacks:\n    evil:\n      _target_: builtins.open\n      file: {target}\n      mode: w\n")
     run = planted_overrides(tmp_path, line.replace("VICTIM", str(target)).replace("EVIL", str(evil)))
     before = sorted(p.name for p in run.rglob("*"))
-    refused(run_cli([f"resume={run}"]), f"{run / '.hydra' / 'overrides.yaml'}: ", expected)
+    refused(cli_in_process([f"resume={run}"]), f"{run / '.hydra' / 'overrides.yaml'}: ", expected)
     assert target.read_text() == "precious\n"
     assert sorted(p.name for p in run.rglob("*")) == before  # the run directory is left as it was
 
@@ -287,7 +289,7 @@ def test_resume_takes_only_a_plain_config_name_from_a_run_directory(tmp_path):
 def test_hydras_rerun_of_a_pickled_config_is_refused(tmp_path):
     pickled = tmp_path / "config.pickle"
     pickled.write_bytes(__import__("pickle").dumps(Payload(tmp_path / "marker")))
-    refused(run_cli(["--experimental-rerun", str(pickled)]), "--experimental-rerun: unpickles a saved config file")
+    refused(cli_in_process(["--experimental-rerun", str(pickled)]), "--experimental-rerun: unpickles a saved config file")
     assert not (tmp_path / "marker").exists()
 
 
