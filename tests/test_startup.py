@@ -130,3 +130,18 @@ def test_a_second_train_in_the_process_sees_nothing_of_the_first(tmp_path, monke
         if vocab != 12:
             seen.append("data")
     assert seen == ([] if leak is None else [leak])
+
+
+def test_a_command_leaves_the_process_as_it_found_it(tmp_path, monkeypatch, capsys):
+    """cli_main sets HYDRA_FULL_ERROR for Hydra while it runs; a second command in the process (a wrapper,
+    a notebook, the in-process CLI tests) must not take that for the user's wish and print tracebacks."""
+    from ds_hydra.cli import cli_main
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    for _ in range(2):
+        monkeypatch.setattr(sys, "argv", ["ds_hydra", f"resume={tmp_path / 'nope'}"])
+        with pytest.raises(SystemExit) as exit:
+            cli_main()
+        assert exit.value.code == 2 and "HYDRA_FULL_ERROR" not in os.environ
+        assert capsys.readouterr().err == (f"ds_hydra: error: resume={tmp_path / 'nope'}: no such run directory; give the "
+                                           "directory of an earlier run, e.g. outputs/2024-05-01/12-00-00\n")
