@@ -6,8 +6,8 @@ removes it (``remove_activation_checkpointing``), and ``SavedActivationCounter``
 forward keeps for backward. Modules, one per concern: ``config`` (schema, the policies' configs and
 the one mapping of the keys to them, torch-free), ``policies`` (one class per policy: which blocks),
 ``blocks`` (finding the block list), ``selective`` (per-op saving), ``measure`` (the probe: what each
-block saves), ``counter`` (saved-bytes counting), ``offload`` (host memory), ``apply`` (wiring it
-into the model).
+block saves), ``counter`` (saved-bytes counting), ``offload`` (host memory), ``rng`` (RNG replay, named RNG
+states for model-parallel code), ``apply`` (wiring it into the model).
 """
 from ds_hydra.lazy import lazy_attributes
 

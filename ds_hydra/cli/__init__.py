@@ -1,8 +1,12 @@
 """The command line: compose the config with Hydra, validate it, dispatch on ``task``.
 
-``cli_main`` is both ``python -m ds_hydra`` and the ``ds-hydra`` console script. Problems the user
-can fix (bad keys, values, files) are printed as one line per problem with exit code 2; a full
-traceback is shown only with ``HYDRA_FULL_ERROR=1``.
+``cli_main`` runs one command; ``main`` (``python -m ds_hydra`` and the ``ds-hydra`` console script)
+runs it and exits the process. Problems the user can fix (bad keys, values, files) are printed as one
+line per problem with exit code 2; a full traceback is shown only with ``HYDRA_FULL_ERROR=1``.
+
+Beside it: ``preflight`` (the Hydra callback that checks a run before anything is written), ``tasks``
+(the tasks that cut the config into their component's slices), ``launch`` (several launched
+processes agreeing on one run dir), ``torchrun_job`` and ``torchrun_config`` (``hydra/launcher=torchrun``).
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ above them (``ds_hydra.errors`` only).
 * ``run_lock``: one writer per run (or sweep, or prepare output) directory, stale locks taken over;
 * ``signals``: stop on SIGTERM/SIGUSR1/Ctrl-C, the exit codes that say why;
 * ``launch_env``: this process's rank, world size and local rank as a launcher set them;
-* ``overrides``: Hydra override quoting and command-line scanning.
-* ``startup``: the one ``StartUp`` per command: what Hydra's callbacks settle for the task and ``cli_main``.
+* ``overrides``: Hydra override quoting and command-line scanning;
+* ``startup``: the one ``StartUp`` per command: what Hydra's callbacks settle for the task and ``cli_main``;
+* ``remote_code``: a local Hugging Face directory that needs its own Python code, refused;
+* ``terminal``: log lines beside a progress bar, and records for the run's log file only.
 """

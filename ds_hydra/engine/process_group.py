@@ -1,7 +1,8 @@
-"""This process's place among the launched processes, and the default process group.
+"""The default process group: created, left (noting when this rank failed), and the device each rank takes.
 
 A launcher (torchrun, the deepspeed launcher, a cluster script) sets RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR and MASTER_PORT. The process group is created here unless a launcher-aware caller
+MASTER_ADDR and MASTER_PORT; ``ds_hydra.common.launch_env`` reads them (torch-free). The process group
+is created here unless a launcher-aware caller
 (``ds_hydra.cli.launch``, before Hydra runs) already did; started without a launcher, an engine
 that needs a group runs as a one-process group on an in-memory store.
 """

@@ -1,4 +1,6 @@
-"""Inference from a trained run: sampling (``generate``), evaluation (``evaluate``), loading (``loading``)."""
+"""Inference from a trained run: sampling (``generate``: ``task=infer``), evaluation (``evaluate``: ``task=eval``),
+export as a Hugging Face directory (``export_hf``: ``task=export_hf``), loading (``loading``), and the
+``inference`` group's schema (``config``)."""
 
 
 def run_inference(cfg, run_dir=None):

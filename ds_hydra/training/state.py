@@ -8,8 +8,11 @@
 * ``rng_state`` / ``set_rng_state``: every random generator a run draws from (torch CPU, every
   CUDA device, Python's ``random``, NumPy's global one), as tensors and plain values.
 * ``state_dict_mismatches``: every name and shape by which a saved state dict does not fit a model.
+* ``load_train_state`` / ``checked_state`` / ``load_checked_weights``: a checkpoint file read back,
+  its format and keys checked, weights loaded with every mismatch named.
 * ``checkpoint_path`` / ``list_checkpoints`` / ``latest_checkpoint`` / ``prune_checkpoints``:
-  ``<run dir>/checkpoints/step_NNNNNNN.pt``, in step order.
+  ``<run dir>/checkpoints/step_NNNNNNN.pt``, in step order (torch-free, in
+  ``ds_hydra.common.checkpoint_files``; re-exported here).
 """
 from __future__ import annotations
 
