@@ -1,8 +1,8 @@
 """Activation checkpointing: equal gradients, bytes as predicted, budgets respected, clear errors.
 
 Every policy is checked on the CPU in fp32 with dropout active: the gradients must be bit-identical
-to the un-checkpointed model's, and the bytes kept for backward must equal the planner's prediction
-from the probe exactly. Stand-ins with the structure of common third-party models (GPT-2's
+to the un-checkpointed model's, and the bytes kept for backward must equal what the probe's measurements
+add up to for the plan (``ActivationProfile.kept_bytes``) exactly. Stand-ins with the structure of common third-party models (GPT-2's
 ``transformer.h`` with keyword arguments and tuple outputs, ResNet's ``layerN`` Sequentials with
 batch norm, blocks returning (x, aux)) check that any model works, not only ds_hydra's GPT.
 """
@@ -257,7 +257,7 @@ def test_gpt_gradients_bit_identical_and_bytes_as_predicted(policy):
     assert_identical(result, reference)
     state = checkpointing_state(model)
     assert state.regions, "the policy checkpointed nothing"
-    # the planner's prediction from the probe is the exact count of what forward kept
+    # the probe's sum for the plan's regions is the exact count of what forward kept
     assert result[2] == state.activation_profile.kept_bytes(state.regions)
     assert result[2] < reference[2]
 
@@ -304,7 +304,7 @@ def hf_cases(policies):
 @pytest.mark.parametrize("kind,policy", hf_cases(POLICIES))
 def test_hf_models_gradients_bit_identical_under_every_policy(kind, policy):
     """transformers' LlamaForCausalLM and GPT2LMHeadModel with dropout, as the trainer runs them (no KV
-    cache): every policy gives the un-checkpointed gradients bit for bit and the bytes the planner predicted."""
+    cache): every policy gives the un-checkpointed gradients bit for bit and the bytes the probe adds up for the plan."""
     reference = step(hf_model(kind, use_cache=False), GPT_BATCH)
     model = checkpoint_activations(hf_model(kind, use_cache=False), example_input=GPT_BATCH, **policy)
     result = step(model, GPT_BATCH)
@@ -388,7 +388,7 @@ def test_counter_counts_storages_once_and_skips_parameters():
     assert saved.bytes == 10 * 100 * 4
 
 
-# -- the planner ---------------------------------------------------------------------------------------------
+# -- the memory budget's plan ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("fraction", [0.95, 0.7, 0.45, 0.25, 0.1, 0.075])
 def test_memory_budget_plans_fit_and_are_minimal(fraction):
     none = step(gpt(), GPT_BATCH)[2]

@@ -181,6 +181,36 @@ def test_the_layout_names_every_bench_script():
     assert scripts and [s for s in scripts if s not in bench] == []
 
 
+def lazy_exports(path: Path) -> dict:
+    """``{name: module}`` of a package's ``__getattr__ = lazy_attributes(__name__, {...})``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    dicts = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+             for t in node.targets if isinstance(t, ast.Name)}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) \
+                and getattr(node.value.func, "id", None) == "lazy_attributes":
+            table = node.value.args[1]
+            table = dicts[table.id] if isinstance(table, ast.Name) else table
+            return {k.value: v.value for k, v in zip(table.keys, table.values)}
+    return {}
+
+
+def test_every_lazily_exported_name_is_defined_where_its_package_says():
+    """``ds_hydra.data.TokenFiles`` and the like import their module on first use: a module that moved
+    would only fail then, in a user's code. Each one is checked here by reading the source."""
+    packages = [p for p in (REPO / "ds_hydra").rglob("__init__.py") if lazy_exports(p)]
+    assert len(packages) >= 4
+    missing = []
+    for init in packages:
+        package = ".".join(init.parent.relative_to(REPO).parts)
+        for name, module in lazy_exports(init).items():
+            target = module if module.startswith("ds_hydra") else f"{package}.{module}"
+            path = module_file(target)
+            if path is None or name not in defined_names(path):
+                missing.append(f"{package}.{name} -> {target}")
+    assert not missing, "lazily exported names that are not where their package says:\n" + "\n".join(missing)
+
+
 def test_the_check_sees_stale_names():
     """A planted stale name, path and class member are each found; live ones are not."""
     text = ("the checks of ``ds_hydra.training.fit.check_data_fits`` (training/fit.py), "

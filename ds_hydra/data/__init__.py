@@ -11,7 +11,7 @@ _EXPORTS = {
     "SyntheticTokens": "corpus",
     "embedded_corpus_text": "text",
     "TextData": "text",
-    "TokenFiles": "token_files",
+    "TokenFiles": "tokens",
     "SFTData": "sft",
     "RandomBlocks": "batches",
     "SequentialWindows": "samplers",

@@ -11,7 +11,7 @@ never asks which engine it has:
   shape of a step, cut from the run's config by the trainer: an engine reads its own ``engine`` config
   and these, never the whole config;
 * ``micro_batch(last)``: a context around one micro-batch's forward and backward;
-* ``backward(share, accum)`` (a micro-batch's summed loss over the step's label tokens, all ranks) and
+* ``backward(loss, accum)`` (``loss``: a micro-batch's summed loss over the step's label tokens, all ranks) and
   ``step(grad_clip)`` / ``skip_step()``;
 * ``sum_``, ``mean``, ``barrier``;
 * ``model_state_dict``, ``optimizer_state_dict``, their loaders (the ``full`` format: one process's

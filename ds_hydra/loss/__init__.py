@@ -12,7 +12,7 @@ over its label tokens however the batch is split. Importing this package imports
 """
 from ds_hydra.lazy import lazy_attributes
 
-__all__ = ["CrossEntropyLoss", "ChunkedCrossEntropyLoss", "build_loss", "loss_sum", "mean_loss", "label_tokens", "model_inputs"]
+__all__ = ["CrossEntropyLoss", "ChunkedCrossEntropyLoss", "build_loss", "loss_sum", "mean_loss", "label_tokens", "run_model"]
 
 __getattr__ = lazy_attributes(__name__, {
     "CrossEntropyLoss": "cross_entropy",
@@ -21,5 +21,5 @@ __getattr__ = lazy_attributes(__name__, {
     "loss_sum": "step",
     "mean_loss": "step",
     "label_tokens": "step",
-    "model_inputs": "step",
+    "run_model": "inputs",
 })
