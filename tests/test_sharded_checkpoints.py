@@ -154,6 +154,31 @@ def test_async_staging_refills_one_copy_and_follows_a_changed_layout():
     assert torch.equal(third["model"]["w"], torch.arange(4.0) + 1)
 
 
+def test_async_save_with_a_quantized_optimizer_state_is_written_in_the_foreground(tmp_path, caplog):
+    """torchao's 4-bit optimizer keeps its moments in tensor subclasses that no CPU copy can be made of ahead of
+    time (copying shares their storage; allocating one is not implemented): such a save is written before it
+    returns, with one warning, instead of failing after the steps it was to keep."""
+    pytest.importorskip("torchao")
+    from ds_hydra.training.sharded_checkpoint import load_checkpoint_state
+    from ds_hydra.training.trainer import Trainer
+
+    trainer = Trainer(compose([*RUN, "optimizer=adamw4bit", "trainer.async_checkpoint=true"]), tmp_path)
+    trainer.train_step()
+    with caplog.at_level("WARNING"):
+        first = trainer.save()
+        trainer.train_step()
+        second = trainer.save()
+    assert trainer.pending_save is None and trainer.last_saved == second
+    assert [r.getMessage() for r in caplog.records if "in the foreground" in r.getMessage()] == [
+        "trainer.async_checkpoint: the optimizer's state holds OptimState4bit tensors, which cannot be copied ahead "
+        "for a background write; checkpoints are written in the foreground"
+    ]
+    saved = load_checkpoint_state(second)
+    assert saved["step"] == 2 and first != second
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(saved["model"][name], tensor), name
+
+
 def test_convert_between_formats_and_load_model_reads_a_sharded_checkpoint(runs, tmp_path):
     from ds_hydra import load_model
     from ds_hydra.training.checkpoint_convert import main

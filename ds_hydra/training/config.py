@@ -100,7 +100,8 @@ class TrainerConfig:
     background while training goes on (at most one save in flight; the next save, the end of the run and
     a stop signal wait for it). A crash during the write leaves the previous checkpoint as the newest. The
     CPU copy is kept between saves (allocated at the first, refilled by each later one; pinned with CUDA):
-    this rank's share of model and optimizer state, held in host memory for the whole run."""
+    this rank's share of model and optimizer state, held in host memory for the whole run. An optimizer
+    state no copy can be made of (torchao's 4-bit and 8-bit optimizers) is written in the foreground."""
     skip_nonfinite: int = 0
     """Steps whose loss is NaN or inf that may skip their update before the run stops (0: stop at the first).
     Above 0 the loss is read on the host every step, before the optimizer steps (a sync per step on GPU)."""

@@ -193,6 +193,7 @@ class StagingBuffers:
     def __init__(self) -> None:
         self._layout: Optional[tuple] = None
         self._buffers: Optional[Dict[str, Any]] = None
+        self.foreground_warned = False  # a state no copy can be made of was written in the foreground once already
 
     def stage(self, state: Dict[str, Any]) -> Dict[str, Any]:
         """``state`` with every tensor copied into the buffers (new ones if its layout changed: the
@@ -214,6 +215,21 @@ class StagingBuffers:
         except ImportError:
             return False
         return True
+
+
+def _unstageable(node: Any) -> Optional[str]:
+    """The type of a tensor in ``node`` that no CPU copy can be made of ahead of time, else None: tensor
+    subclasses other than DTensor (torchao's quantized optimizer states share their storage when copied and
+    cannot be allocated empty), which DCP writes only from the live state."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch 2.4: still private
+        from torch.distributed._tensor import DTensor
+
+    if isinstance(node, torch.Tensor):
+        return None if type(node) in (torch.Tensor, torch.nn.Parameter) or isinstance(node, DTensor) else type(node).__name__
+    values = node.values() if isinstance(node, dict) else node if isinstance(node, (list, tuple)) else ()
+    return next((found for found in map(_unstageable, values) if found is not None), None)
 
 
 def _layout(node: Any) -> Any:
@@ -332,6 +348,14 @@ def save_sharded(
     if engine.is_main:
         files[TRAINER_STATE_FILE] = _serialized({"format": SHARDED_STATE_FORMAT, "world_size": engine.world_size, **trainer_state})
     state = engine.sharded_state_dict(trainable)
+    unstageable = _unstageable(state) if asynchronous else None
+    if unstageable is not None:  # the same on every rank: each writes this one before returning
+        if staging is None or not staging.foreground_warned:
+            log.warning("trainer.async_checkpoint: the optimizer's state holds %s tensors, which cannot be copied ahead "
+                        "for a background write; checkpoints are written in the foreground", unstageable)
+        if staging is not None:
+            staging.foreground_warned = True
+        asynchronous = False
     writer = _file_writer(partial, files, staging if asynchronous else None)
     if not asynchronous:
         try:
