@@ -209,7 +209,7 @@ ALLOWED_STATE = {
     # stop_on_signals block (cleared when it opens and ends): a second run in the process starts clear
     "ds_hydra.common.signals": {"_state"},
     # a memo keyed by everything the data is built from, of read-only values, bounded (DataMemo)
-    "ds_hydra.data.cache": {"DATA_MEMO"},
+    "ds_hydra.data.memo": {"DATA_MEMO"},
     # the one checkpointed subclass per block class: its identity must stay fixed for isinstance and pickle
     "ds_hydra.activation_checkpointing.apply": {"_SUBCLASSES", "_WARNED_CACHE"},
     # the open counters, innermost last: torch.compile reads a plain module list without a graph break

@@ -89,7 +89,7 @@ PLANTED_LEAKS = {
     "stop request": ("between", lambda monkeypatch: monkeypatch.setattr(
         "ds_hydra.common.signals._state.signum", __import__("signal").SIGUSR1)),
     # the data memo knowing a file by its name only: the second run would get the first's data
-    "data": ("before", lambda monkeypatch: monkeypatch.setattr("ds_hydra.data.cache._version", lambda path: (str(path),))),
+    "data": ("before", lambda monkeypatch: monkeypatch.setattr("ds_hydra.data.memo._version", lambda path: (str(path),))),
 }
 
 

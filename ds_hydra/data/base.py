@@ -89,8 +89,8 @@ def build_data(data_cfg, tokenizer_cfg=None, model_pretrained: Optional[str] = N
     """The data of the ``data`` config ``data_cfg`` (through the ``_target_`` allowlist of the config it
     belongs to). Data that tokenize text get the ``tokenizer`` config ``tokenizer_cfg``; a tokenizer that
     is not the one of ``model_pretrained`` (``model.pretrained``) is refused. Built once per process
-    (``ds_hydra.data.cache``): the memory preflight and ``task=validate`` need it too."""
-    from ds_hydra.data.cache import cached, data_key
+    (``ds_hydra.data.memo``): the memory preflight and ``task=validate`` need it too."""
+    from ds_hydra.data.memo import cached, data_key
 
     return cached(data_key(data_cfg, tokenizer_cfg, model_pretrained), lambda: _build_data(data_cfg, tokenizer_cfg, model_pretrained))
 

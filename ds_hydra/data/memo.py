@@ -5,7 +5,8 @@ token directory's metadata, is done once and shared.
 The key is the resolved ``data`` config with what building it reads besides: the ``tokenizer`` group,
 ``model.pretrained``, and the size and modification time of the files it names (``data.path``, or
 ``data.dir``'s token files and meta.json), so an edited file is read again. At most ``MAX_CACHED``
-are kept (the most recently used), in the process's one ``DATA_MEMO``.
+are kept (the most recently used), in the process's one ``DATA_MEMO``. This memo lives in memory and
+dies with the process; the on-disk cache of tokenized text (``data.cache_dir``) is ``ds_hydra.data.text``'s.
 """
 from __future__ import annotations
 
