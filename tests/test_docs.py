@@ -154,6 +154,15 @@ def test_names_and_paths_in_docstrings_and_comments_exist():
     assert not stale, "docs name what is not in the tree:\n" + "\n".join(stale)
 
 
+def test_names_and_paths_in_the_shipped_configs_comments_exist():
+    stale = []
+    for path in sorted((REPO / "conf").rglob("*.yaml")):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if "#" in line:
+                stale += stale_names(line.split("#", 1)[1], str(path.relative_to(REPO)), n)
+    assert not stale, "config comments name what is not in the tree:\n" + "\n".join(stale)
+
+
 def test_names_and_paths_in_the_readme_exist():
     text = (REPO / "README.md").read_text(encoding="utf-8")
     stale = [s for n, line in enumerate(text.splitlines(), 1) for s in stale_names(line, "README.md", n)]
