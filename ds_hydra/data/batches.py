@@ -1,4 +1,6 @@
-"""Random windows of a token stream as training batches, deterministic from a seed and resumable."""
+"""Batches of token windows: ``RandomBlocks`` (random windows of a token stream, nanoGPT's ``get_batch``,
+deterministic from a seed and resumable), and what every sampler shares (``ds_hydra.data.samplers``):
+gathering windows, a rank's share of the global micro-batches, per-stream seeds, the copy to the device."""
 from __future__ import annotations
 
 from typing import Dict, Optional
