@@ -1,5 +1,7 @@
 """Docs name what exists: every ``ds_hydra.x.y`` name, repository file path and ``python -m`` module that
-the README, a module's docstrings or its comments name is in the tree today.
+the README, a module's docstrings or its comments name is in the tree today; every config key the README
+names (``trainer.grad_accum_steps``) is a key of a schema; every lazily exported name is where its package
+says.
 
 Modules move (``training/fit.py`` became ``training/seq_vocab.py``, DeepSpeed's JSON export left
 ``engine/``), and a docstring that still names the old place sends a reader to nothing. Names are
@@ -188,6 +190,59 @@ def test_the_layout_names_every_bench_script():
     bench = layout.split("bench/", 1)[1].split("outputs/", 1)[0]
     scripts = sorted(p.name for p in (REPO / "bench").iterdir() if p.suffix in (".py", ".sh"))
     assert scripts and [s for s in scripts if s not in bench] == []
+
+
+GROUPS_CHECKED = ("model", "data", "tokenizer", "prepare", "scheduler", "param_groups", "loss", "adapter", "ckpt",
+                  "trainer", "logger", "run", "inference", "lm_eval", "engine")
+
+
+def reference_keys() -> dict:
+    """``{group: its keys}`` from docs/config_reference.md (generated from the schemas, kept current by
+    tests/test_config_reference.py): every option's schema of a group together."""
+    keys: dict = {}
+    group = None
+    for line in (REPO / "docs" / "config_reference.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            group = line[3:].strip()
+        elif group and line.startswith("| `") and line.count("|") >= 5:
+            key = line.split("`")[1]
+            keys.setdefault(group, set()).add(key)
+            keys[group].add(key.split(".")[0])
+    return keys
+
+
+# ``+model.width=128`` adds a key on purpose (model=custom takes any): not checked
+KEY = re.compile(r"(?<![\w.$/{+-])(%s)\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?(?=[=`\s,)]|$)" % "|".join(GROUPS_CHECKED))
+
+
+# README names these on purpose: a typo it shows refused, a key it says is gone, a Llama attribute
+NOT_KEYS = {"trainer.max_stepz", "inference.compare", "model.layers"}
+FILE_SUFFIXES = {"json", "jsonl", "yaml", "py", "md", "pt", "bin", "txt", "safetensors"}
+
+
+def unknown_keys(text: str, where: str, keys: dict) -> List[str]:
+    """Every ``group.key`` in ``text`` whose key no schema of that group declares."""
+    unknown = []
+    for m in KEY.finditer(text):
+        group, key, sub = m.groups()
+        if key in FILE_SUFFIXES or f"{group}.{key}" in NOT_KEYS:
+            continue
+        if key not in keys.get(group, ()) and f"{key}.{sub}" not in keys.get(group, ()):
+            unknown.append(f"{where}: {m.group(0)}")
+    return unknown
+
+
+def test_config_keys_named_in_the_readme_are_keys():
+    """``trainer.grad_accum_steps=4`` in the README (a command, a table, prose) is a key some schema of
+    ``trainer`` declares."""
+    keys = reference_keys()
+    assert {"grad_accum_steps", "profile.enabled"} <= keys["trainer"] and "segments" in keys["ckpt"]
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    unknown = []
+    for n, line in enumerate(text.splitlines(), 1):
+        unknown += unknown_keys(line, f"README.md:{n}", keys)
+    assert unknown_keys("trainer.grad_acum_steps=4", "planted", keys) == ["planted: trainer.grad_acum_steps"]
+    assert not unknown, "README names config keys that no schema has:\n" + "\n".join(unknown)
 
 
 def lazy_exports(path: Path) -> dict:
