@@ -39,14 +39,11 @@ def source_files() -> List[Path]:
 
 
 def doc_texts(path: Path) -> Iterator[Tuple[int, str]]:
-    """(line, text) of every docstring and comment of a Python file."""
+    """(line, text) of every docstring (a field's, under it, too) and comment of a Python file."""
     source = path.read_text(encoding="utf-8")
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
-                yield body[0].lineno, body[0].value.value
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            yield node.lineno, node.value.value
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
             yield tok.start[0], tok.string
