@@ -9,6 +9,7 @@ any step, every shipped experiment is accepted.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import pytest
@@ -42,6 +43,49 @@ def test_live_bytes_follows_allocations_and_frees_exactly():
     assert live.peak == 1024 + 2048 + 40
     assert live.live == 1024 + 40 + 512
     del a, c, view, alias
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self: Linux with glibc")
+def test_a_bf16_matmul_on_the_cpu_peaks_as_the_replay_counts_it():
+    """A bf16 matmul's real resident growth on this CPU against its peak replayed on fake tensors: on a
+    CPU without bf16 arithmetic the replay adds the fp32 result the kernel computes first (6 bytes per
+    output element), on one with it only the output (2). The output, 28M elements, is far above glibc's
+    mmap threshold: its pages are the process's at once and given back when freed."""
+    import ctypes
+    import gc
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ds_hydra.training.memory_estimate import LiveBytes, emulates_bf16_matmul
+
+    def resident(key):
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+    def head_weight_gradient(grad_logits, hidden):  # (V, B*T) @ (B*T, C): the output head's weight gradient
+        return grad_logits.t() @ hidden
+
+    before_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        grad_logits, hidden = torch.ones(64, 49152, dtype=torch.bfloat16), torch.ones(64, 576, dtype=torch.bfloat16)
+        head_weight_gradient(grad_logits, hidden)  # the kernel's one-time set-up is not the op's
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak resident size starts again from the current one
+        start = resident("VmRSS")
+        out = head_weight_gradient(grad_logits, hidden)
+        grown = resident("VmHWM") - start
+        del out
+    finally:
+        torch.set_num_threads(before_threads)
+    with FakeTensorMode():
+        fake = (torch.empty(64, 49152, dtype=torch.bfloat16), torch.empty(64, 576, dtype=torch.bfloat16))
+        with LiveBytes(fake, bf16_matmul_scratch=emulates_bf16_matmul(torch.device("cpu"))) as live:
+            head_weight_gradient(*fake)
+    assert live.peak == (6 if emulates_bf16_matmul(torch.device("cpu")) else 2) * 49152 * 576
+    assert grown == pytest.approx(live.peak, rel=0.05), (grown / (49152 * 576), live.peak / (49152 * 576))
+    assert not emulates_bf16_matmul(torch.device("cuda"))  # CUDA's kernels write bf16 directly
 
 
 def test_estimate_equals_the_measured_peak_of_a_real_step(tmp_path):

@@ -10,7 +10,8 @@ the precision and how the engine shards state, and returns the bytes by part:
   ``checkpoint_activations`` itself, and forward, loss and backward run under the run's autocast
   while ``LiveBytes`` follows every storage the step creates until it is freed: the peak of what is
   alive at once (saved activations, logits, recomputed segments, backward's temporaries and the
-  gradients), exactly as the allocator would see it, for any model and any policy. With gradient
+  gradients), exactly as the allocator would see it, for any model and any policy, plus the fp32
+  result a bf16 matmul computes first on a CPU without bf16 arithmetic (``emulates_bf16_matmul``). With gradient
   accumulation two micro-batches run (the second adds to the first one's gradients);
 * the bytes kept for backward and the part of them saved outside the blocks (the logits and the
   loss), from the activation-checkpointing probe (``plan_checkpointing``);
@@ -194,6 +195,20 @@ class StepMemory:
 
 
 # -- the estimate ----------------------------------------------------------------------------------------
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default}
+
+
+def emulates_bf16_matmul(device: torch.device) -> bool:
+    """Whether a bf16 matmul on ``device`` first computes its result in fp32, in a buffer of its own: on a
+    CPU without bf16 arithmetic (neither AVX512_BF16 nor AMX) torch's bf16 matmuls do (the resident peak
+    of a bf16 mm grows by 6 bytes per output element, 2 of them the output's; an fp32 mm's by 4, its
+    output's). CUDA's and native-bf16 CPUs' kernels write bf16 directly."""
+    if device.type != "cpu":
+        return False
+    native = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return not any(check() for check in native if check is not None)  # torch < 2.3 cannot tell: counted
+
+
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages created inside the mode that are still alive, and their peak.
 
@@ -202,10 +217,11 @@ class LiveBytes(TorchDispatchMode):
     as long as the storage lives); storages of ``existing`` tensors are not counted. Used on fake
     tensors: the peak of a step without its memory."""
 
-    def __init__(self, existing=()):
+    def __init__(self, existing=(), bf16_matmul_scratch: bool = False):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.bf16_matmul_scratch = bf16_matmul_scratch
         # storages that exist already (parameters, the batch): views of them allocate nothing
         self._sizes: Dict[int, int] = {t.untyped_storage()._cdata: 0 for t in existing}
 
@@ -214,6 +230,8 @@ class LiveBytes(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t.untyped_storage())
+        if self.bf16_matmul_scratch and func in _MATMULS and out.dtype == torch.bfloat16:
+            self.peak = max(self.peak, self.live + 4 * out.numel())  # the fp32 result, freed as the op returns
         return out
 
     def _track(self, storage) -> None:
@@ -251,7 +269,7 @@ def _forward_backward_peak(spec: StepSpec, model: nn.Module, batch: Any, ckpt: D
         checkpoint_activations(model, example_input=lambda: (spec.example_batch(spec.device),),
                                forward=lambda batch: spec.loss(model, batch), **ckpt)
     existing = [*model.parameters(), *model.buffers(), *(t for t in tree_leaves(batch) if isinstance(t, torch.Tensor))]
-    tracker = LiveBytes(existing)
+    tracker = LiveBytes(existing, bf16_matmul_scratch=emulates_bf16_matmul(spec.device))
     hooks = []
     if spec.optimizer_in_backward:  # the gradient lives until its parameter has stepped, inside backward
         def free_grad(param):
