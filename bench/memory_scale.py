@@ -128,8 +128,8 @@ class StepPeaks:
     than every later one's) and whatever libraries set up once (oneDNN's kernels, bitsandbytes' library:
     tens of MiB, not the step's); the last step is the one a long run repeats."""
 
-    def __init__(self, steps: int):
-        self.steps, self.done, self.process_peak = steps, 0, 0
+    def __init__(self, steps: int, from_start: bool = False):
+        self.steps, self.done, self.process_peak, self.from_start = steps, 0, 0, from_start
         self.before = _reset_peak()
         self.started = time.perf_counter()
 
@@ -137,7 +137,8 @@ class StepPeaks:
         self.done += 1
         self.process_peak = max(self.process_peak, _status("VmHWM"))
         if self.done < self.steps:  # the next step's peak is read alone, and so is its time
-            self.before = _reset_peak()
+            before = _reset_peak()
+            self.before = self.before if self.from_start else before
             self.started = time.perf_counter()
         else:
             self.peak, self.seconds = _status("VmHWM"), time.perf_counter() - self.started
@@ -175,6 +176,8 @@ def child_measure(shape: str, mode: str, runner: str, steps: int = 2) -> dict:
                 loss = float(trainer.train_step())
                 peaks.step_done()
             state = _state_bytes(trainer.optimizer) if steps > 1 else 0
+    elif runner == "deepspeed":
+        n_params, weights, loss, peaks, state = _deepspeed_steps(shape, mode, steps)
     else:
         n_params, weights, loss, peaks, state = _hf_trainer_steps(shape, mode, steps)
     # what the step holds: the weights and the optimizer state resident before it (counted from the
@@ -185,9 +188,10 @@ def child_measure(shape: str, mode: str, runner: str, steps: int = 2) -> dict:
             "step_s": peaks.seconds, "batch": BATCH, "seq": SEQ, "steps": steps, "threads": torch.get_num_threads()}
 
 
-def _hf_trainer_steps(shape: str, mode: str, steps: int):
+def _hf_model(shape: str, mode: str):
+    """(transformers' Llama of the shape in the mode's dtype, + peft's LoRA where the mode has it; its vocabulary)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, layers, inter, heads, kv, vocab, tied = {**SHAPES, **SHAPES_SMALL}[shape]
     setting = MODES[mode]["hf"]
@@ -195,11 +199,60 @@ def _hf_trainer_steps(shape: str, mode: str, steps: int):
                          num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied, max_position_embeddings=SEQ,
                          use_cache=False)
     dtype = getattr(torch, setting["dtype"])
-    model = LlamaForCausalLM(config).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: no fp32 copy first
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     if setting.get("lora"):  # peft's LoRA with ds_hydra's adapter defaults (r 8, alpha 16, Llama's q_proj, v_proj)
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    return model, vocab
+
+
+def _deepspeed_steps(shape: str, mode: str, steps: int):
+    """DeepSpeed's engine on its CPU accelerator (``DS_ACCELERATOR=cpu``, gloo, one process), ZeRO stage 0,
+    the mode's optimizer passed in (DeepSpeed's own optimizer types JIT-compile a C++ op first), bf16 as
+    DeepSpeed does it (its BF16_Optimizer: fp32 master weights and gradients), transformers' gradient
+    checkpointing. The step is measured from before ``deepspeed.initialize``: what the engine adds counts."""
+    os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29517"),
+                      RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    import deepspeed
+    import torch
+
+    model, vocab = _hf_model(shape, mode)
+    setting = MODES[mode]["hf"]
+    model.gradient_checkpointing_enable()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if setting["optim"] == "adamw_bnb_8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(trainable, lr=1e-4)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    config = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+              "zero_optimization": {"stage": 0}, "bf16": {"enabled": setting["dtype"] == "bfloat16"}}
+    n_params = sum(p.numel() for p in model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    peaks = StepPeaks(steps, from_start=True)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    ids = torch.randint(0, vocab, (BATCH, SEQ))
+    for _ in range(steps):
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        peaks.step_done()
+    return n_params, weights, float(loss), peaks, 0
+
+
+def _hf_trainer_steps(shape: str, mode: str, steps: int):
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model, vocab = _hf_model(shape, mode)
+    setting = MODES[mode]["hf"]
     ids = torch.randint(0, vocab, (8 * steps, SEQ))
     data = [{"input_ids": row, "labels": row} for row in ids]
 
@@ -277,7 +330,7 @@ def main(argv=None) -> int:
     ap.add_argument("what", choices=["estimate", "measure", "small", "largest"])
     ap.add_argument("--shape", default=SMALL)
     ap.add_argument("--mode", default="adamw_fp32", choices=list(MODES))
-    ap.add_argument("--runner", default="ds_hydra", choices=["ds_hydra", "hf"])
+    ap.add_argument("--runner", default="ds_hydra", choices=["ds_hydra", "hf", "deepspeed"])
     ap.add_argument("--limit-gib", type=float, default=16.0, help="largest: the memory a shape must fit in")
     ap.add_argument("--kill-gib", type=float, default=None, help="a child is killed past this resident size (default: --limit-gib)")
     ap.add_argument("--modes", default=",".join(MODES))
@@ -321,8 +374,8 @@ def main(argv=None) -> int:
     if args.what == "small":
         for mode in modes:
             est = estimate(SMALL, mode)
-            for runner in ("ds_hydra", "hf"):
-                if runner == "hf" and MODES[mode]["hf"] is None:
+            for runner in ("ds_hydra", "hf", "deepspeed"):
+                if runner != "ds_hydra" and MODES[mode]["hf"] is None:
                     continue
                 print(row(measure(SMALL, mode, runner, kill, threads=args.threads, steps=args.steps), est), flush=True)
         return 0
