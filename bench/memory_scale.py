@@ -7,9 +7,11 @@
 
 Modes (``MODES``): full AdamW in fp32; bf16 weights + 8-bit AdamW (bitsandbytes); the same with the
 optimizer step inside backward; LoRA (r 8 on q_proj, v_proj) on a bf16 base; QLoRA (the base stored
-in nf4, fp32 compute). Runners: ds_hydra (its Trainer, the estimate from its memory preflight) and
+in nf4, fp32 compute). Runners: ds_hydra (its Trainer, the estimate from its memory preflight),
 transformers' Trainer (``optim=adamw_torch`` / ``adamw_bnb_8bit``, + peft for LoRA; it has no
-optimizer-in-backward; its QLoRA loads a saved model through bitsandbytes, not measured here).
+optimizer-in-backward; its QLoRA loads a saved model through bitsandbytes, not measured here) and
+DeepSpeed's engine on its CPU accelerator (``DS_ACCELERATOR=cpu``, gloo; no oneCCL or Intel extension
+needed), ZeRO stage 0, the same optimizers passed in.
 
 A measurement runs in a child process (at most one at a time; the parent kills it the moment its
 resident size passes ``--kill-gib``): the model and trainer are built, two training steps run, and the
@@ -144,6 +146,12 @@ class StepPeaks:
             self.peak, self.seconds = _status("VmHWM"), time.perf_counter() - self.started
 
 
+def _unquantized_numel(p) -> int:
+    """Parameters a weight stands for: bitsandbytes' 4-bit weights pack two in a byte (their quant_state has the shape)."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return shape.numel() if shape is not None else p.numel()
+
+
 def _state_bytes(optimizer) -> int:
     """Bytes of the optimizer's state tensors (ds_hydra's in-backward optimizers, accelerate's wrapper)."""
     from ds_hydra.optim.state_size import state_bytes_by_parameter
@@ -169,7 +177,7 @@ def child_measure(shape: str, mode: str, runner: str, steps: int = 2) -> dict:
         cfg = compose(ds_hydra_overrides(shape, mode))
         with tempfile.TemporaryDirectory() as run_dir:
             trainer = Trainer(cfg, Path(run_dir))
-            n_params = sum(p.numel() for p in trainer.model.parameters())
+            n_params = sum(_unquantized_numel(p) for p in trainer.model.parameters())
             weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
             peaks = StepPeaks(steps)
             for _ in range(steps):
