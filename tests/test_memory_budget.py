@@ -113,7 +113,7 @@ def test_the_8bit_kernel_temporaries_are_what_bitsandbytes_allocates_on_the_cpu(
     import ctypes
     import gc
 
-    import bitsandbytes as bnb
+    bnb = pytest.importorskip("bitsandbytes")
 
     from ds_hydra.optim.state_size import kernel_temporaries_per_element
 
