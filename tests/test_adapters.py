@@ -520,3 +520,43 @@ def _quant_state_bytes(model) -> int:
     return total
 
 
+
+
+def _full_load_then_quantize(cfg):
+    """Today's reference: the whole base built at model.dtype, then quantized by adapt_model."""
+    from ds_hydra.models.adapters import adapt_model
+    from ds_hydra.models.build import build_base_model
+
+    return adapt_model(build_base_model(cfg.model, VOCAB), cfg.model, cfg.adapter)
+
+
+@pytest.mark.parametrize("source,mode", [("pretrained", "nf4"), ("pretrained", "int8"), ("random", "nf4"),
+                                         ("random", "int8"), ("random-tied", "nf4")])
+def test_quantizing_as_the_base_is_materialised_gives_the_full_load_s_weights_bit_for_bit(base_dir, mode, source):
+    """build_model quantizes each block as it is read from the safetensors file (model.pretrained) or initialised
+    (model.config, same seed): every tensor, the packed weights and each quantization state, equals what
+    quantizing after a full load gives, exactly, and so do the logits."""
+    pytest.importorskip("bitsandbytes")
+    from ds_hydra.models.build import build_model
+
+    if source == "pretrained":
+        cfg = compose([*llama_run(base_dir), f"model.quantize={mode}"])
+    else:
+        fields = [f"+model.config.{k}={v}" for k, v in {**LLAMA_CONFIG, "tie_word_embeddings": source == "random-tied"}.items()]
+        cfg = compose([*RUN, "model=hf_causal_lm", "+model.config.model_type=llama", *fields, "adapter=lora",
+                       f"model.quantize={mode}"])
+    torch.manual_seed(3)
+    got = build_model(cfg.model, VOCAB, cfg.adapter).eval()
+    generator_after = torch.random.get_rng_state()
+    torch.manual_seed(3)
+    want = _full_load_then_quantize(cfg).eval()
+    assert torch.equal(generator_after, torch.random.get_rng_state())  # what draws next (the adapters) draws the same
+    got_state, want_state = got.state_dict(), want.state_dict()
+    assert got_state.keys() == want_state.keys()
+    assert sum(".absmax" in k or ".SCB" in k or "quant_map" in k for k in want_state) >= 14  # the quantization state is compared too
+    for name, tensor in want_state.items():
+        assert torch.equal(got_state[name], tensor), name
+    if source == "random-tied":
+        assert got.lm_head.weight is got.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(got(tokens()).logits, want(tokens()).logits)

@@ -224,6 +224,9 @@ def quantize_linear_layers(model: nn.Module, mode: str) -> int:
     heads = output_layer_names(model)
     replaced = 0
     for name, module in list(linear_modules(model).items()):
+        if type(module) in _bnb_layers(bnb):  # quantized already, as the base was materialised (quantized_load)
+            replaced += 1
+            continue
         if name in heads or type(module) is not nn.Linear:  # the head stays; Conv1D and subclasses are left as they are
             continue
         if module.weight.requires_grad:
@@ -238,6 +241,10 @@ def quantize_linear_layers(model: nn.Module, mode: str) -> int:
     setattr(model, "is_loaded_in_4bit" if mode == "nf4" else "is_loaded_in_8bit", True)
     log.info("model.quantize=%s: %d linear layers stored quantized", mode, replaced)
     return replaced
+
+
+def _bnb_layers(bnb) -> tuple:
+    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
 
 def _quantized(bnb, linear: nn.Linear, mode: str) -> nn.Module:

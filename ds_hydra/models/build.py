@@ -32,15 +32,55 @@ def build_model(
     the trainer, the memory preflight and the loaders of a trained run all build through here, so all of
     them see the same frozen and trainable parameters.
     """
-    model = build_base_model(model_cfg, vocab_size)
+    from ds_hydra.models.adapter_config import adapter_on, quantize_of
+
+    model = None
+    if load_base is None and adapter_on(adapter_cfg) and quantize_of(model_cfg) != "none":
+        model = _build_quantized_as_loaded(model_cfg, vocab_size)
+    if model is None:
+        model = build_base_model(model_cfg, vocab_size)
     if load_base is not None:
         load_base(model)
-    from ds_hydra.models.adapter_config import adapter_on, quantize_of
 
     if adapter_on(adapter_cfg) or quantize_of(model_cfg) != "none":
         from ds_hydra.models.adapters import adapt_model
 
         adapt_model(model, model_cfg, adapter_cfg)
+    return model
+
+
+def _build_quantized_as_loaded(model_cfg, vocab_size: Optional[int]) -> Optional[nn.Module]:
+    """A transformers model whose base is quantized block by block as it is read or initialised (the load
+    then peaks at about the quantized base plus one block, not the whole base at ``model.dtype``); None
+    where that path does not apply (another builder, a model built for its shapes only, a file whose names
+    differ from the model's), and the caller builds in full and quantizes afterwards."""
+    from ds_hydra.models.config import HF_TARGET
+    from ds_hydra.models.hf import _shapes_only
+
+    if str(model_cfg.get("_target_")) != HF_TARGET or _shapes_only():
+        return None
+    import torch
+
+    from ds_hydra.models.adapter_config import quantize_of
+    from ds_hydra.models.quantized_load import materialize_quantized
+
+    from ds_hydra.models.quantized_load import construction_draws_only, to_meta
+
+    pretrained = model_cfg.get("pretrained", None)
+    states = None
+    if pretrained:
+        with torch.device("meta"):  # causal_lm reads only config.json on the meta device
+            model = build_base_model(model_cfg, vocab_size)
+    else:  # draws from the generator as a full build does, so the same seed gives the same weights
+        before = torch.random.get_rng_state()
+        with construction_draws_only() as draws:
+            model = to_meta(build_base_model(model_cfg, vocab_size))
+        states = draws.generator_states
+    if not materialize_quantized(model, quantize_of(model_cfg), str(pretrained) if pretrained else None,
+                                 generator_states=states):
+        if states is not None:
+            torch.random.set_rng_state(before)  # the full build draws it all again
+        return None
     return model
 
 

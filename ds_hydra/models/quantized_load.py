@@ -1,0 +1,267 @@
+"""A transformers model with its base quantized as it is materialised (``model.quantize=nf4|int8``).
+
+Quantizing after a full load (``adapters.quantize_linear_layers`` on a built model) makes the load the
+peak of a QLoRA run: the whole base sits at ``model.dtype`` first (fp32: 4 bytes per parameter), while
+the step needs about 0.6. Here the model is built on the meta device, then each decoder block is
+materialised, filled and its linear layers quantized before the next block is touched, so the load
+peaks at about the quantized base plus one block, as transformers' ``from_pretrained`` with a
+``BitsAndBytesConfig`` does.
+
+* ``model.pretrained=<dir>``: each tensor is read from the directory's safetensors file(s) and cast to
+  ``model.dtype``, as ``from_pretrained`` does; non-persistent buffers (rotary frequencies) are computed
+  by the model's ``_init_weights``, tied weights stay tied. Quantizing the same tensors gives the same
+  packed weights and scales as quantizing after a full load.
+* ``model.config`` (random init): the modules are initialised by the model's own ``_initialize_weights``
+  in the order ``initialize_weights`` visits them (children first), under transformers' init guards, so
+  the generator is drawn from in the same order: the same seed gives the same weights as a full build.
+
+``materialize_quantized`` returns False (and changes nothing) where it cannot promise that: a file whose
+names do not match the model's (an older layout transformers renames while loading), a model that is not
+a transformers ``PreTrainedModel``. The caller then builds the model in full and quantizes afterwards.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Dict, Optional, Set
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["construction_draws_only", "materialize_quantized", "safetensors_names", "to_meta"]
+
+
+class construction_draws_only:
+    """Build a model on the CPU with its parameters left unwritten: each in-place fill of a parameter while
+    the modules are constructed (``reset_parameters``' ``uniform_``/``normal_``, a bias' ``zero_``) runs on a
+    scratch tensor of the same shape and dtype instead, so the random generator is drawn from exactly as
+    in a full build, while the parameters' pages are never touched (not resident) and are freed by
+    ``to_meta``. transformers' ``initialize_weights`` calls (one per ``post_init``: the inner model's, then
+    the head's) draw into scratch as well; the generator state each starts from is kept in
+    ``generator_states``, so ``materialize_quantized`` replays them block by block from the same states."""
+
+    def __init__(self):
+        from torch.overrides import TorchFunctionMode
+
+        scratch: Dict[tuple, torch.Tensor] = {}
+
+        class _Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = dict(kwargs or {})
+                target = args[0] if args else kwargs.get("tensor")  # Tensor.normal_(t, ...) or nn.init.normal_(tensor=t)
+                name = getattr(func, "__name__", "")
+                if isinstance(target, nn.Parameter) and name.endswith("_") and not name.startswith("__") and target.is_contiguous():
+                    key = (tuple(target.shape), target.dtype)
+                    if key not in scratch:
+                        scratch.clear()  # one scratch tensor at a time: the peak is the largest parameter
+                        scratch[key] = torch.empty(target.shape, dtype=target.dtype)
+                    if args:
+                        func(scratch[key], *args[1:], **kwargs)
+                    else:
+                        func(**{**kwargs, "tensor": scratch[key]})
+                    return target
+                return func(*args, **kwargs)
+
+        self.mode = _Mode()
+        self.scratch = scratch
+        self.generator_states: Dict[int, torch.Tensor] = {}  # id of a module -> the generator state its init call started at
+
+    def __enter__(self):
+        from unittest import mock
+
+        from transformers import PreTrainedModel
+
+        initialize_weights = PreTrainedModel.initialize_weights
+        starts = self.generator_states
+
+        def recorded(model: nn.Module) -> None:  # where each call starts drawing, so the replay starts there too
+            first = next((m for m in _post_order(model) if not getattr(m, "_is_hf_initialized", False)), None)
+            if first is not None:
+                starts[id(first)] = torch.random.get_rng_state()
+            initialize_weights(model)
+
+        self.record_init = mock.patch.object(PreTrainedModel, "initialize_weights", recorded)
+        self.record_init.__enter__()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.scratch.clear()
+        self.mode.__exit__(*exc)
+        return self.record_init.__exit__(*exc)
+
+
+def _post_order(module: nn.Module):
+    """Modules in the order transformers' ``initialize_weights`` visits them: children first."""
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
+
+
+def to_meta(model: nn.Module) -> nn.Module:
+    """``model``'s parameters and buffers replaced, in place, by meta tensors of their shapes and dtypes (their
+    storage freed); a tensor shared by two modules (a tied weight) stays one tensor."""
+    seen: Dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for key, param in list(module._parameters.items()):
+            if param is not None:
+                if id(param) not in seen:
+                    seen[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+                module._parameters[key] = seen[id(param)]
+        for key, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                if id(buffer) not in seen:
+                    seen[id(buffer)] = torch.empty_like(buffer, device="meta")
+                module._buffers[key] = seen[id(buffer)]
+    return model
+
+
+def safetensors_names(folder: Path) -> Dict[str, Path]:
+    """Each tensor name of the model directory's safetensors weights, with the file that holds it."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    from safetensors import safe_open
+
+    path = folder / "model.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        return {name: path for name in handle.keys()}
+
+
+def materialize_quantized(
+    model: nn.Module, mode: str, pretrained: Optional[str], device: str = "cpu",
+    generator_states: Optional[Dict[int, torch.Tensor]] = None,
+) -> bool:
+    """Materialise ``model`` (built on the meta device) on ``device``, block by block, quantizing each
+    block's linear layers (all but the output head) in ``mode`` as soon as the block holds its weights.
+    False, with ``model`` untouched, where this cannot give what a full build would (see the module doc)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return False
+    from ds_hydra.models.adapters import _quantized, import_bitsandbytes, output_layer_names
+
+    bnb = import_bitsandbytes(mode)
+    heads = output_layer_names(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    source = _Source(Path(pretrained).expanduser(), model) if pretrained else None
+    if source is not None and not source.matches:
+        return False
+    starts = generator_states or {}
+    materialised: Dict[int, torch.Tensor] = {}  # id of a meta tensor -> its real tensor (tied weights are one tensor)
+    pending: Dict[str, nn.Linear] = {}  # linear layers filled, not yet quantized
+
+    def quantize_pending() -> None:
+        for name, linear in pending.items():
+            _set_submodule(model, name, _quantized(bnb, linear, mode))
+        pending.clear()
+
+    def visit(module: nn.Module, parent: Optional[nn.Module]) -> None:
+        for child in module.children():  # children first, as transformers' smart_apply
+            visit(child, module)
+        # random init: a tied weight gets a tensor per module while it is initialised, as in the full build
+        # (the head's own init draws into its own tensor), and tie_weights below makes them one again
+        _materialise_own(module, device, materialised if source is not None else {})
+        if source is None:
+            if id(module) in starts:  # an initialize_weights call of the full build started here
+                torch.random.set_rng_state(starts[id(module)])
+            module._is_hf_initialized = False  # set by the construction's (scratch) pass
+            model._initialize_weights(module, False)
+        else:
+            source.fill(module, names[id(module)])
+        name = names[id(module)]
+        if type(module) is nn.Linear and name not in heads:
+            pending[name] = module
+        if isinstance(parent, nn.ModuleList) or parent is None:  # a block is complete (or the whole model)
+            quantize_pending()
+
+    from transformers import initialization as init
+
+    with torch.no_grad(), init.guard_torch_init_functions():
+        visit(model, None)
+    model.tie_weights()
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        raise RuntimeError("materialize_quantized: a tensor was left on the meta device")  # a bug, not a user error
+    log.info(
+        "model.quantize=%s: %d linear layers quantized as the base was %s (peak: the quantized base plus one block)",
+        mode, sum(1 for _ in _quantized_layers(model)), "read" if source is not None else "initialised",
+    )
+    return True
+
+
+def _quantized_layers(model: nn.Module):
+    return (m for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
+
+
+def _materialise_own(module: nn.Module, device: str, materialised: Dict[int, torch.Tensor]) -> None:
+    """Give ``module``'s own meta parameters and buffers real (uninitialised) storage; a tensor met before
+    (a tied weight) is given the storage it already has."""
+    for key, param in list(module._parameters.items()):
+        if param is None or not param.is_meta:
+            continue
+        real = materialised.get(id(param))
+        if real is None:
+            real = nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
+            materialised[id(param)] = real
+        module._parameters[key] = real
+    for key, buffer in list(module._buffers.items()):
+        if buffer is None or not buffer.is_meta:
+            continue
+        real = materialised.get(id(buffer))
+        if real is None:
+            real = torch.empty_like(buffer, device=device)
+            materialised[id(buffer)] = real
+        module._buffers[key] = real
+
+
+class _Source:
+    """The tensors of a model directory's safetensors file(s), read one at a time."""
+
+    def __init__(self, folder: Path, model: nn.Module):
+        self.model = model
+        self.files = safetensors_names(folder)
+        self.handles: Dict[Path, object] = {}
+        persistent = set(model.state_dict().keys())
+        tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+        needed = persistent - tied
+        self.matches = needed <= set(self.files) and set(self.files) <= persistent
+        if not self.matches:
+            log.info(
+                "model.pretrained=%s: its tensor names differ from %s's (%d missing, %d extra); loading it in full "
+                "before quantizing", folder, type(model).__name__, len(needed - set(self.files)),
+                len(set(self.files) - persistent),
+            )
+        self.loaded: Set[int] = set()
+
+    def _handle(self, path: Path):
+        if path not in self.handles:
+            from safetensors import safe_open
+
+            self.handles[path] = safe_open(str(path), framework="pt")
+        return self.handles[path]
+
+    def fill(self, module: nn.Module, prefix: str) -> None:
+        """Copy ``module``'s own tensors from the file (cast to their dtype); compute what the file lacks
+        (non-persistent buffers) with the model's ``_init_weights``, as ``from_pretrained`` does."""
+        missing = False
+        for key, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is None or id(tensor) in self.loaded:
+                continue
+            name = f"{prefix}.{key}" if prefix else key
+            if name in self.files:
+                tensor.copy_(self._handle(self.files[name]).get_tensor(name).to(tensor.dtype))
+                tensor._is_hf_initialized = True
+                self.loaded.add(id(tensor))
+            else:
+                missing = True
+        if missing:  # a non-persistent buffer the model computes (rotary frequencies), or a tied weight's twin
+            self.model._init_weights(module)  # skips what was read: init functions leave _is_hf_initialized tensors
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
