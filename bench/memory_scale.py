@@ -179,21 +179,24 @@ def child_measure(shape: str, mode: str, runner: str, steps: int = 2) -> dict:
             trainer = Trainer(cfg, Path(run_dir))
             n_params = sum(_unquantized_numel(p) for p in trainer.model.parameters())
             weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+            load_peak = _status("VmHWM")  # building (and, for QLoRA, quantizing) the model, before any step
             peaks = StepPeaks(steps)
             for _ in range(steps):
                 loss = float(trainer.train_step())
                 peaks.step_done()
             state = _state_bytes(trainer.optimizer) if steps > 1 else 0
     elif runner == "deepspeed":
+        load_peak = None
         n_params, weights, loss, peaks, state = _deepspeed_steps(shape, mode, steps)
     else:
+        load_peak = None
         n_params, weights, loss, peaks, state = _hf_trainer_steps(shape, mode, steps)
     # what the step holds: the weights and the optimizer state resident before it (counted from the
     # tensors), and its own growth over the resident size before it (gradients, activations, temporaries)
     step = peaks.peak - peaks.before + weights + state
     return {"shape": shape, "mode": mode, "runner": runner, "params": n_params, "peak": peaks.process_peak, "base": base,
             "step_bytes": step, "bytes_per_param": step / n_params, "state_bytes": state, "loss": loss,
-            "step_s": peaks.seconds, "batch": BATCH, "seq": SEQ, "steps": steps, "threads": torch.get_num_threads()}
+            "step_s": peaks.seconds, "load_peak": load_peak, "batch": BATCH, "seq": SEQ, "steps": steps, "threads": torch.get_num_threads()}
 
 
 def _hf_model(shape: str, mode: str):
@@ -309,7 +312,7 @@ def measure(shape: str, mode: str, runner: str, limit_gib: float = 16.0, timeout
         stdout, stderr = out.read(), err.read()
     for line in reversed(stdout.splitlines()):
         if line.startswith("{"):
-            return json.loads(line)
+            return {**json.loads(line), "max_rss_sampled": over}  # the whole run's resident size, load included
     return {"shape": shape, "mode": mode, "runner": runner, "error": (stderr.strip().splitlines() or ["?"])[-1][:200]}
 
 

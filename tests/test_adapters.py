@@ -505,6 +505,23 @@ def test_memory_preflight_counts_frozen_quantized_and_trained_bytes_apart():
         assert estimate.parameters == stored + _quant_state_bytes(model)
 
 
+def test_memory_preflight_counts_loading_a_quantized_base(base_dir):
+    """Loading a QLoRA base holds the stored base plus, read from model.pretrained, one block's quantized linear
+    weights at their dtype (block by block), or, for a random base built whole, all of them."""
+    pytest.importorskip("bitsandbytes")
+    from ds_hydra.training.memory_estimate import estimate_step_memory
+    from ds_hydra.training.memory_preflight import step_spec
+
+    block_linear = 4 * (2 * 32 * 32 + 2 * 16 * 32 + 3 * 32 * 64)  # q, o: 32x32; k, v: 16x32 (2 kv heads); gate, up, down: 32x64 (fp32)
+    pretrained = estimate_step_memory(step_spec(compose([*llama_run(base_dir), "model.quantize=nf4", "trainer.device=cpu"])))
+    assert pretrained.loading == pretrained.parameters + block_linear
+    fields = [f"+model.config.{k}={v}" for k, v in LLAMA_CONFIG.items()]
+    random = estimate_step_memory(step_spec(compose([*RUN, "model=hf_causal_lm", "+model.config.model_type=llama", *fields,
+                                                     "adapter=lora", "model.quantize=nf4", "trainer.device=cpu"])))
+    assert random.loading == random.parameters + LLAMA_CONFIG["num_hidden_layers"] * block_linear
+    assert random.total == max(random.step_total, random.loading) and "loading" in random.breakdown()
+
+
 def _quant_state_bytes(model) -> int:
     """Bytes bitsandbytes keeps beside each nf4 weight: its scales, code table and, nested, the scales'
     own scales, code table and offset."""

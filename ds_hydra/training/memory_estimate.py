@@ -97,6 +97,10 @@ class StepSpec:
     another form (a base quantized by a library whose tensors cannot be faked: built plain, counted packed)."""
     sharding: Sharding = field(default_factory=Sharding)
     knobs: Knobs = field(default_factory=Knobs)
+    stored_as_loaded: bool = True
+    """With ``stored_bytes``: the base is stored that way block by block as it loads (a QLoRA base read from
+    ``model.pretrained``), so loading holds the stored base plus one block at its dtype; False: it is built
+    whole at its dtype first and then stored (the plain and the stored base are both held at the end)."""
 
 
 @dataclass
@@ -126,11 +130,19 @@ class StepMemory:
     """Each gradient is freed once its parameter steps inside backward (``optimizer_in_backward``)."""
     alternatives: Dict[str, int] = field(default_factory=dict)
     """What the step would need under each alternative asked for (``estimate_step_memory(alternatives=)``)."""
+    loading: int = 0
+    """Peak of building the model where it can pass the step's: a base stored quantized is first held at its
+    dtype (one block of it, or all of it; ``StepSpec.stored_as_loaded``). 0 where the base is built as stored."""
+
+    @property
+    def step_total(self) -> int:
+        step = max(self.forward_backward_peak, self.gradients + self.optimizer_step)
+        return self.parameters + self.optimizer_state + self.batch + step
 
     @property
     def total(self) -> int:
-        step = max(self.forward_backward_peak, self.gradients + self.optimizer_step)
-        return self.parameters + self.optimizer_state + self.batch + step
+        """What the run needs: the step's peak, or loading's where that is higher."""
+        return max(self.step_total, self.loading)
 
     @property
     def logits(self) -> int:
@@ -172,8 +184,12 @@ class StepMemory:
         ]
         width = max(len(name) for name, _, _ in rows)
         lines = [f"  {name:<{width}}  {format_bytes(n):>10}  {what}" for name, n, what in rows]
-        return "\n".join([*lines, f"  {'step peak':<{width}}  {format_bytes(self.total):>10}  weights + optimizer state + batch + "
-                                   f"max(forward-backward peak, gradients + optimizer step)"])
+        lines.append(f"  {'step peak':<{width}}  {format_bytes(self.step_total):>10}  weights + optimizer state + batch + "
+                     f"max(forward-backward peak, gradients + optimizer step)")
+        if self.loading:
+            lines.append(f"  {'loading':<{width}}  {format_bytes(self.loading):>10}  the quantized base while it is built "
+                         f"(part of it still at its dtype){'; the peak' if self.loading > self.step_total else ''}")
+        return "\n".join(lines)
 
     def dominant(self) -> str:
         return max(self.parts().items(), key=lambda kv: kv[1])[0]
@@ -324,6 +340,7 @@ def estimate_step_memory(spec: StepSpec, alternatives: Optional[Callable[[StepMe
             named = dict(model.named_parameters())
             stored_ids = {id(named[name]): n for name, n in stored.items() if name in named}
             frozen_bytes = sum(stored_ids.get(id(p), _bytes([p])) for p in params if not p.requires_grad)
+            loading = _loading_peak(model, stored_ids, spec.stored_as_loaded) if stored_ids else 0
             tensors = [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
             batch_bytes, tokens = _bytes(tensors), (tensors[0].numel() if tensors else 0)
     finally:
@@ -364,11 +381,25 @@ def estimate_step_memory(spec: StepSpec, alternatives: Optional[Callable[[StepMe
         knobs=spec.knobs,
         frozen_parameters=share(frozen_bytes, sharding.parameters),
         gradients_in_backward=spec.optimizer_in_backward,
+        loading=share(loading, sharding.parameters),
     )
     for name, other in (alternatives(estimate) if alternatives is not None else {}).items():
         peak = _replayed_peak(other)
         estimate.alternatives[name] = replace(estimate, forward_backward_peak=peak - unsharded_gradients).total
     return estimate
+
+
+def _loading_peak(model: nn.Module, stored: Dict[int, int], as_loaded: bool) -> int:
+    """Bytes held while a base stored in another form (``stored``: bytes by parameter id) is built: every
+    parameter as stored plus, block by block, the largest block's stored parameters at their own dtype
+    (``as_loaded``), or the whole base at its dtype beside the stored weights."""
+    params = list(model.parameters())
+    stored_total = sum(stored.get(id(p), _bytes([p])) for p in params)
+    if not as_loaded:
+        return stored_total + sum(_bytes([p]) for p in params if id(p) in stored)
+    blocks = [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]
+    largest = max((sum(_bytes([p]) for p in block.parameters() if id(p) in stored) for block in blocks), default=0)
+    return stored_total + largest
 
 
 def _replayed_peak(spec: StepSpec) -> int:

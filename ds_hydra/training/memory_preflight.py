@@ -73,9 +73,20 @@ def step_spec(cfg):
         autocast_dtype=resolve_precision(getattr(cfg.trainer.precision, "value", cfg.trainer.precision), device),
         grad_accum_steps=int(cfg.trainer.grad_accum_steps),
         stored_bytes=stored_bytes,
+        stored_as_loaded=quantized_as_loaded(cfg),
         sharding=sharding_of(cfg.engine),
         knobs=Knobs(seq_len=seq_len_key(cfg), head_chunk="model.head_chunk_tokens" if "head_chunk_tokens" in cfg.model else None),
     )
+
+
+def quantized_as_loaded(cfg) -> bool:
+    """Whether the trainer quantizes the base block by block as it reads it (``model.pretrained`` with nothing
+    else loaded into it: ``ds_hydra.models.quantized_load``), not after building it whole."""
+    from ds_hydra.models.adapter_config import adapter_on
+    from ds_hydra.models.adapters import base_in_run_dir
+
+    init_from = cfg.trainer.get("init_from")
+    return adapter_on(cfg.get("adapter")) and not init_from and not base_in_run_dir(cfg.model, init_from)
 
 
 NF4_MAPS = 4 * (16 + 256 + 1)  # per nf4 weight: its 16-value code, the nested statistics' 256-value code, an offset

@@ -147,7 +147,11 @@ class Trainer:
         # from model.pretrained or, written once, from <run dir>/base_model.pt (ds_hydra.models.adapters).
         self.adapted = adapter_on(cfg.get("adapter"))
         self.base_to_save: Optional[Dict[str, torch.Tensor]] = None  # written by _train once the run has started
-        model = build_model(cfg.model, self.data.vocab_size, cfg.get("adapter"), load_base=self._load_base)
+        # Nothing to load into the base (a model.pretrained run's base is its directory's): build_model may then
+        # quantize a QLoRA base block by block as it reads it (ds_hydra.models.quantized_load)
+        loads_base = bool(cfg.trainer.get("init_from")) or (
+            self.adapted and adapters.base_in_run_dir(cfg.model, cfg.trainer.get("init_from")))
+        model = build_model(cfg.model, self.data.vocab_size, cfg.get("adapter"), load_base=self._load_base if loads_base else None)
         check_vocab(self.data, model)
         self.seq_len = resolve_seq_len(self.data, model)
         if getattr(self.data, "pack", False):
