@@ -152,7 +152,10 @@ def materialize_quantized(
     if source is not None and not source.matches:
         return False
     starts = generator_states or {}
-    materialised: Dict[int, torch.Tensor] = {}  # id of a meta tensor -> its real tensor (tied weights are one tensor)
+    # a tensor held by two modules (a tied weight) -> (the meta tensor, kept alive so that its id stays its
+    # own, and its real tensor); only those: every other real tensor must be freeable once it is quantized
+    shared = _shared_ids(model)
+    materialised: Dict[int, tuple] = {}
     pending: Dict[str, nn.Linear] = {}  # linear layers filled, not yet quantized
 
     def quantize_pending() -> None:
@@ -165,7 +168,7 @@ def materialize_quantized(
             visit(child, module)
         # random init: a tied weight gets a tensor per module while it is initialised, as in the full build
         # (the head's own init draws into its own tensor), and tie_weights below makes them one again
-        _materialise_own(module, device, materialised if source is not None else {})
+        _materialise_own(module, device, materialised if source is not None else {}, shared)
         if source is None:
             if id(module) in starts:  # an initialize_weights call of the full build started here
                 torch.random.set_rng_state(starts[id(module)])
@@ -197,25 +200,29 @@ def _quantized_layers(model: nn.Module):
     return (m for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
 
 
-def _materialise_own(module: nn.Module, device: str, materialised: Dict[int, torch.Tensor]) -> None:
-    """Give ``module``'s own meta parameters and buffers real (uninitialised) storage; a tensor met before
-    (a tied weight) is given the storage it already has."""
-    for key, param in list(module._parameters.items()):
-        if param is None or not param.is_meta:
-            continue
-        real = materialised.get(id(param))
-        if real is None:
-            real = nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
-            materialised[id(param)] = real
-        module._parameters[key] = real
-    for key, buffer in list(module._buffers.items()):
-        if buffer is None or not buffer.is_meta:
-            continue
-        real = materialised.get(id(buffer))
-        if real is None:
-            real = torch.empty_like(buffer, device=device)
-            materialised[id(buffer)] = real
-        module._buffers[key] = real
+def _shared_ids(model: nn.Module) -> Set[int]:
+    from collections import Counter
+
+    counts = Counter(id(t) for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
+    return {i for i, n in counts.items() if n > 1}
+
+
+def _materialise_own(module: nn.Module, device: str, materialised: Dict[int, tuple], shared: Set[int]) -> None:
+    """Give ``module``'s own meta parameters and buffers real (uninitialised) storage; a shared tensor met
+    before (a tied weight) is given the storage it already has."""
+    for table in (module._parameters, module._buffers):
+        for key, tensor in list(table.items()):
+            if tensor is None or not tensor.is_meta:
+                continue
+            if id(tensor) in materialised:
+                table[key] = materialised[id(tensor)][1]
+                continue
+            real = torch.empty_like(tensor, device=device)
+            if isinstance(tensor, nn.Parameter):
+                real = nn.Parameter(real, requires_grad=tensor.requires_grad)
+            if id(tensor) in shared:
+                materialised[id(tensor)] = (tensor, real)
+            table[key] = real
 
 
 class _Source:
@@ -224,7 +231,6 @@ class _Source:
     def __init__(self, folder: Path, model: nn.Module):
         self.model = model
         self.files = safetensors_names(folder)
-        self.handles: Dict[Path, object] = {}
         persistent = set(model.state_dict().keys())
         tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
         needed = persistent - tied
@@ -235,27 +241,23 @@ class _Source:
                 "before quantizing", folder, type(model).__name__, len(needed - set(self.files)),
                 len(set(self.files) - persistent),
             )
-        self.loaded: Set[int] = set()
-
-    def _handle(self, path: Path):
-        if path not in self.handles:
-            from safetensors import safe_open
-
-            self.handles[path] = safe_open(str(path), framework="pt")
-        return self.handles[path]
 
     def fill(self, module: nn.Module, prefix: str) -> None:
         """Copy ``module``'s own tensors from the file (cast to their dtype); compute what the file lacks
         (non-persistent buffers) with the model's ``_init_weights``, as ``from_pretrained`` does."""
         missing = False
         for key, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-            if tensor is None or id(tensor) in self.loaded:
+            if tensor is None or getattr(tensor, "_is_hf_initialized", False):  # read already (a tied weight)
                 continue
             name = f"{prefix}.{key}" if prefix else key
             if name in self.files:
-                tensor.copy_(self._handle(self.files[name]).get_tensor(name).to(tensor.dtype))
+                from safetensors import safe_open
+
+                # opened per tensor: safetensors maps the file, and pages it read stay resident (and counted)
+                # for as long as the map is open
+                with safe_open(str(self.files[name]), framework="pt") as handle:
+                    tensor.copy_(handle.get_tensor(name).to(tensor.dtype))
                 tensor._is_hf_initialized = True
-                self.loaded.add(id(tensor))
             else:
                 missing = True
         if missing:  # a non-persistent buffer the model computes (rotary frequencies), or a tied weight's twin
