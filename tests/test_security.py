@@ -557,3 +557,21 @@ def test_a_sharded_checkpoint_reads_only_the_shards_beside_its_index(tmp_path, s
         read_metadata(checkpoint)
     (checkpoint / ".metadata").write_bytes(pickle.dumps(index("__0_0.distcp")))
     assert read_metadata(checkpoint).storage_data[MetadataIndex("model.w")].relative_path == "__0_0.distcp"
+
+
+def test_a_model_directory_index_reads_no_file_outside_it(tmp_path):
+    """A model directory is data: its safetensors index naming a file outside the directory (absolute or
+    ..) is refused in one line before anything is read."""
+    from ds_hydra.errors import UserError
+    from ds_hydra.models.quantized_load import safetensors_names
+
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"not weights")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for named in (str(secret), "../secret.safetensors"):
+        (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": named}}))
+        with pytest.raises(UserError, match="outside its own directory"):
+            safetensors_names(model_dir)
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "part-1.safetensors"}}))
+    assert safetensors_names(model_dir) == {"w": model_dir / "part-1.safetensors"}

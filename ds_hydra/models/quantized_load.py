@@ -29,6 +29,8 @@ from typing import Dict, Optional, Set
 import torch
 import torch.nn as nn
 
+from ds_hydra.errors import UserError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["construction_draws_only", "materialize_quantized", "safetensors_names", "to_meta"]
@@ -124,6 +126,11 @@ def safetensors_names(folder: Path) -> Dict[str, Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
+        root = folder.resolve()
+        for file in set(weight_map.values()):
+            if root not in (folder / file).resolve().parents:  # a model directory reads its own files only
+                raise UserError(f"{index}: names the weights file {file!r}, outside its own directory; a model "
+                                f"directory's index names files inside it")
         return {name: folder / file for name, file in weight_map.items()}
     from safetensors import safe_open
 
