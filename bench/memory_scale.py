@@ -9,7 +9,8 @@ Modes (``MODES``): full AdamW in fp32; bf16 weights + 8-bit AdamW (bitsandbytes)
 optimizer step inside backward; LoRA (r 8 on q_proj, v_proj) on a bf16 base; QLoRA (the base stored
 in nf4, fp32 compute). Runners: ds_hydra (its Trainer, the estimate from its memory preflight),
 transformers' Trainer (``optim=adamw_torch`` / ``adamw_bnb_8bit``, + peft for LoRA; it has no
-optimizer-in-backward; its QLoRA loads a saved model through bitsandbytes, not measured here) and
+optimizer-in-backward; its QLoRA saves the random model and reads it back through ``from_pretrained`` with
+bitsandbytes' nf4, as QLoRA recipes load a base) and
 DeepSpeed's engine on its CPU accelerator (``DS_ACCELERATOR=cpu``, gloo; no oneCCL or Intel extension
 needed), ZeRO stage 0, the same optimizers passed in.
 
@@ -69,7 +70,8 @@ MODES = {
     "bf16_adamw8bit": {"ds_hydra": ["optimizer=adamw8bit", "model.dtype=bf16"], "hf": {"optim": "adamw_bnb_8bit", "dtype": "bfloat16"}},
     "bf16_adamw8bit_in_backward": {"ds_hydra": ["optimizer=adamw8bit", "model.dtype=bf16", "trainer.optimizer_in_backward=true"], "hf": None},
     "lora_bf16": {"ds_hydra": ["adapter=lora", "model.dtype=bf16"], "hf": {"optim": "adamw_torch", "dtype": "bfloat16", "lora": True}},
-    "qlora_nf4": {"ds_hydra": ["adapter=lora", "model.quantize=nf4"], "hf": None},  # fp32 compute over nf4 storage
+    "qlora_nf4": {"ds_hydra": ["adapter=lora", "model.quantize=nf4"],  # fp32 compute over nf4 storage
+                  "hf": {"optim": "adamw_torch", "dtype": "float32", "lora": True, "quantize": "nf4"}},
 }
 
 
@@ -216,11 +218,31 @@ def _hf_model(shape: str, mode: str):
         model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
+    if setting.get("quantize"):  # QLoRA as transformers does it: from_pretrained with a BitsAndBytesConfig
+        model = _hf_quantized(model, dtype)
     if setting.get("lora"):  # peft's LoRA with ds_hydra's adapter defaults (r 8, alpha 16, Llama's q_proj, v_proj)
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     return model, vocab
+
+
+def _hf_quantized(model, dtype):
+    """``model`` saved and read back through ``from_pretrained`` with bitsandbytes' nf4 (double-quantized
+    scales and fp32 compute, as ds_hydra's ``model.quantize=nf4``; transformers keeps ``lm_head`` unquantized,
+    as ds_hydra does). The full-precision model is freed before the read."""
+    import gc
+
+    import torch
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        del model
+        gc.collect()
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=dtype)
+        return LlamaForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map="cpu", dtype=dtype)
 
 
 def _deepspeed_steps(shape: str, mode: str, steps: int):
@@ -245,7 +267,7 @@ def _deepspeed_steps(shape: str, mode: str, steps: int):
         optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     config = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
               "zero_optimization": {"stage": 0}, "bf16": {"enabled": setting["dtype"] == "bfloat16"}}
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(_unquantized_numel(p) for p in model.parameters())
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     peaks = StepPeaks(steps, from_start=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -276,7 +298,7 @@ def _hf_trainer_steps(shape: str, mode: str, steps: int):
                                  use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
                                  gradient_checkpointing=True, max_grad_norm=0.0, dataloader_num_workers=0)
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Peaks()])
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(_unquantized_numel(p) for p in model.parameters())
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         peaks = StepPeaks(steps)
         result = trainer.train()
