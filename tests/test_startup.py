@@ -145,3 +145,55 @@ def test_a_command_leaves_the_process_as_it_found_it(tmp_path, monkeypatch, caps
         assert exit.value.code == 2 and "HYDRA_FULL_ERROR" not in os.environ
         assert capsys.readouterr().err == (f"ds_hydra: error: resume={tmp_path / 'nope'}: no such run directory; give the "
                                            "directory of an earlier run, e.g. outputs/2024-05-01/12-00-00\n")
+
+
+@pytest.mark.parametrize("extra", [
+    [],  # hydra.mode unset: Hydra adds hydra.mode=RUN to the run's overrides
+    ["hydra.mode=RUN", "optimizer=sgd", "name=x"],  # the mode given; another group option; a value
+    ["-m", "trainer.max_steps=1,2"],  # a multirun composes its own (the master, then each job)
+])
+def test_a_run_composes_its_config_once_and_gets_hydras_own(tmp_path, monkeypatch, extra):
+    """Hydra composes a single run's config twice (``get_mode``, then ``run``); the CLI composes it once
+    (``ds_hydra.cli.compose_once``), and the config the task gets, its ``hydra`` node included, is the
+    one Hydra composes without that."""
+    import shutil
+
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    import ds_hydra.cli
+    import ds_hydra.cli.compose_once
+    from conftest import cli_in_process
+
+    real = ConfigLoaderImpl.load_configuration
+    compositions, seen = [], []
+
+    def counted(self, *args, **kwargs):
+        compositions.append(kwargs.get("run_mode"))
+        return real(self, *args, **kwargs)
+
+    def task(cfg):  # what the task gets: its config, and the hydra node HydraConfig holds for it
+        seen.append(OmegaConf.to_yaml(cfg) + OmegaConf.to_yaml(HydraConfig.get()))
+
+    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration", counted)
+    monkeypatch.setattr(ds_hydra.cli, "run_task", task)
+    flags = [a for a in extra if a.startswith("-")]
+    args = [*flags, *TINY, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            *(a for a in extra if a not in flags)]
+    found = {}
+    for once in (True, False):
+        if not once:
+            monkeypatch.setattr(ds_hydra.cli.compose_once, "composing_once", __import__("contextlib").nullcontext)
+        compositions.clear(), seen.clear()
+        for folder in ("run", "sweep"):
+            shutil.rmtree(tmp_path / folder, ignore_errors=True)
+        proc = cli_in_process(args)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        found[once] = (len(compositions), list(seen))
+    jobs = 2 if "-m" in extra else 1
+    assert len(found[True][1]) == jobs and found[True][1] == found[False][1]
+    if "-m" in extra:  # a multirun composes as Hydra does
+        assert found[True][0] == found[False][0]
+    else:  # Hydra composes get_mode's config and the run's
+        assert (found[True][0], found[False][0]) == (1, 2)

@@ -6,7 +6,8 @@ line per problem with exit code 2; a full traceback is shown only with ``HYDRA_F
 
 Beside it: ``preflight`` (the Hydra callback that checks a run before anything is written), ``tasks``
 (the tasks that cut the config into their component's slices), ``launch`` (several launched
-processes agreeing on one run dir), ``torchrun_job`` and ``torchrun_config`` (``hydra/launcher=torchrun``).
+processes agreeing on one run dir), ``torchrun_job`` and ``torchrun_config`` (``hydra/launcher=torchrun``),
+``compose_once`` (a single run's config composed once: Hydra composes it twice).
 """
 from __future__ import annotations
 
@@ -197,6 +198,7 @@ def _cli_main(startup: StartUp) -> None:
     # was on the way out: a second command in this process must not take ours for the user's).
     os.environ["HYDRA_FULL_ERROR"] = "1"
     main = hydra.main(version_base=None, config_path=config_dir(), config_name="config")(run_task)
+    from ds_hydra.cli.compose_once import composing_once
     from ds_hydra.cli.launch import after_hydra, before_hydra, wait_for_all_ranks
     from ds_hydra.cli.preflight import RunRefused
     from ds_hydra.common.signals import Stopped, stop_on_signals
@@ -212,8 +214,9 @@ def _cli_main(startup: StartUp) -> None:
             return
         # several processes (torchrun): one process group, one run dir, a log per rank
         sys.argv = [sys.argv[0], *before_hydra(args, startup)]  # the one rewrite of the command line
-        # hydra.callbacks pass the _target_ allowlist before Hydra builds them (Hydra has no allowlist of its own)
-        with stop_on_signals(), hydra_callbacks_checked():  # signals: finish the step, save, exit 75 (130 for Ctrl-C)
+        # hydra.callbacks pass the _target_ allowlist before Hydra builds them (Hydra has no allowlist of its own);
+        # a single run's config is composed once (Hydra composes it twice)
+        with stop_on_signals(), hydra_callbacks_checked(), composing_once(sys.argv[1:]):  # signals: finish the step, save, exit 75 (130 for Ctrl-C)
             try:
                 main()
             except RunRefused as refused:  # found before Hydra wrote into the run dir
