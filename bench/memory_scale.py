@@ -149,9 +149,9 @@ class StepPeaks:
 
 
 def _unquantized_numel(p) -> int:
-    """Parameters a weight stands for: bitsandbytes' 4-bit weights pack two in a byte (their quant_state has the shape)."""
-    shape = getattr(getattr(p, "quant_state", None), "shape", None)
-    return shape.numel() if shape is not None else p.numel()
+    from ds_hydra.models.build import unpacked_numel
+
+    return unpacked_numel(p)
 
 
 def _state_bytes(optimizer) -> int:

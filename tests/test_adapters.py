@@ -292,7 +292,7 @@ def test_nf4_base_is_bitsandbytes_storage_and_computes_with_its_rounded_weights(
     rounded to nf4 and back by bitsandbytes' own functions."""
     bnb = pytest.importorskip("bitsandbytes")
 
-    from ds_hydra.models.build import build_model
+    from ds_hydra.models.build import build_model, num_params
 
     cfg = compose([*llama_run(base_dir), "model.quantize=nf4"])
     model = build_model(cfg.model, VOCAB, cfg.adapter).eval()
@@ -307,6 +307,8 @@ def test_nf4_base_is_bitsandbytes_storage_and_computes_with_its_rounded_weights(
         assert weight.numel() == base.get_submodule(name).weight.numel() // 2
     assert type(model.lm_head) is torch.nn.Linear  # the head keeps its precision
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert num_params(model) == sum(p.numel() for p in base.parameters()) + adapter  # the size logged: unpacked
     # the reference: the base with its weights rounded through bitsandbytes' quantize/dequantize
     rounded = load_base(base_dir)
     with torch.no_grad():
@@ -506,8 +508,9 @@ def test_memory_preflight_counts_frozen_quantized_and_trained_bytes_apart():
 
 
 def test_memory_preflight_counts_loading_a_quantized_base(base_dir):
-    """Loading a QLoRA base holds the stored base plus, read from model.pretrained, one block's quantized linear
-    weights at their dtype (block by block), or, for a random base built whole, all of them."""
+    """Loading a QLoRA base holds the stored base plus one block's quantized linear weights at their dtype (a
+    transformers model, read from model.pretrained or initialised from model.config, block by block), or, for a
+    base built whole (another builder), all of them."""
     pytest.importorskip("bitsandbytes")
     from ds_hydra.training.memory_estimate import estimate_step_memory
     from ds_hydra.training.memory_preflight import step_spec
@@ -518,8 +521,115 @@ def test_memory_preflight_counts_loading_a_quantized_base(base_dir):
     fields = [f"+model.config.{k}={v}" for k, v in LLAMA_CONFIG.items()]
     random = estimate_step_memory(step_spec(compose([*RUN, "model=hf_causal_lm", "+model.config.model_type=llama", *fields,
                                                      "adapter=lora", "model.quantize=nf4", "trainer.device=cpu"])))
-    assert random.loading == random.parameters + LLAMA_CONFIG["num_hidden_layers"] * block_linear
+    assert random.loading == random.parameters + block_linear  # initialised and kept block by block
+    gpt_cfg = compose([*RUN, "model=gpt_tiny", "adapter=lora", "model.quantize=nf4", "trainer.device=cpu"])
+    gpt = estimate_step_memory(step_spec(gpt_cfg))
+    from ds_hydra.models.adapters import output_layer_names
+    from ds_hydra.models.build import build_base_model
+
+    plain = build_base_model(gpt_cfg.model, VOCAB)
+    heads = output_layer_names(plain)
+    quantized = sum(4 * m.weight.numel() for n, m in plain.named_modules() if type(m) is torch.nn.Linear and n not in heads)
+    assert gpt.loading == gpt.parameters + quantized  # not a transformers model: built whole, then quantized
     assert random.total == max(random.step_total, random.loading) and "loading" in random.breakdown()
+
+
+def random_llama_run(*extra: str, tied: bool = True):
+    """A Llama initialised from ``model.config`` (no directory holds its base) with LoRA."""
+    fields = [f"+model.config.{k}={v}" for k, v in {**LLAMA_CONFIG, "tie_word_embeddings": tied}.items()]
+    return [*RUN, "model=hf_causal_lm", "+model.config.model_type=llama", *fields, "adapter=lora", *extra]
+
+
+@pytest.fixture(scope="module")
+def random_qlora_run(tmp_path_factory) -> Path:
+    pytest.importorskip("bitsandbytes")
+    from ds_hydra.training.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("random_qlora") / "run"
+    train(compose(random_llama_run("model.quantize=nf4")), run_dir=run_dir)
+    return run_dir
+
+
+def test_random_qlora_base_is_kept_block_by_block_as_the_full_build_keeps_it(random_qlora_run, tmp_path):
+    """A QLoRA run from a random base writes that base as a model directory, one safetensors file per block
+    as the block is initialised (before it is quantized), not base_model.pt from the whole model: the same
+    tensors, bit for bit, as a LoRA run of the same seed keeps from its whole build; transformers reads it."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from ds_hydra.training.state import safe_torch_load
+    from ds_hydra.training.trainer import train
+
+    folder = random_qlora_run / "base_model"
+    assert not (random_qlora_run / "base_model.pt").exists() and not (random_qlora_run / "base_model.partial").exists()
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert files == [f"block-{i:05d}.safetensors" for i in range(LLAMA_CONFIG["num_hidden_layers"])] + ["rest.safetensors"]
+    assert set(load_file(str(folder / "block-00001.safetensors"))) == {
+        k for k in transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_CONFIG)).state_dict() if k.startswith("model.layers.1.")}
+    kept = {}
+    for file in files:
+        kept.update(load_file(str(folder / file)))
+    train(compose(random_llama_run()), run_dir=tmp_path / "lora")  # built whole, kept in base_model.pt
+    whole = safe_torch_load(tmp_path / "lora" / "base_model.pt")["model"]
+    assert set(whole) - set(kept) == {"lm_head.weight"}  # tied to the embedding: kept once, as transformers does
+    for name, tensor in kept.items():
+        assert torch.equal(tensor, whole[name]), name
+    read = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    assert torch.equal(read.lm_head.weight, whole["model.embed_tokens.weight"])
+
+
+def test_a_kept_base_naming_a_file_outside_its_folder_is_refused(random_qlora_run, tmp_path):
+    """The run's base folder is data: an index pointing outside it is refused in one line, nothing read there."""
+    import ds_hydra
+    from ds_hydra.errors import UserError
+
+    run = tmp_path / "copied"
+    shutil.copytree(random_qlora_run, run)
+    index_file = run / "base_model" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(run / "base_model" / "rest.safetensors", outside)
+    index["weight_map"] = {k: ("../../elsewhere.safetensors" if v == "rest.safetensors" else v) for k, v in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(UserError, match="outside its own directory"):
+        ds_hydra.load_model(str(run))
+
+
+def test_random_qlora_run_resumes_from_its_kept_base_and_exports_it_merged(random_qlora_run, tmp_path, monkeypatch):
+    """Resumed from the kept folder (read block by block) == uninterrupted; the loaded run reads that folder;
+    the merged export is that base plus the adapter (peft's merge as the reference)."""
+    import peft
+    import transformers
+
+    import ds_hydra
+    from ds_hydra.inference.export_hf import export_hf
+    from ds_hydra.models import quantized_load
+    from ds_hydra.training.state import checkpoint_path, latest_checkpoint, safe_torch_load
+    from ds_hydra.training.trainer import train
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(random_qlora_run, resumed)
+    checkpoint_path(resumed, 4).unlink()
+    (resumed / "completed.json").unlink()
+    read_from = []
+    materialize = quantized_load.materialize_quantized
+    monkeypatch.setattr(quantized_load, "materialize_quantized",
+                        lambda model, mode, pretrained, **kw: read_from.append(pretrained) or materialize(model, mode, pretrained, **kw))
+    train(compose([*random_llama_run("model.quantize=nf4"), f"resume={checkpoint_path(resumed, 2)}"]))
+    assert read_from == [str(resumed / "base_model")]  # read back, not initialised again
+    got, want = (safe_torch_load(latest_checkpoint(d)) for d in (resumed, random_qlora_run))
+    assert got["step"] == want["step"] == 4 and got["model"].keys() == want["model"].keys()
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+    loaded = ds_hydra.load_model(str(random_qlora_run))
+    assert any(getattr(p, "quant_state", None) is not None for p in loaded.parameters())
+    assert read_from[-1] == str(random_qlora_run / "base_model")
+    out = export_hf(random_qlora_run, run_dir=tmp_path / "export")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out["export_dir"], local_files_only=True)
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(random_qlora_run / "base_model"), local_files_only=True)
+    reference = peft.PeftModel.from_pretrained(base, str(random_qlora_run / "adapter")).merge_and_unload()
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
 def _quant_state_bytes(model) -> int:

@@ -199,7 +199,7 @@ class Engine:
 
         options = StateDictOptions(ignore_frozen_params=trainable is not None)
         model, optimizer = get_state_dict(self.model, self.optimizer, options=options)
-        if trainable is not None:  # the base's buffers too stay out: the base is model.pretrained or base_model.pt
+        if trainable is not None:  # the base's buffers too stay out: the base is model.pretrained or kept in the run dir
             model = {name: value for name, value in model.items() if name in trainable}
         return {"model": model, "optimizer": optimizer}
 

@@ -112,7 +112,7 @@ def load_run(
     own ``allowed_targets`` are not trusted, so a copied-in run cannot make us import other code.
 
     A run that trained an adapter comes back as it trained: its base (``model.pretrained``, or the run's
-    ``base_model.pt``), quantized as ``model.quantize`` says, with the adapter's trained weights in place.
+    ``base_model/`` or ``base_model.pt``), quantized as ``model.quantize`` says, with the adapter's trained weights in place.
     ``merge_adapter``: instead, the adapter folded into the full-precision base weights (no quantization),
     the plain architecture again (what ``task=export_hf`` writes and generation runs).
     """
@@ -150,10 +150,14 @@ def load_run(
         adopt_run_tokenizer(data, run_dir)  # decode exactly as training encoded
         init_from = saved.trainer.get("init_from") if "trainer" in saved else None
         keeps_base = adapter_cfg is not None and adapters.base_in_run_dir(saved.model, init_from)
-        if keeps_base and not (run_dir / adapter_base.BASE_FILE).is_file():
-            raise UserError(f"{run_dir / adapter_base.BASE_FILE}: missing; this adapter run keeps its frozen base there")
+        if keeps_base and adapter_base.has_base(run_dir) is None:
+            raise UserError(f"{run_dir / adapter_base.BASE_FILE}: missing (nor is there {run_dir / adapter_base.BASE_DIR}); "
+                            f"this adapter run keeps its frozen base there")
         load_base = (lambda base: adapter_base.load_base(base, run_dir)) if keeps_base else None
-        model = build_model(build_cfg.model, data.vocab_size, adapter_cfg, load_base=load_base)
+        # a QLoRA base kept as a model directory is read block by block as it is quantized, as it was trained
+        kept = adapter_base.kept_base(run_dir, writes=False) if keeps_base else None
+        model = build_model(build_cfg.model, data.vocab_size, adapter_cfg, load_base=load_base,
+                            kept_base=kept if kept is not None and kept.read_from is not None else None)
         seq_len = resolve_seq_len(data, model)
     except UserError as exc:  # a refused _target_, a missing data file: say which config asked for it
         raise UserError(f"{config_file}: {exc}") from None

@@ -319,7 +319,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 # -- what a run keeps ----
 def base_in_run_dir(model_cfg, init_from: Optional[str] = None) -> bool:
-    """Whether an adapter run keeps its frozen base in ``<run dir>/base_model.pt``, written once: when no
+    """Whether an adapter run keeps its frozen base in its run dir (``ds_hydra.training.adapter_base``), written once: when no
     ``model.pretrained`` directory holds it as it trains (a random initialisation, ``trainer.init_from``'s weights)."""
     return _pretrained_dir(model_cfg) is None or bool(init_from)
 

@@ -7,12 +7,17 @@ user builder with such a parameter).
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch.nn as nn
 
 from ds_hydra.errors import UserError, user_error_in
 from ds_hydra.instantiate import OWN_KEYS, admits, allowed_prefixes, instantiate, locate_target
+
+if TYPE_CHECKING:
+    from ds_hydra.models.quantized_load import BaseShards
 
 
 # Keys of a model node that say how to store the model, not arguments of its builder.
@@ -24,6 +29,7 @@ def build_model(
     vocab_size: Optional[int],
     adapter_cfg=None,
     load_base: Optional[Callable[[nn.Module], None]] = None,
+    kept_base: Optional[KeptBase] = None,
 ) -> nn.Module:
     """The model ``model_cfg`` describes, as it trains; a null ``vocab_size`` in it takes the data's ``vocab_size``.
 
@@ -31,12 +37,18 @@ def build_model(
     before ``model.quantize`` and the adapter of ``adapter_cfg`` (``ds_hydra.models.adapters``) are applied:
     the trainer, the memory preflight and the loaders of a trained run all build through here, so all of
     them see the same frozen and trainable parameters.
+
+    ``kept_base``: a QLoRA base that a run directory keeps (a random initialisation): read from there, or
+    initialised and written there, block by block as it is quantized. Where that path does not apply (not a
+    transformers model), the base is built whole and ``load_base`` loads it.
     """
     from ds_hydra.models.adapter_config import adapter_on, quantize_of
 
     model = None
-    if load_base is None and adapter_on(adapter_cfg) and quantize_of(model_cfg) != "none":
-        model = _build_quantized_as_loaded(model_cfg, vocab_size)
+    if (load_base is None or kept_base is not None) and adapter_on(adapter_cfg) and quantize_of(model_cfg) != "none":
+        model = _build_quantized_as_loaded(model_cfg, vocab_size, kept_base)
+        if model is not None:
+            load_base = None  # the base is in it
     if model is None:
         model = build_base_model(model_cfg, vocab_size)
     if load_base is not None:
@@ -49,7 +61,17 @@ def build_model(
     return model
 
 
-def _build_quantized_as_loaded(model_cfg, vocab_size: Optional[int]) -> Optional[nn.Module]:
+@dataclass(frozen=True)
+class KeptBase:
+    """A QLoRA base kept in a run directory: ``read_from`` the model directory a first start wrote, or, where
+    there is none yet, initialised from the seed and written into ``write_to`` (None: initialised only, as on
+    the ranks that do not write)."""
+
+    read_from: Optional[Path] = None
+    write_to: Optional["BaseShards"] = None
+
+
+def _build_quantized_as_loaded(model_cfg, vocab_size: Optional[int], kept_base: Optional[KeptBase] = None) -> Optional[nn.Module]:
     """A transformers model whose base is quantized block by block as it is read or initialised (the load
     then peaks at about the quantized base plus one block, not the whole base at ``model.dtype``); None
     where that path does not apply (another builder, a model built for its shapes only, a file whose names
@@ -66,7 +88,8 @@ def _build_quantized_as_loaded(model_cfg, vocab_size: Optional[int]) -> Optional
 
     from ds_hydra.models.quantized_load import construction_draws_only, to_meta
 
-    pretrained = model_cfg.get("pretrained", None)
+    kept_base = kept_base or KeptBase()
+    pretrained = kept_base.read_from or model_cfg.get("pretrained", None)
     states = None
     if pretrained:
         with torch.device("meta"):  # causal_lm reads only config.json on the meta device
@@ -77,7 +100,7 @@ def _build_quantized_as_loaded(model_cfg, vocab_size: Optional[int]) -> Optional
             model = to_meta(build_base_model(model_cfg, vocab_size))
         states = draws.generator_states
     if not materialize_quantized(model, quantize_of(model_cfg), str(pretrained) if pretrained else None,
-                                 generator_states=states):
+                                 generator_states=states, keep_base=None if pretrained else kept_base.write_to):
         if states is not None:
             torch.random.set_rng_state(before)  # the full build draws it all again
         return None
@@ -135,4 +158,11 @@ def num_params(model: nn.Module) -> int:
     """Parameters the model reports as its size (``num_params()`` when it has one), else all of them."""
     if hasattr(model, "num_params"):
         return int(model.num_params())
-    return sum(p.numel() for p in model.parameters())
+    return sum(unpacked_numel(p) for p in model.parameters())
+
+
+def unpacked_numel(param) -> int:
+    """The parameters a weight stands for: a bitsandbytes 4-bit weight packs two in a byte (its quant_state
+    holds the shape it was quantized from)."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return shape.numel() if shape is not None else param.numel()

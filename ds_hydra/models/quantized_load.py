@@ -14,6 +14,9 @@ peaks at about the quantized base plus one block, as transformers' ``from_pretra
 * ``model.config`` (random init): the modules are initialised by the model's own ``_initialize_weights``
   in the order ``initialize_weights`` visits them (children first), under transformers' init guards, so
   the generator is drawn from in the same order: the same seed gives the same weights as a full build.
+  A ``BaseShards`` writer keeps that base (an adapter run needs it again on resume and export): each
+  block's tensors are written to their own safetensors file before they are quantized, so the base is
+  never whole in memory; what it writes is a model directory this module reads back the same way.
 
 ``materialize_quantized`` returns False (and changes nothing) where it cannot promise that: a file whose
 names do not match the model's (an older layout transformers renames while loading), a model that is not
@@ -33,7 +36,67 @@ from ds_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["construction_draws_only", "materialize_quantized", "safetensors_names", "to_meta"]
+__all__ = ["BaseShards", "construction_draws_only", "materialize_quantized", "safetensors_names", "to_meta"]
+
+
+class BaseShards:
+    """A model's tensors written as a model directory while it is materialised: one safetensors file per
+    decoder block (written as the block completes, before it is quantized), one for the rest, transformers'
+    ``model.safetensors.index.json`` and ``config.json``, so ``from_pretrained`` and ``materialize_quantized``
+    read it. The folder is created at the first write; ``finished`` once the index is written."""
+
+    INDEX = "model.safetensors.index.json"
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.weight_map: Dict[str, str] = {}
+        self.total_size = 0
+        self.blocks = 0
+        self.finished = False
+
+    def write(self, file: str, tensors: Dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        if not tensors:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name: tensor.detach().contiguous() for name, tensor in tensors.items()}
+        path = self.folder / file
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        _durable(path)
+        self.weight_map.update({name: file for name in tensors})
+        self.total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def block(self, tensors: Dict[str, torch.Tensor]) -> None:
+        self.write(f"block-{self.blocks:05d}.safetensors", tensors)
+        self.blocks += 1
+
+    def finish(self, model: nn.Module, rest: Dict[str, torch.Tensor]) -> None:
+        self.write("rest.safetensors", rest)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "to_json_file"):
+            config.to_json_file(str(self.folder / "config.json"))
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / self.INDEX).write_text(json.dumps(index, indent=1))
+        for name in ("config.json", self.INDEX):
+            if (self.folder / name).is_file():
+                _durable(self.folder / name)
+        self.finished = True
+
+
+def _durable(path: Path) -> None:
+    """``path`` on disk (fsync'd) with the mode any new file of the run gets (safetensors writes 0600)."""
+    import os
+
+    from ds_hydra.common.files import new_file_mode
+
+    os.chmod(path, new_file_mode())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class construction_draws_only:
@@ -141,10 +204,11 @@ def safetensors_names(folder: Path) -> Dict[str, Path]:
 
 def materialize_quantized(
     model: nn.Module, mode: str, pretrained: Optional[str], device: str = "cpu",
-    generator_states: Optional[Dict[int, torch.Tensor]] = None,
+    generator_states: Optional[Dict[int, torch.Tensor]] = None, keep_base: Optional[BaseShards] = None,
 ) -> bool:
     """Materialise ``model`` (built on the meta device) on ``device``, block by block, quantizing each
     block's linear layers (all but the output head) in ``mode`` as soon as the block holds its weights.
+    ``keep_base``: each block's tensors are written there first, as they are before quantization.
     False, with ``model`` untouched, where this cannot give what a full build would (see the module doc)."""
     from transformers import PreTrainedModel
 
@@ -170,6 +234,9 @@ def materialize_quantized(
             _set_submodule(model, name, _quantized(bnb, linear, mode))
         pending.clear()
 
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})  # written once, under the name they tie to
+    kept_prefixes = []  # blocks whose tensors keep_base has written
+
     def visit(module: nn.Module, parent: Optional[nn.Module]) -> None:
         for child in module.children():  # children first, as transformers' smart_apply
             visit(child, module)
@@ -186,7 +253,15 @@ def materialize_quantized(
         name = names[id(module)]
         if type(module) is nn.Linear and name not in heads:
             pending[name] = module
-        if isinstance(parent, nn.ModuleList) or parent is None:  # a block is complete (or the whole model)
+        if isinstance(parent, nn.ModuleList):  # a block is complete
+            if keep_base is not None:
+                keep_base.block({k: v for k, v in module.state_dict(prefix=f"{name}.").items() if k not in tied})
+                kept_prefixes.append(f"{name}.")
+            quantize_pending()
+        elif parent is None:  # the whole model
+            if keep_base is not None:  # what no block holds (embeddings, final norm, head), before any of it is quantized
+                keep_base.finish(model, {k: v for k, v in model.state_dict().items()
+                                         if k not in tied and not k.startswith(tuple(kept_prefixes))})
             quantize_pending()
 
     from transformers import initialization as init

@@ -80,13 +80,13 @@ def step_spec(cfg):
 
 
 def quantized_as_loaded(cfg) -> bool:
-    """Whether the trainer quantizes the base block by block as it reads it (``model.pretrained`` with nothing
-    else loaded into it: ``ds_hydra.models.quantized_load``), not after building it whole."""
+    """Whether the trainer quantizes the base block by block as it reads or initialises it (a transformers
+    model, from ``model.pretrained`` or ``model.config``, with nothing else loaded into it:
+    ``ds_hydra.models.quantized_load``), not after building it whole."""
     from ds_hydra.models.adapter_config import adapter_on
-    from ds_hydra.models.adapters import base_in_run_dir
+    from ds_hydra.models.config import HF_TARGET
 
-    init_from = cfg.trainer.get("init_from")
-    return adapter_on(cfg.get("adapter")) and not init_from and not base_in_run_dir(cfg.model, init_from)
+    return adapter_on(cfg.get("adapter")) and not cfg.trainer.get("init_from") and str(cfg.model.get("_target_")) == HF_TARGET
 
 
 NF4_MAPS = 4 * (16 + 256 + 1)  # per nf4 weight: its 16-value code, the nested statistics' 256-value code, an offset

@@ -30,7 +30,7 @@ from ds_hydra.engine import start_engine
 from ds_hydra.engine.base import Engine
 from ds_hydra.errors import UserError
 from ds_hydra.models import adapters
-from ds_hydra.models.adapter_config import adapter_on
+from ds_hydra.models.adapter_config import adapter_on, quantize_of
 from ds_hydra.models.build import build_model, num_params
 from ds_hydra.loss.step import build_loss, label_tokens, loss_sum, token_mean_loss
 from ds_hydra.optim.state_format import optimizer_param_names
@@ -144,14 +144,25 @@ class Trainer:
 
         self.data = run_data(cfg)
         # With an adapter only the adapters train: checkpoints keep them alone, and the frozen base comes
-        # from model.pretrained or, written once, from <run dir>/base_model.pt (ds_hydra.models.adapters).
+        # from model.pretrained or, written once, from the run dir (ds_hydra.training.adapter_base).
         self.adapted = adapter_on(cfg.get("adapter"))
         self.base_to_save: Optional[Dict[str, torch.Tensor]] = None  # written by _train once the run has started
         # Nothing to load into the base (a model.pretrained run's base is its directory's): build_model may then
-        # quantize a QLoRA base block by block as it reads it (ds_hydra.models.quantized_load)
-        loads_base = bool(cfg.trainer.get("init_from")) or (
-            self.adapted and adapters.base_in_run_dir(cfg.model, cfg.trainer.get("init_from")))
-        model = build_model(cfg.model, self.data.vocab_size, cfg.get("adapter"), load_base=self._load_base if loads_base else None)
+        # quantize a QLoRA base block by block as it reads it (ds_hydra.models.quantized_load); a random QLoRA
+        # base is initialised (or, resumed, read back) and kept in the run dir the same way, block by block
+        init_from = cfg.trainer.get("init_from")
+        loads_base = bool(init_from) or (self.adapted and adapters.base_in_run_dir(cfg.model, init_from))
+        kept = None
+        if loads_base and not init_from and quantize_of(cfg.model) != "none":
+            kept = adapter_base.kept_base(run_dir, writes=self.engine.is_main)
+        model = build_model(cfg.model, self.data.vocab_size, cfg.get("adapter"),
+                            load_base=self._load_base if loads_base else None, kept_base=kept)
+        self.base_written = None  # the QLoRA base written block by block, renamed into place by _train
+        if kept is not None and kept.write_to is not None:
+            if kept.write_to.finished:
+                self.base_written = kept.write_to
+            else:  # built whole instead (not a transformers model): _load_base kept it for base_model.pt
+                adapter_base.discard_staging(run_dir)
         check_vocab(self.data, model)
         self.seq_len = resolve_seq_len(self.data, model)
         if getattr(self.data, "pack", False):
@@ -311,7 +322,7 @@ class Trainer:
         DeepSpeed: gathered to rank 0)."""
         return {
             "format": state_io.TRAIN_STATE_FORMAT,
-            # with an adapter only what trains (the frozen base is model.pretrained's or base_model.pt)
+            # with an adapter only what trains (the frozen base is model.pretrained's or kept in the run dir)
             "model": self.model_state(),
             "optimizer": self.engine.optimizer_state_dict(self.step),
             "param_names": optimizer_param_names(self.model, self.optimizer),  # what the numbers stand for
@@ -559,7 +570,9 @@ def _train(cfg, run_dir: Path, started: float, after_training: Sequence[AfterTra
         save_run_tokenizer(trainer.data, run_dir)  # <run dir>/tokenizer/: inference decodes as training encoded
         if trainer.base_to_save is not None:  # an adapter run's frozen base, when no model.pretrained holds it
             adapter_base.save_base(trainer.base_to_save, run_dir)
-    trainer.base_to_save = None
+        if trainer.base_written is not None:  # the same, written block by block as it was quantized
+            adapter_base.publish_base(trainer.base_written, run_dir)
+    trainer.base_to_save = trainer.base_written = None
     data = trainer.data
     log.info(
         "model: %s, %.2fM parameters on %s (%s); data: %s, vocab %d, %d train / %d val tokens, sequences of %d",
