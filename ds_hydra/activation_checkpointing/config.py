@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 from ds_hydra.deepspeed import activation_checkpointing_config as deepspeed_keys
 from ds_hydra.deepspeed.activation_checkpointing_config import DeepSpeedCheckpointingKeys
@@ -150,15 +150,13 @@ class RunOptions:
 BlockConfig = Union[SegmentsConfig, FullConfig, EveryNConfig, MemoryBudgetConfig]
 
 
-@dataclass(frozen=True)
-class PolicyConfigs:
-    """What one ``ckpt`` config asks for, as the configs of the policy classes."""
+class PolicySlots:
+    """What a whole checkpointing policy answers from its slots (``block``, ``selective``, ``offload``),
+    whether they hold policy configs (``PolicyConfigs``) or policy objects (``policies.Checkpointing``)."""
 
-    block: Optional[BlockConfig] = None
-    """The block-choosing policy; None: none (with ``selective`` alone every block is recomputed selectively)."""
-    selective: Optional[SelectiveConfig] = None
-    offload: Optional[OffloadConfig] = None
-    options: RunOptions = field(default_factory=RunOptions)
+    block: Any
+    selective: Any
+    offload: Any
 
     @property
     def recomputes_blocks(self) -> bool:
@@ -168,6 +166,17 @@ class PolicyConfigs:
     def any(self) -> bool:
         """Whether anything is asked at all (False: the model is left untouched)."""
         return self.recomputes_blocks or self.offload is not None
+
+
+@dataclass(frozen=True)
+class PolicyConfigs(PolicySlots):
+    """What one ``ckpt`` config asks for, as the configs of the policy classes."""
+
+    block: Optional[BlockConfig] = None
+    """The block-choosing policy; None: none (with ``selective`` alone every block is recomputed selectively)."""
+    selective: Optional[SelectiveConfig] = None
+    offload: Optional[OffloadConfig] = None
+    options: RunOptions = field(default_factory=RunOptions)
 
 
 _UNITS = {

@@ -46,6 +46,7 @@ from ds_hydra.activation_checkpointing.config import (
     MemoryBudgetConfig,
     OffloadConfig,
     PolicyConfigs,
+    PolicySlots,
     RunOptions,
     SegmentsConfig,
     SelectiveConfig,
@@ -265,7 +266,7 @@ _CLASS_OF = {cls.Config: cls for cls in (Segments, Full, EveryN, MemoryBudget, S
 
 
 @dataclass(frozen=True)
-class Checkpointing:
+class Checkpointing(PolicySlots):
     """One whole activation-checkpointing policy: a block policy, its modifiers, the run options."""
 
     block: Optional[BlockPolicy] = None
@@ -290,15 +291,6 @@ class Checkpointing:
                                 if slot == "block" else f"checkpoint_activations: {item!r} given twice")
             found[slot] = item
         return cls(**found, options=RunOptions(**options))
-
-    @property
-    def recomputes_blocks(self) -> bool:
-        return self.block is not None or self.selective is not None
-
-    @property
-    def any(self) -> bool:
-        """Whether anything is asked at all (False: the model is left untouched)."""
-        return self.recomputes_blocks or self.offload is not None
 
     def problems(self, n_blocks: Optional[int]) -> List[str]:
         found = self.block.problems(n_blocks) if self.block is not None else []
