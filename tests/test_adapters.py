@@ -595,6 +595,24 @@ def test_a_kept_base_naming_a_file_outside_its_folder_is_refused(random_qlora_ru
         ds_hydra.load_model(str(run))
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_kept_base_is_one_line_naming_the_file(random_qlora_run, tmp_path, damage):
+    from ds_hydra.errors import UserError
+    from ds_hydra.training.state import checkpoint_path
+    from ds_hydra.training.trainer import train
+
+    run = tmp_path / "copied"
+    shutil.copytree(random_qlora_run, run)
+    (run / "completed.json").unlink()
+    shard = run / "base_model" / "block-00001.safetensors"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(UserError, match="block-00001.safetensors"):
+        train(compose([*random_llama_run("model.quantize=nf4"), f"resume={checkpoint_path(run, 2)}"]))
+
+
 def test_random_qlora_run_resumes_from_its_kept_base_and_exports_it_merged(random_qlora_run, tmp_path, monkeypatch):
     """Resumed from the kept folder (read block by block) == uninterrupted; the loaded run reads that folder;
     the merged export is that base plus the adapter (peft's merge as the reference)."""

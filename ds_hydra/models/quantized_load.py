@@ -194,12 +194,26 @@ def safetensors_names(folder: Path) -> Dict[str, Path]:
             if root not in (folder / file).resolve().parents:  # a model directory reads its own files only
                 raise UserError(f"{index}: names the weights file {file!r}, outside its own directory; a model "
                                 f"directory's index names files inside it")
+        missing = sorted(file for file in set(weight_map.values()) if not (folder / file).is_file())
+        if missing:
+            raise UserError(f"{index}: names {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, missing from "
+                            f"{folder}; restore the directory's files (or point at a complete copy)")
         return {name: folder / file for name, file in weight_map.items()}
+    path = folder / "model.safetensors"
+    with _opened(path) as handle:
+        return {name: path for name in handle.keys()}
+
+
+def _opened(path: Path):
+    """``safe_open`` on ``path``; a file that is missing or not safetensors is one line naming it."""
     from safetensors import safe_open
 
-    path = folder / "model.safetensors"
-    with safe_open(str(path), framework="pt") as handle:
-        return {name: path for name in handle.keys()}
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; a model directory holds its weights as safetensors") from None
+    except Exception as exc:  # safetensors' own error for a truncated or foreign file
+        raise UserError(f"{path}: not a readable safetensors file ({str(exc).strip() or type(exc).__name__})") from None
 
 
 def materialize_quantized(
@@ -333,11 +347,9 @@ class _Source:
                 continue
             name = f"{prefix}.{key}" if prefix else key
             if name in self.files:
-                from safetensors import safe_open
-
                 # opened per tensor: safetensors maps the file, and pages it read stay resident (and counted)
                 # for as long as the map is open
-                with safe_open(str(self.files[name]), framework="pt") as handle:
+                with _opened(self.files[name]) as handle:
                     tensor.copy_(handle.get_tensor(name).to(tensor.dtype))
                 tensor._is_hf_initialized = True
             else:
