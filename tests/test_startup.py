@@ -197,3 +197,38 @@ def test_a_run_composes_its_config_once_and_gets_hydras_own(tmp_path, monkeypatc
         assert found[True][0] == found[False][0]
     else:  # Hydra composes get_mode's config and the run's
         assert (found[True][0], found[False][0]) == (1, 2)
+
+
+def test_the_checks_hold_back_full_collections_and_give_the_collector_back():
+    """``Preflight`` runs the checks (torch's import, the estimate's trace) without full garbage collections:
+    the same long-lived allocations collect fully outside, never inside; the thresholds come back, after an
+    error too."""
+    import gc
+
+    from ds_hydra.cli.preflight import full_collections_held_back
+
+    full = []
+
+    def seen(phase, info):
+        if phase == "start" and info["generation"] == 2:
+            full.append(1)
+
+    def allocate():  # long-lived objects, as an import makes them: enough to grow the old generation by half
+        return [[] for _ in range(max(200_000, len(gc.get_objects()) // 2))]
+
+    thresholds = gc.get_threshold()
+    gc.callbacks.append(seen)
+    try:
+        kept = allocate()
+        outside = len(full)
+        full.clear()
+        with pytest.raises(RuntimeError):
+            with full_collections_held_back():
+                assert gc.get_threshold()[:2] == thresholds[:2]  # young objects are collected as always
+                kept += allocate()
+                raise RuntimeError("a refused run")
+        inside = len(full)
+    finally:
+        gc.callbacks.remove(seen)
+    assert outside >= 1 and inside == 0
+    assert gc.get_threshold() == thresholds
