@@ -232,3 +232,36 @@ def test_the_checks_hold_back_full_collections_and_give_the_collector_back():
         gc.callbacks.remove(seen)
     assert outside >= 1 and inside == 0
     assert gc.get_threshold() == thresholds
+
+
+def test_under_a_command_what_the_checks_leave_alive_is_frozen_until_the_command_ends():
+    """Under ``cli_main`` (a ``StartUp``) the objects alive after the checks leave the collector's sight until the
+    command ends, so the run's full collections do not walk torch's objects again; not after a refused check,
+    not outside a command, and objects someone else froze stay frozen."""
+    import gc
+
+    from ds_hydra.cli.preflight import full_collections_held_back
+    from ds_hydra.common.startup import StartUp
+
+    assert gc.get_freeze_count() == 0
+    try:
+        with StartUp.opened() as startup:
+            with full_collections_held_back(startup):
+                alive = object()  # noqa: F841
+            assert gc.get_freeze_count() > 0 and startup.froze_objects
+        assert gc.get_freeze_count() == 0 and not startup.froze_objects
+        with StartUp.opened() as startup:
+            with pytest.raises(RuntimeError), full_collections_held_back(startup):
+                raise RuntimeError("a refused run")
+            assert gc.get_freeze_count() == 0
+        with full_collections_held_back(None):
+            pass
+        assert gc.get_freeze_count() == 0
+        gc.freeze()  # the caller's own: still frozen after the command
+        with StartUp.opened() as startup:
+            with full_collections_held_back(startup):
+                pass
+            assert not startup.froze_objects
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -21,7 +21,8 @@ an earlier run (``resume=<run>``, or ``hydra.run.dir=<run>``) it would overwrite
 5. when resuming, the checkpoint loads safely and was saved by the same model.
 
 Steps 1 and 2 run without full garbage collections (``full_collections_held_back``): they import torch and
-trace a step on fake tensors, and the collector's full passes over those long-lived objects found nothing.
+trace a step on fake tensors, and the collector's full passes over those long-lived objects found nothing;
+under ``cli_main`` what is alive after them is then kept out of the collector's sight until the command ends.
 
 What it settles goes into the command's ``StartUp`` (``ds_hydra.common.startup``): the config validated,
 the run dir's lock, the start plan (checkpoint to continue from, memory verdict), the run a restarted
@@ -84,7 +85,7 @@ class Preflight(Callback):
         startup = opened or StartUp()  # outside cli_main: checked here, and by the task again
         taken = None
         try:
-            with full_collections_held_back():
+            with full_collections_held_back(opened):
                 memory = check_config(config, startup)
             startup.continuing = continue_after_torchrun_restart(config)
             taken = take_run_dir(config, startup.note)
@@ -119,18 +120,27 @@ class Preflight(Callback):
 
 
 @contextlib.contextmanager
-def full_collections_held_back() -> Iterator[None]:
+def full_collections_held_back(startup: Optional[StartUp] = None) -> Iterator[None]:
     """No full garbage collection while the config's checks run (young objects are collected as always).
 
     The checks import torch and trace a training step on fake tensors: about half a million objects that
     live as long as the process. The collector's full passes walk all of them each time the long-lived
     objects grow by a quarter, five times in these checks (0.4-0.5 s of a one-step run), and find almost
     nothing to free: what the checks make and drop dies young. The collector's thresholds come back after.
+
+    With the command's ``startup`` (under ``cli_main``), the objects alive once the checks passed are then
+    frozen (``gc.freeze``): the next full collection, and every one during training, walks only what the
+    run makes after them, instead of walking them all once more (0.15-0.25 s) to free the few thousand
+    objects of garbage the checks left in the old generation. ``StartUp.opened`` gives them back to the
+    collector when the command ends. Objects someone else froze before are left as they are (nothing is frozen).
     """
     thresholds = gc.get_threshold()
     gc.set_threshold(thresholds[0], thresholds[1], 2**31 - 1)
     try:
         yield
+        if startup is not None and gc.get_freeze_count() == 0:
+            gc.freeze()
+            startup.froze_objects = True
     finally:
         gc.set_threshold(*thresholds)
 

@@ -18,6 +18,7 @@ layer, torch-free and importing nothing of ours, so that a callback in any packa
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -56,6 +57,9 @@ class StartUp:
     error: Optional[BaseException] = None
     """A single run's user error (or stop on request), handed to ``cli_main`` past Hydra, which would add its
     own "Error executing job" line to ours."""
+    froze_objects: bool = False
+    """The checks froze the objects alive after them out of the garbage collector's sight (``gc.freeze``,
+    ``cli.preflight.full_collections_held_back``); given back (``gc.unfreeze``) when the command ends."""
 
     def note(self, level: int, line: str) -> None:
         self.notes.append((level, line))
@@ -75,6 +79,12 @@ class StartUp:
                 except OSError as exc:  # the directory went away: nothing left to unlock
                     log.debug("releasing %s: %s", lock.path, exc)
 
+    def unfreeze_objects(self) -> None:
+        """Give the objects the checks froze back to the garbage collector (``cli_main``'s way out)."""
+        if self.froze_objects:
+            self.froze_objects = False
+            gc.unfreeze()
+
     @staticmethod
     def current() -> Optional["StartUp"]:
         """The start-up ``cli_main`` opened for this command, or None outside it."""
@@ -90,6 +100,7 @@ class StartUp:
         finally:
             _OPEN.reset(token)
             startup.release_locks()
+            startup.unfreeze_objects()
 
 
 # Set only for the duration of one cli_main (a context variable: a thread or task of its own sees none).
