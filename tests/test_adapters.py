@@ -378,6 +378,32 @@ def test_two_ranks_train_the_adapter_one_process_does(base_dir, tmp_path, engine
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_two_ranks_train_a_random_qlora_base_one_process_does(tmp_path):
+    """DDP, two gloo ranks, a QLoRA base from model.config: every rank initialises the same base block by block,
+    rank 0 alone keeps it; the adapter trains as one process's two micro-batches do."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+    from test_distributed import final_checkpoint, only_run_dir, torchrun
+
+    from ds_hydra.training.trainer import train
+
+    run = random_llama_run("model.quantize=nf4")
+    train(compose([*run, "trainer.grad_accum_steps=2"]), run_dir=tmp_path / "one")
+    (tmp_path / "two").mkdir()
+    proc = torchrun([*run, "engine=ddp"], cwd=tmp_path / "two")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path / "two")
+    got, want = (final_checkpoint(d)["model"] for d in (run_dir, tmp_path / "one"))
+    assert got.keys() == want.keys() and all("lora_" in k for k in want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    for file in (tmp_path / "one" / "base_model").glob("*.safetensors"):
+        kept, reference = load_file(str(run_dir / "base_model" / file.name)), load_file(str(file))
+        assert kept.keys() == reference.keys() and all(torch.equal(kept[k], reference[k]) for k in kept)
+    assert not (run_dir / "base_model.partial").exists()
+
+
 def _saved_entries(checkpoint: Path):
     """The model and optimizer entries a sharded checkpoint's index lists (nothing else read)."""
     from ds_hydra.training.sharded_checkpoint import read_metadata
