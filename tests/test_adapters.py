@@ -621,6 +621,23 @@ def test_a_kept_base_naming_a_file_outside_its_folder_is_refused(random_qlora_ru
         ds_hydra.load_model(str(run))
 
 
+def test_reading_a_base_block_by_block_logs_its_progress(base_dir, caplog, monkeypatch):
+    """A large base takes minutes to read: lines say how many blocks are done and how long is left."""
+    pytest.importorskip("bitsandbytes")
+    import logging
+
+    from ds_hydra.models import quantized_load
+    from ds_hydra.models.build import build_model
+
+    monkeypatch.setattr(quantized_load, "PROGRESS_EVERY_S", 0.0)
+    cfg = compose([*llama_run(base_dir), "model.quantize=nf4"])
+    with caplog.at_level(logging.INFO, logger="ds_hydra.models.quantized_load"):
+        build_model(cfg.model, VOCAB, cfg.adapter)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ds_hydra.models.quantized_load"]
+    assert lines[0].startswith("model.quantize=nf4: blocks read and quantized: 1/2, 0m00s (about 0m00s left)")
+    assert "2/2" not in " ".join(lines) and "quantized as the base was read" in lines[-1]  # the last block: the summary
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_a_damaged_kept_base_is_one_line_naming_the_file(random_qlora_run, tmp_path, damage):
     from ds_hydra.errors import UserError

@@ -353,3 +353,9 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in raw["throughput"])
     assert [r["max_batch"] for r in raw["max_batch"]] == [24, 24]  # the simulated limit
     assert raw["nanogpt"]["steps"] == 20 and math.isfinite(raw["nanogpt"]["best_val_loss"])
+
+
+def test_a_slow_throughput_is_shown_with_its_digits_not_as_zero():
+    from ds_hydra.training.trainer import tokens_per_s_text
+
+    assert [tokens_per_s_text(r) for r in (0.0, 0.4213, 42.16, 100.4, 1234.4)] == ["0", "0.421", "42.2", "100", "1,234"]

@@ -397,21 +397,16 @@ def save_adapter_dir(model: nn.Module, trainable: Dict[str, Any], run_dir: Path)
 
 
 def adapter_summary(model: nn.Module) -> str:
-    """``trainable 0.29M of 1.06M parameters (27.4%): lora r=8 on q_proj, v_proj``."""
+    """``trainable 0.29M of 1.06M parameters (27.4%): lora r=8 on q_proj, v_proj`` (a 13B base: ``of 13,015.86M``)."""
+    from ds_hydra.models.build import unpacked_numel
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(_stored_numel(p) for p in model.parameters())
+    total = sum(unpacked_numel(p) for p in model.parameters())
     config = getattr(model, "peft_config", {}).get(ADAPTER_NAME)
     kind = "dora" if getattr(config, "use_dora", False) else "lora"
     targets = sorted({t.split(".")[-1] for t in (config.target_modules or [])}) if config is not None else []
-    return f"trainable {trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters ({trainable / max(total, 1):.1%}): {kind} r={getattr(config, 'r', '?')} on {', '.join(targets)}"
-
-
-def _stored_numel(p: torch.Tensor) -> int:
-    """Logical element count of a parameter, also when bitsandbytes packs it (two nf4 values per byte)."""
-    state = getattr(p, "quant_state", None)
-    if state is not None and getattr(state, "shape", None) is not None:
-        return int(torch.Size(state.shape).numel())
-    return p.numel()
+    return (f"trainable {trainable / 1e6:,.2f}M of {total / 1e6:,.2f}M parameters ({trainable / max(total, 1):.1%}): "
+            f"{kind} r={getattr(config, 'r', '?')} on {', '.join(targets)}")
 
 
 # -- merging -----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
+import torch
 import torch.nn as nn
 
 from ds_hydra.errors import UserError, user_error_in
@@ -165,4 +166,4 @@ def unpacked_numel(param) -> int:
     """The parameters a weight stands for: a bitsandbytes 4-bit weight packs two in a byte (its quant_state
     holds the shape it was quantized from)."""
     shape = getattr(getattr(param, "quant_state", None), "shape", None)
-    return shape.numel() if shape is not None else param.numel()
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()

@@ -250,6 +250,8 @@ def materialize_quantized(
 
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})  # written once, under the name they tie to
     kept_prefixes = []  # blocks whose tensors keep_base has written
+    progress = _BlockProgress(sum(len(m) for m in model.modules() if isinstance(m, nn.ModuleList)),
+                              f"model.quantize={mode}: blocks {'read' if source is not None else 'initialised'} and quantized")
 
     def visit(module: nn.Module, parent: Optional[nn.Module]) -> None:
         for child in module.children():  # children first, as transformers' smart_apply
@@ -272,6 +274,7 @@ def materialize_quantized(
                 keep_base.block({k: v for k, v in module.state_dict(prefix=f"{name}.").items() if k not in tied})
                 kept_prefixes.append(f"{name}.")
             quantize_pending()
+            progress.block_done()
         elif parent is None:  # the whole model
             if keep_base is not None:  # what no block holds (embeddings, final norm, head), before any of it is quantized
                 keep_base.finish(model, {k: v for k, v in model.state_dict().items()
@@ -290,6 +293,35 @@ def materialize_quantized(
         mode, sum(1 for _ in _quantized_layers(model)), "read" if source is not None else "initialised",
     )
     return True
+
+
+PROGRESS_EVERY_S = 15.0  # a large base takes minutes to read (13B: 10 min here): a line at most this often
+
+
+class _BlockProgress:
+    """Log lines while a base is materialised block by block: blocks done, time so far, time left."""
+
+    def __init__(self, total: int, what: str):
+        import time
+
+        self.total, self.what, self.done = total, what, 0
+        self.clock = time.monotonic
+        self.started = self.last = self.clock()
+
+    def block_done(self) -> None:
+        self.done += 1
+        now = self.clock()
+        if self.done >= self.total or now - self.last < PROGRESS_EVERY_S:
+            return  # the last block is told by the summary line that follows
+        self.last = now
+        spent = now - self.started
+        left = spent / self.done * (self.total - self.done)
+        log.info("%s: %d/%d, %s (about %s left)", self.what, self.done, self.total, _minutes(spent), _minutes(left))
+
+
+def _minutes(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s"
 
 
 def _quantized_layers(model: nn.Module):

@@ -613,8 +613,8 @@ def _train(cfg, run_dir: Path, started: float, after_training: Sequence[AfterTra
     final["activation_bytes"] = trainer.activation_bytes
     metrics.finish(final)  # loss_curve.png, then the final metrics and files to the trackers
     log.info(
-        "done: step %d, train loss %.4f, val loss %.4f, %.0f tokens/s, %.1f s",
-        final["step"], final["train_loss"], final["val_loss"], final["tokens_per_s"], final["wall_s"],
+        "done: step %d, train loss %.4f, val loss %.4f, %s tokens/s, %.1f s",
+        final["step"], final["train_loss"], final["val_loss"], tokens_per_s_text(final["tokens_per_s"]), final["wall_s"],
     )
     if is_main:
         resume_io.write_completion_marker(run_dir, cfg, final)  # last: a sweep re-run skips this job
@@ -697,8 +697,14 @@ def _progress_bar(tcfg, start: int):
     return tqdm(total=tcfg.max_steps, initial=start, unit="step", dynamic_ncols=True)
 
 
+def tokens_per_s_text(rate: float) -> str:
+    """A throughput as people read it: whole tokens from 100 up (``1,234``), three digits below (``0.421``: a
+    large model on a CPU), so that a slow run never reads as 0."""
+    return f"{rate:,.0f}" if rate >= 100 or rate == 0 else f"{rate:.3g}"
+
+
 def _report_progress(progress, step: int, max_steps: int, loss: float, perf: Dict[str, float], eta_s: float) -> None:
-    shown = {"loss": f"{loss:.4f}", "tok_s": f"{perf['tokens_per_s']:,.0f}"}
+    shown = {"loss": f"{loss:.4f}", "tok_s": tokens_per_s_text(perf["tokens_per_s"])}
     if "mfu" in perf:
         shown["mfu"] = f"{perf['mfu']:.1%}"
     if "peak_memory_gib" in perf:
