@@ -149,7 +149,7 @@ class StepPeaks:
 
 
 def _unquantized_numel(p) -> int:
-    from ds_hydra.models.build import unpacked_numel
+    from ds_hydra.models.adapters import unpacked_numel
 
     return unpacked_numel(p)
 

@@ -396,10 +396,15 @@ def save_adapter_dir(model: nn.Module, trainable: Dict[str, Any], run_dir: Path)
     return target
 
 
+def unpacked_numel(param: torch.Tensor) -> int:
+    """The parameters a weight stands for: a bitsandbytes 4-bit weight packs two in a byte (its quant_state
+    holds the shape it was quantized from)."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
+
+
 def adapter_summary(model: nn.Module) -> str:
     """``trainable 0.29M of 1.06M parameters (27.4%): lora r=8 on q_proj, v_proj`` (a 13B base: ``of 13,015.86M``)."""
-    from ds_hydra.models.build import unpacked_numel
-
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(unpacked_numel(p) for p in model.parameters())
     config = getattr(model, "peft_config", {}).get(ADAPTER_NAME)

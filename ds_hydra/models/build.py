@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
 import torch.nn as nn
 
 from ds_hydra.errors import UserError, user_error_in
@@ -159,11 +158,6 @@ def num_params(model: nn.Module) -> int:
     """Parameters the model reports as its size (``num_params()`` when it has one), else all of them."""
     if hasattr(model, "num_params"):
         return int(model.num_params())
+    from ds_hydra.models.adapters import unpacked_numel
+
     return sum(unpacked_numel(p) for p in model.parameters())
-
-
-def unpacked_numel(param) -> int:
-    """The parameters a weight stands for: a bitsandbytes 4-bit weight packs two in a byte (its quant_state
-    holds the shape it was quantized from)."""
-    shape = getattr(getattr(param, "quant_state", None), "shape", None)
-    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
