@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 GiB = 2**30
 BATCH, SEQ = 1, 64
+PRETRAINED = None  # --pretrained: the Trainer's QLoRA reads this model directory instead of a saved random model
 
 # name -> (hidden, layers, intermediate, heads, kv heads, vocab, tied embeddings): published Llama-family shapes
 SHAPES = {
@@ -212,6 +213,9 @@ def _hf_model(shape: str, mode: str):
                          num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied, max_position_embeddings=SEQ,
                          use_cache=False)
     dtype = getattr(torch, setting["dtype"])
+    if setting.get("quantize") and PRETRAINED:  # a shape too large to build whole first: its directory, read quantized
+        model = _hf_quantized(None, dtype, folder=PRETRAINED)
+        return _with_lora(model, setting), vocab
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype: no fp32 copy first
     try:
@@ -220,29 +224,35 @@ def _hf_model(shape: str, mode: str):
         torch.set_default_dtype(default)
     if setting.get("quantize"):  # QLoRA as transformers does it: from_pretrained with a BitsAndBytesConfig
         model = _hf_quantized(model, dtype)
-    if setting.get("lora"):  # peft's LoRA with ds_hydra's adapter defaults (r 8, alpha 16, Llama's q_proj, v_proj)
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    return model, vocab
+    return _with_lora(model, setting), vocab
 
 
-def _hf_quantized(model, dtype):
-    """``model`` saved and read back through ``from_pretrained`` with bitsandbytes' nf4 (double-quantized
-    scales and fp32 compute, as ds_hydra's ``model.quantize=nf4``; transformers keeps ``lm_head`` unquantized,
-    as ds_hydra does). The full-precision model is freed before the read."""
+def _with_lora(model, setting):
+    """peft's LoRA with ds_hydra's adapter defaults (r 8, alpha 16, Llama's q_proj, v_proj), where the mode has it."""
+    if not setting.get("lora"):
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+
+
+def _hf_quantized(model, dtype, folder=None):
+    """``model`` saved and read back (or the model directory ``folder``) through ``from_pretrained`` with
+    bitsandbytes' nf4 (double-quantized scales and fp32 compute, as ds_hydra's ``model.quantize=nf4``;
+    transformers keeps ``lm_head`` unquantized, as ds_hydra does). The full-precision model is freed before the read."""
     import gc
 
-    import torch
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=dtype)
+    if folder is not None:
+        return LlamaForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map="cpu", dtype=dtype)
+    with tempfile.TemporaryDirectory() as saved:
+        model.save_pretrained(saved)
         del model
         gc.collect()
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=dtype)
-        return LlamaForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map="cpu", dtype=dtype)
+        return LlamaForCausalLM.from_pretrained(saved, quantization_config=quantization, device_map="cpu", dtype=dtype)
 
 
 def _deepspeed_steps(shape: str, mode: str, steps: int):
@@ -313,7 +323,8 @@ def measure(shape: str, mode: str, runner: str, limit_gib: float = 16.0, timeout
     (watched every 0.2 s: on a shared machine a shape that does not fit must not take the others'
     memory); the child's JSON line, or {"error": ...}."""
     cmd = ["nice", "-n", "19", sys.executable, __file__, "measure", "--child", "--shape", shape, "--mode", mode, "--runner", runner,
-           "--batch", str(BATCH), "--seq", str(SEQ), "--steps", str(steps), "--threads", str(threads), "--json"]
+           "--batch", str(BATCH), "--seq", str(SEQ), "--steps", str(steps), "--threads", str(threads), "--json",
+           *(["--pretrained", PRETRAINED] if PRETRAINED else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
     cap, over, started = limit_gib * GiB, 0, time.monotonic()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -358,7 +369,7 @@ HEADER = ("| shape | mode | runner | params | peak GiB (process) | measured byte
 
 
 def main(argv=None) -> int:
-    global BATCH, SEQ
+    global BATCH, SEQ, PRETRAINED
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["estimate", "measure", "small", "largest"])
     ap.add_argument("--shape", default=SMALL)
@@ -375,9 +386,12 @@ def main(argv=None) -> int:
                     help="torch threads in the child (1: on a shared machine, threads that wait for a busy core "
                          "make each small op cost a scheduler slice)")
     ap.add_argument("--json", action="store_true", help="measure: print the child's JSON line")
+    ap.add_argument("--pretrained", default=None,
+                    help="measure, --runner hf, qlora_nf4: read this model directory (bench/write_llama_base.py) quantized, "
+                         "for shapes too large to build whole first")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # measure: run the steps in this process
     args = ap.parse_args(argv)
-    BATCH, SEQ = args.batch, args.seq
+    BATCH, SEQ, PRETRAINED = args.batch, args.seq, args.pretrained
     kill = args.kill_gib or args.limit_gib
     import logging
 
