@@ -574,4 +574,7 @@ def test_a_model_directory_index_reads_no_file_outside_it(tmp_path):
         with pytest.raises(UserError, match="outside its own directory"):
             safetensors_names(model_dir)
     (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "part-1.safetensors"}}))
+    with pytest.raises(UserError, match="names part-1.safetensors, missing from"):
+        safetensors_names(model_dir)
+    (model_dir / "part-1.safetensors").write_bytes(b"")
     assert safetensors_names(model_dir) == {"w": model_dir / "part-1.safetensors"}
