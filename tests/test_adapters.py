@@ -638,7 +638,46 @@ def test_reading_a_base_block_by_block_logs_its_progress(base_dir, caplog, monke
     assert "2/2" not in " ".join(lines) and "quantized as the base was read" in lines[-1]  # the last block: the summary
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_kept_base_holds_layers_outside_blocks_unquantized_and_a_block_s_inner_lists_within_it(tmp_path):
+    """OPT's project_in/out sit outside its blocks: they are kept at their dtype, as the whole build's base
+    has them, and the run loads back; the blocks are the outermost list's children (a list inside a block,
+    such as its experts, is part of that block)."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    import ds_hydra
+    from ds_hydra.models.quantized_load import _outermost_blocks
+    from ds_hydra.training.state import safe_torch_load
+    from ds_hydra.training.trainer import train
+
+    opt = dict(vocab_size=VOCAB, hidden_size=32, word_embed_proj_dim=16, ffn_dim=64, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=64)
+    run = [*RUN, "model=hf_causal_lm", "+model.config.model_type=opt", *[f"+model.config.{k}={v}" for k, v in opt.items()],
+           "adapter=lora"]
+    train(compose([*run, "model.quantize=nf4"]), run_dir=tmp_path / "q")
+    train(compose(run), run_dir=tmp_path / "lora")
+    rest = load_file(str(tmp_path / "q" / "base_model" / "rest.safetensors"))
+    whole = safe_torch_load(tmp_path / "lora" / "base_model.pt")["model"]
+    assert not any("absmax" in k or "quant" in k for k in rest)
+    for name in ("model.decoder.project_in.weight", "model.decoder.project_out.weight"):
+        assert torch.equal(rest[name], whole[name]), name
+    ds_hydra.load_model(str(tmp_path / "q"))
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Block(), Block()])
+            self.heads = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+
+    assert _outermost_blocks(Model()) == {"layers.0", "layers.1", "heads.0"}
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "index"])
 def test_a_damaged_kept_base_is_one_line_naming_the_file(random_qlora_run, tmp_path, damage):
     from ds_hydra.errors import UserError
     from ds_hydra.training.state import checkpoint_path
@@ -650,9 +689,12 @@ def test_a_damaged_kept_base_is_one_line_naming_the_file(random_qlora_run, tmp_p
     shard = run / "base_model" / "block-00001.safetensors"
     if damage == "missing":
         shard.unlink()
-    else:
+    elif damage == "truncated":
         shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(UserError, match="block-00001.safetensors"):
+    else:
+        shard = run / "base_model" / "model.safetensors.index.json"
+        shard.write_text("{not json")
+    with pytest.raises(UserError, match=shard.name):
         train(compose([*random_llama_run("model.quantize=nf4"), f"resume={checkpoint_path(run, 2)}"]))
 
 

@@ -188,10 +188,16 @@ def safetensors_names(folder: Path) -> Dict[str, Path]:
     """Each tensor name of the model directory's safetensors weights, with the file that holds it."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        root = folder.resolve()
-        for file in set(weight_map.values()):
-            if root not in (folder / file).resolve().parents:  # a model directory reads its own files only
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {str(file) for file in weight_map.values()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{index}: not a safetensors index (a JSON object whose 'weight_map' names each tensor's "
+                            f"file): {type(exc).__name__} {exc}") from None
+        for file in files:
+            # a model directory reads its own files only, by name: an absolute path or a '..' step leaves it (a
+            # file there may itself be a link, as in the Hugging Face cache, whose snapshots link to its blobs)
+            if Path(file).is_absolute() or ".." in Path(file).parts:
                 raise UserError(f"{index}: names the weights file {file!r}, outside its own directory; a model "
                                 f"directory's index names files inside it")
         missing = sorted(file for file in set(weight_map.values()) if not (folder / file).is_file())
@@ -243,15 +249,15 @@ def materialize_quantized(
     materialised: Dict[int, tuple] = {}
     pending: Dict[str, nn.Linear] = {}  # linear layers filled, not yet quantized
 
-    def quantize_pending() -> None:
-        for name, linear in pending.items():
-            _set_submodule(model, name, _quantized(bnb, linear, mode))
-        pending.clear()
+    def quantize_pending(prefix: Optional[str] = None) -> None:
+        """Quantize the filled linear layers under ``prefix`` (a block), or all that wait (the whole model)."""
+        for name in [n for n in pending if prefix is None or n.startswith(prefix)]:
+            _set_submodule(model, name, _quantized(bnb, pending.pop(name), mode))
 
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})  # written once, under the name they tie to
     kept_prefixes = []  # blocks whose tensors keep_base has written
-    progress = _BlockProgress(sum(len(m) for m in model.modules() if isinstance(m, nn.ModuleList)),
-                              f"model.quantize={mode}: blocks {'read' if source is not None else 'initialised'} and quantized")
+    blocks = _outermost_blocks(model)
+    progress = _BlockProgress(len(blocks), f"model.quantize={mode}: blocks {'read' if source is not None else 'initialised'} and quantized")
 
     def visit(module: nn.Module, parent: Optional[nn.Module]) -> None:
         for child in module.children():  # children first, as transformers' smart_apply
@@ -269,11 +275,11 @@ def materialize_quantized(
         name = names[id(module)]
         if type(module) is nn.Linear and name not in heads:
             pending[name] = module
-        if isinstance(parent, nn.ModuleList):  # a block is complete
+        if name in blocks:  # a block is complete: kept as it is, then its own linear layers quantized
             if keep_base is not None:
                 keep_base.block({k: v for k, v in module.state_dict(prefix=f"{name}.").items() if k not in tied})
                 kept_prefixes.append(f"{name}.")
-            quantize_pending()
+            quantize_pending(f"{name}.")
             progress.block_done()
         elif parent is None:  # the whole model
             if keep_base is not None:  # what no block holds (embeddings, final norm, head), before any of it is quantized
@@ -322,6 +328,14 @@ class _BlockProgress:
 def _minutes(seconds: float) -> str:
     minutes, seconds = divmod(int(round(seconds)), 60)
     return f"{minutes}m{seconds:02d}s"
+
+
+def _outermost_blocks(model: nn.Module) -> Set[str]:
+    """Names of the blocks: the children of each ``ModuleList`` that no other ``ModuleList`` holds (a list
+    inside a block, such as a block's experts, is part of that block)."""
+    lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and name]
+    outer = [name for name in lists if not any(name.startswith(other + ".") for other in lists)]
+    return {f"{name}.{key}" for name in outer for key in model.get_submodule(name)._modules}
 
 
 def _quantized_layers(model: nn.Module):
@@ -382,7 +396,11 @@ class _Source:
                 # opened per tensor: safetensors maps the file, and pages it read stay resident (and counted)
                 # for as long as the map is open
                 with _opened(self.files[name]) as handle:
-                    tensor.copy_(handle.get_tensor(name).to(tensor.dtype))
+                    stored = handle.get_tensor(name)
+                    if stored.shape != tensor.shape:
+                        raise UserError(f"{self.files[name]}: {name} has shape {tuple(stored.shape)} where this model's "
+                                        f"is {tuple(tensor.shape)}; the directory holds another model than the config builds")
+                    tensor.copy_(stored.to(tensor.dtype))
                 tensor._is_hf_initialized = True
             else:
                 missing = True

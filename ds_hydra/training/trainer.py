@@ -206,9 +206,8 @@ class Trainer:
     def _load_base(self, model: nn.Module) -> None:
         """The base weights, before quantization and adapters: an adapter run's saved base when it resumes,
         else ``trainer.init_from``'s (the optimizer, schedule and data start afresh)."""
-        base_file = self.run_dir / adapter_base.BASE_FILE
         keeps_base = self.adapted and adapters.base_in_run_dir(self.cfg.model, self.cfg.trainer.get("init_from"))
-        if keeps_base and base_file.is_file():
+        if keeps_base and adapter_base.has_base(self.run_dir) is not None:  # base_model/ or base_model.pt
             adapter_base.load_base(model, self.run_dir)
             return
         if self.cfg.trainer.get("init_from"):
