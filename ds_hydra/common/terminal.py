@@ -16,7 +16,8 @@ import logging
 import sys
 from typing import Iterator, List, Tuple
 
-__all__ = ["FILE_ONLY", "is_console_handler", "keep_file_only_records_off_console", "log_file_of", "log_lines_beside_bar"]
+__all__ = ["FILE_ONLY", "is_console_handler", "keep_file_only_records_off_console", "log_file_of", "log_lines_beside_bar",
+           "minutes_text"]
 
 FILE_ONLY = {"file_only": True}  # logging's ``extra``: this record goes to the run's log file only
 
@@ -89,3 +90,9 @@ def log_lines_beside_bar(enabled: bool = True, logger: logging.Logger = None) ->
         for i, handler in swapped:
             if i < len(logger.handlers) and isinstance(logger.handlers[i], _BesideBar):
                 logger.handlers[i] = handler
+
+
+def minutes_text(seconds: float) -> str:
+    """A duration as progress lines show it: ``125.4`` -> ``2m05s``."""
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s"

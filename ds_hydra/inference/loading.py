@@ -155,9 +155,9 @@ def load_run(
                             f"this adapter run keeps its frozen base there")
         load_base = (lambda base: adapter_base.load_base(base, run_dir)) if keeps_base else None
         # a QLoRA base kept as a model directory is read block by block as it is quantized, as it was trained
-        kept = adapter_base.kept_base(run_dir, writes=False) if keeps_base else None
+        # (kept_base: the folder to read, or None for base_model.pt; a base exists, checked above)
         model = build_model(build_cfg.model, data.vocab_size, adapter_cfg, load_base=load_base,
-                            kept_base=kept if kept is not None and kept.read_from is not None else None)
+                            kept_base=adapter_base.kept_base(run_dir, writes=False) if keeps_base else None)
         seq_len = resolve_seq_len(data, model)
     except UserError as exc:  # a refused _target_, a missing data file: say which config asked for it
         raise UserError(f"{config_file}: {exc}") from None

@@ -32,6 +32,7 @@ from typing import Dict, Optional, Set
 import torch
 import torch.nn as nn
 
+from ds_hydra.common.terminal import minutes_text
 from ds_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ def safetensors_names(folder: Path) -> Dict[str, Path]:
             if Path(file).is_absolute() or ".." in Path(file).parts:
                 raise UserError(f"{index}: names the weights file {file!r}, outside its own directory; a model "
                                 f"directory's index names files inside it")
-        missing = sorted(file for file in set(weight_map.values()) if not (folder / file).is_file())
+        missing = sorted(file for file in files if not (folder / file).is_file())
         if missing:
             raise UserError(f"{index}: names {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, missing from "
                             f"{folder}; restore the directory's files (or point at a complete copy)")
@@ -322,12 +323,7 @@ class _BlockProgress:
         self.last = now
         spent = now - self.started
         left = spent / self.done * (self.total - self.done)
-        log.info("%s: %d/%d, %s (about %s left)", self.what, self.done, self.total, _minutes(spent), _minutes(left))
-
-
-def _minutes(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{seconds:02d}s"
+        log.info("%s: %d/%d, %s (about %s left)", self.what, self.done, self.total, minutes_text(spent), minutes_text(left))
 
 
 def _outermost_blocks(model: nn.Module) -> Set[str]:

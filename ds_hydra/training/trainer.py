@@ -39,7 +39,7 @@ from ds_hydra.training import resume as resume_io
 from ds_hydra.common import run_lock
 from ds_hydra.common import signals
 from ds_hydra.common.checkpoint_files import remove_partial_checkpoints
-from ds_hydra.common.terminal import log_lines_beside_bar
+from ds_hydra.common.terminal import log_lines_beside_bar, minutes_text
 from ds_hydra.training import sharded_checkpoint
 from ds_hydra.training import state as state_io
 from ds_hydra.training.slices import optimization_of, run_data, tracked_run
@@ -712,6 +712,5 @@ def _report_progress(progress, step: int, max_steps: int, loss: float, perf: Dic
         progress.n = step
         progress.set_postfix(**shown)
         return
-    minutes, seconds = divmod(int(round(eta_s)), 60)
-    shown["eta"] = f"{minutes}m{seconds:02d}s"  # tqdm shows its own ETA
+    shown["eta"] = minutes_text(eta_s)  # tqdm shows its own ETA
     log.info("step %d/%d: %s", step, max_steps, ", ".join(f"{k} {v}" for k, v in shown.items()))
